@@ -1,0 +1,285 @@
+"""Typed run configuration: one dataclass per TOML section, loaded, overridden and validated.
+
+Every field carries a docstring (the string literal right after it); `describe()` reads those so
+`--help` and the docs can list them. Validation runs in the launching process, before any worker is
+spawned, and raises `ConfigError` whose message is a single line naming the fields and the fix.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message is one line and says how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 256
+    """Hidden size of the residual stream."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    n_heads: int = 8
+    """Number of query heads; dim must be divisible by it."""
+    n_kv_heads: int = 4
+    """Number of key/value heads (grouped-query attention); must divide n_heads."""
+    vocab_size: int = 256
+    """Vocabulary size; 256 for the byte-level tokenizer."""
+    ffn_dim: int = 0
+    """Hidden size of the SwiGLU MLP; 0 derives it as Llama does (8/3 * dim, rounded up to 64)."""
+    max_seq_len: int = 1024
+    """Longest sequence the rotary tables are built for; training.seq_len may not exceed it."""
+    rope_theta: float = 10000.0
+    """Base of the rotary position embedding frequencies."""
+    norm_eps: float = 1e-5
+    """Epsilon of RMSNorm."""
+    tie_embeddings: bool = False
+    """Share the input embedding matrix with the output projection (lm_head)."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation; output projections are scaled by 1/sqrt(2*n_layers)."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_dim > 0:
+            return self.ffn_dim
+        return 64 * math.ceil(int(8 * self.dim / 3) / 64)
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    """Data-parallel replicas (the outer DP axis; with ZeRO, shards are replicated across it: HSDP)."""
+    dp_shard: int = -1
+    """Data-parallel ranks that shard state under ZeRO; -1 takes whatever ranks the other degrees leave."""
+    zero_stage: int = 0
+    """ZeRO stage over dp_shard: 0 = plain replication, 1 = optimizer states, 2 = + gradients, 3 = + parameters."""
+    tp: int = 1
+    """Tensor-parallel degree (Megatron style); must divide the heads and kv heads."""
+    sequence_parallel: bool = False
+    """With tp > 1, split norms and residual activations along the sequence dimension."""
+    pp: int = 1
+    """Pipeline-parallel degree: number of pipeline stages."""
+    pp_schedule: str = "1f1b"
+    """Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1 or zb-h2."""
+    pp_chunks: int = 1
+    """Virtual stages per pipeline rank (v) for interleaved schedules."""
+    cp: int = 1
+    """Context-parallel degree (ring attention over the sequence)."""
+    ep: int = 1
+    """Expert-parallel degree; it borrows ranks from dp_shard * cp rather than adding to the world size."""
+    bucket_mb: float = 25.0
+    """Gradient bucket size in MiB for the overlapped data-parallel all-reduce."""
+    reduce_dtype: str = "fp32"
+    """Dtype in which gradients are reduced across data-parallel ranks: fp32 or bf16."""
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 100
+    """Number of optimizer steps."""
+    global_batch: int = 8
+    """Sequences per optimizer step, over all data-parallel ranks: micro_batch * grad_accum * dp."""
+    micro_batch: int = 2
+    """Sequences per forward/backward on one rank."""
+    grad_accum: int = -1
+    """Micro-steps accumulated per optimizer step (also the pipeline's microbatches); -1 derives it as global_batch / (micro_batch * dp)."""
+    seq_len: int = 128
+    """Tokens per training sequence."""
+    dtype: str = "fp32"
+    """Compute dtype: fp32, or bf16 autocast over fp32 master weights."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr, for the cosine and WSD schedules."""
+    warmup_steps: int = 10
+    """Linear warmup steps."""
+    lr_schedule: str = "cosine"
+    """Learning-rate schedule after warmup: cosine, wsd (warmup-stable-decay) or constant."""
+    decay_fraction: float = 0.2
+    """For wsd: the fraction of steps spent in the final linear decay."""
+    grad_clip: float = 1.0
+    """Clip gradients to this global L2 norm; 0 disables clipping."""
+    seed: int = 1234
+    """Seed for weights and data order; the same seed gives the same run on any layout."""
+    deterministic: bool = False
+    """Ask torch for deterministic algorithms (slower; useful for debugging)."""
+    activation_checkpointing: str = "none"
+    """Recompute activations in backward: none, or full (every ac_every-th block)."""
+    ac_every: int = 1
+    """With activation_checkpointing = full, checkpoint every k-th block (1 = all blocks)."""
+    device: str = "auto"
+    """cpu, cuda, or auto (cuda when available). The backend follows: gloo on cpu, nccl on cuda."""
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    """Optimizer; adamw is the only one in this build."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices only (not to norms)."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"
+    """stdlib (the interpreter's own .py sources), files (data.path) or synthetic (for tests)."""
+    path: str = ""
+    """File or folder of text for source = files; folders are read recursively."""
+    tokenizer: str = "byte"
+    """byte (vocab 256, no download) or a path to a tokenizer.json for the tokenizers library."""
+    max_tokens: int = 8_000_000
+    """Stop reading the corpus after this many tokens (keeps start-up quick)."""
+    extensions: str = ".py,.txt,.md"
+    """Comma-separated file suffixes read from folders."""
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 50
+    """Save every this many steps (and at the last step); 0 disables checkpoints."""
+    resume: str = "auto"
+    """auto: continue from the latest checkpoint in the run directory; never: start fresh."""
+    keep: int = 2
+    """How many recent checkpoints to keep."""
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/default"
+    """Where metrics.jsonl, config.toml and checkpoints go (the CLI's --run-dir sets it)."""
+    log_interval: int = 10
+    """Print a log line every this many steps (the progress bar updates every step)."""
+    progress: bool = True
+    """Show a live progress bar on rank 0 when stdout is a terminal."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s per device for MFU; 0 detects it (GPU table, or a short matmul probe on CPU)."""
+    sample_prompt: str = "def "
+    """Prompt of the text sample generated at the end of training; empty disables it."""
+    sample_tokens: int = 64
+    """Tokens generated for that sample."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in fields(Config)}  # type: ignore[misc]
+SECTIONS = {name: get_type_hints(Config)[name] for name in SECTIONS}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Map each field of a config dataclass to the docstring written under it."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[stmt.target.id] = str(nxt.value.value)
+    return docs
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(options)}"
+
+
+def _convert(value: Any, typ: type, key: str) -> Any:
+    """Convert a TOML value or a --set string to the field's type, with a one-line error."""
+    if isinstance(value, str) and typ is not str:
+        text = value.strip()
+        if typ is bool:
+            if text.lower() in ("true", "1", "yes", "on"):
+                return True
+            if text.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ConfigError(f"{key}={value!r} is not a boolean; use true or false")
+        try:
+            return typ(float(text)) if typ is int and text.replace(".", "", 1).isdigit() and float(text).is_integer() else typ(text)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r} is not a valid {typ.__name__}") from None
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}={value!r} should be a {typ.__name__}")
+    return value
+
+
+def _set(cfg: Config, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"'{dotted}' is not of the form section.key; sections: {', '.join(SECTIONS)}")
+    section, key = parts
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown config section '{section}'" + _suggest(section, list(SECTIONS)))
+    cls = SECTIONS[section]
+    hints = get_type_hints(cls)
+    if key not in hints:
+        raise ConfigError(f"unknown config key '{dotted}'" + _suggest(key, list(hints)).replace("'", f"'{section}.", 1))
+    setattr(getattr(cfg, section), key, _convert(value, hints[key], dotted))
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `section.key=value` strings (the CLI's --set) in order."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} needs the form section.key=value")
+        key, value = item.split("=", 1)
+        _set(cfg, key.strip(), value)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML file (or start from defaults), then apply overrides. Does not validate."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist; pass --config configs/<name>.toml")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file '{p}' is not valid TOML: {e}") from None
+        for section, table in raw.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"top-level key '{section}' in {p} must be a [section]" + _suggest(section, list(SECTIONS)))
+            for key, value in table.items():
+                _set(cfg, f"{section}.{key}", value)
+    return apply_overrides(cfg, overrides or [])
+
+
+def dump_toml(cfg: Config) -> str:
+    """The fully resolved config as TOML (written to RUN_DIR/config.toml)."""
+    import tomli_w
+
+    return tomli_w.dumps(cfg.to_dict())

@@ -1,0 +1,122 @@
+"""Bucketed, overlapped gradient all-reduce.
+
+Gradients live permanently inside flat bucket buffers (each `param.grad` is a view), so autograd
+accumulates straight into the buffer that gets reduced: no copy in or out. Buckets are filled in
+reverse registration order, the order in which backward produces gradients, and a bucket's
+all-reduce starts the moment its last gradient lands, overlapping with the rest of backward.
+Micro-steps before the last one of an accumulation only accumulate: no communication at all.
+
+The loss is pre-divided by the global token count, so a plain SUM gives the global mean gradient
+(no division by the DP size, and uneven token counts per rank would still be exact).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from meshtrain.accounting import CommStats
+from meshtrain.data_parallel.comm import all_reduce_async
+
+
+@dataclass
+class Bucket:
+    params: list[nn.Parameter]
+    buffer: torch.Tensor
+    ready: int = 0
+    work: dist.Work | None = None
+    reduced: torch.Tensor | None = None  # low-precision copy in flight, when reduce_dtype != fp32
+
+
+@dataclass
+class DataParallel:
+    """Owns the gradients of `module` and keeps them summed across `group` (None: one rank)."""
+
+    module: nn.Module
+    group: dist.ProcessGroup | None
+    stats: CommStats
+    bucket_bytes: int = 25 * 2**20
+    reduce_dtype: torch.dtype = torch.float32
+    buckets: list[Bucket] = field(default_factory=list)
+    sync: bool = True
+
+    def __post_init__(self) -> None:
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        self._owner: dict[nn.Parameter, Bucket] = {}
+        for group in _split(list(reversed(params)), self.bucket_bytes):
+            buf = torch.zeros(sum(p.numel() for p in group), dtype=torch.float32, device=group[0].device)
+            bucket = Bucket(group, buf)
+            offset = 0
+            for p in group:
+                p.grad = buf[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+                self._owner[p] = bucket
+            self.buckets.append(bucket)
+        if self.group is not None:
+            for p in params:
+                p.register_post_accumulate_grad_hook(self._on_grad_ready)
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for b in self.buckets for p in b.params]
+
+    def set_sync(self, sync: bool) -> None:
+        """False on accumulation micro-steps: gradients accumulate locally, nothing is sent."""
+        self.sync = sync
+
+    def _on_grad_ready(self, p: nn.Parameter) -> None:
+        if not self.sync:
+            return
+        bucket = self._owner[p]
+        bucket.ready += 1
+        if bucket.ready == len(bucket.params):
+            self._launch(bucket)
+
+    def _launch(self, bucket: Bucket) -> None:
+        if self.reduce_dtype == torch.float32:
+            bucket.work = all_reduce_async(bucket.buffer, self.group, self.stats)
+        else:
+            bucket.reduced = bucket.buffer.to(self.reduce_dtype)
+            bucket.work = all_reduce_async(bucket.reduced, self.group, self.stats)
+
+    def finish(self) -> None:
+        """Wait for every bucket; buckets whose params got no gradient this step are sent now."""
+        if self.group is None:
+            return
+        for bucket in self.buckets:
+            if bucket.work is None:
+                self._launch(bucket)
+        for bucket in self.buckets:
+            bucket.work.wait()
+            if bucket.reduced is not None:
+                bucket.buffer.copy_(bucket.reduced)
+            bucket.work, bucket.reduced, bucket.ready = None, None, 0
+
+    def grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self.params]
+
+    def zero_grad(self) -> None:
+        for bucket in self.buckets:
+            bucket.buffer.zero_()
+
+    def grad_norm(self) -> torch.Tensor:
+        # Every rank holds the same summed gradients, so the local norm is the global one.
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b.buffer) for b in self.buckets]))
+
+    def scale_grads(self, factor: float) -> None:
+        for bucket in self.buckets:
+            bucket.buffer.mul_(factor)
+
+
+def _split(params: list[nn.Parameter], limit: int) -> list[list[nn.Parameter]]:
+    groups: list[list[nn.Parameter]] = [[]]
+    size = 0
+    for p in params:
+        if groups[-1] and size + p.numel() * 4 > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(p)
+        size += p.numel() * 4
+    return groups

@@ -1,0 +1,46 @@
+"""Sampling text from a trained model: `meshtrain generate --run-dir DIR --prompt "..."`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from meshtrain import checkpoint as ckpt
+from meshtrain.config import ConfigError, load_config
+from meshtrain.data.tokenizer import Tokenizer, build_tokenizer
+from meshtrain.model import Llama, build_model
+
+
+@torch.no_grad()
+def sample_text(model: Llama, tok: Tokenizer, prompt: str, max_new_tokens: int, device: torch.device,
+                temperature: float = 0.8, top_k: int = 40, seed: int = 0) -> str:
+    """Top-k sampling; recomputes the whole window each token (no KV cache: the models here are tiny)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = tok.encode(prompt).tolist() or [0]
+    window = model.cfg.max_seq_len
+    was_training = model.training
+    model.eval()
+    for _ in range(max_new_tokens):
+        x = torch.tensor([ids[-window:]], device=device)
+        logits = model(x)[0, -1].float().cpu() / max(temperature, 1e-5)
+        if top_k:
+            kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+            logits[logits < kth] = -float("inf")
+        ids.append(int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)))
+    model.train(was_training)
+    return tok.decode(ids)
+
+
+def load_for_generation(run_dir: Path) -> tuple[Llama, Tokenizer, int]:
+    """Rebuild the model from RUN_DIR/config.toml and load weights from the newest checkpoint."""
+    cfg_path = run_dir / "config.toml"
+    if not cfg_path.is_file():
+        raise ConfigError(f"{cfg_path} not found; --run-dir must be the folder of a `meshtrain train` run")
+    cfg = load_config(cfg_path)
+    path = ckpt.latest(run_dir / "checkpoints")
+    if path is None:
+        raise ConfigError(f"no complete checkpoint under {run_dir / 'checkpoints'}; train with checkpoint.interval > 0")
+    model = build_model(cfg.model, "cpu", seed=cfg.training.seed)
+    state = {"model": dict(model.named_parameters())}
+    meta = ckpt.load(path, state, load_rng=False)
+    return model, build_tokenizer(cfg.data.tokenizer), int(meta["step"])

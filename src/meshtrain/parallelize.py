@@ -1,0 +1,27 @@
+"""Turn the single-device model into this rank's part of the parallel model, in a fixed order.
+
+The order matters and follows torchtitan's: (1) tensor parallelism rewrites the linear layers,
+(2) activation checkpointing wraps whole blocks, so it sees the already-parallel block,
+(3) data parallelism (plain or ZeRO) goes last, because it takes ownership of the parameters and
+gradients that the earlier steps produced.
+"""
+from __future__ import annotations
+
+import torch
+
+from meshtrain.accounting import CommStats
+from meshtrain.activation_checkpoint import apply_activation_checkpointing
+from meshtrain.config import Config
+from meshtrain.data_parallel import DataParallel
+from meshtrain.model import Llama
+from meshtrain.topology import Topology
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def parallelize(model: Llama, topo: Topology, cfg: Config, stats: CommStats) -> DataParallel:
+    """Apply every configured parallelism to `model` in place; return the gradient engine."""
+    t, p = cfg.training, cfg.parallel
+    apply_activation_checkpointing(model.model.layers, t.activation_checkpointing, t.ac_every)
+    return DataParallel(model, topo.group("dp"), stats, bucket_bytes=int(p.bucket_mb * 2**20),
+                        reduce_dtype=DTYPES[p.reduce_dtype])

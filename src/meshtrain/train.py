@@ -1,0 +1,63 @@
+"""Worker entry point: `torchrun --nproc-per-node N -m meshtrain.train --config FILE [--set k=v ...]`.
+
+`meshtrain train` starts this module in each process through torch's elastic launcher; an external
+torchrun can start it directly. The config is validated again here against the real world size, so
+a hand-launched run gets the same one-line errors.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from meshtrain.config import ConfigError, load_config
+from meshtrain.distributed import init_distributed, shutdown
+from meshtrain.validate import validate
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m meshtrain.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="TOML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config field (repeatable)")
+    p.add_argument("--run-dir", help="output folder (sets logging.run_dir)")
+    return p.parse_args(argv)
+
+
+def _threads() -> None:
+    # Several workers share the host's cores; oversubscribed BLAS threads slow everyone down.
+    if "OMP_NUM_THREADS" not in os.environ:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        cfg = load_config(args.config, args.overrides + ([f"logging.run_dir={args.run_dir}"] if args.run_dir else []))
+        cfg = validate(cfg, world)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _threads()
+    from meshtrain.trainer import Trainer  # heavy imports only once the config is known to be good
+
+    env = init_distributed(cfg.training.device)
+    trainer = Trainer(cfg, env)
+    trainer.fit()
+    if env.rank == 0 and cfg.logging.sample_prompt:
+        from meshtrain.generate import sample_text
+
+        text = sample_text(trainer.model, trainer.tokenizer, cfg.logging.sample_prompt, cfg.logging.sample_tokens,
+                           env.device, seed=cfg.training.seed)
+        trainer.console.print("[bold]sample[/bold] " + repr(text)[:400], highlight=False)
+    shutdown(hard_exit=world > 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

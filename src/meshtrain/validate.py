@@ -1,0 +1,136 @@
+"""Cross-field validation of a `Config` against a world size, run before any process is spawned.
+
+Each check raises `ConfigError` with one line: the fields, their values and what to change.
+`SUPPORTED` lists what this build can run; later parallelisms widen it rather than add checks.
+"""
+from __future__ import annotations
+
+import copy
+
+from meshtrain.config import Config, ConfigError
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "training.dtype": ("fp32", "bf16"),
+    "training.lr_schedule": ("cosine", "wsd", "constant"),
+    "training.activation_checkpointing": ("none", "full"),
+    "training.device": ("auto", "cpu", "cuda"),
+    "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2"),
+    "parallel.reduce_dtype": ("fp32", "bf16"),
+    "optimizer.name": ("adamw",),
+    "data.source": ("stdlib", "files", "synthetic"),
+    "checkpoint.resume": ("auto", "never"),
+}
+
+# Degrees this build can run, and the issue that brings the rest. Widened as features land.
+SUPPORTED_MAX = {"tp": 1, "pp": 1, "cp": 1, "ep": 1}
+SUPPORTED_ZERO = (0,)
+PENDING = {"tp": "tensor parallelism", "pp": "pipeline parallelism", "cp": "context parallelism",
+           "ep": "expert parallelism"}
+
+POSITIVE = ("model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.vocab_size",
+            "model.max_seq_len", "training.steps", "training.global_batch", "training.micro_batch",
+            "training.seq_len", "training.ac_every", "parallel.dp_replicate",
+            "parallel.tp", "parallel.pp", "parallel.pp_chunks", "parallel.cp", "parallel.ep",
+            "checkpoint.keep", "logging.log_interval")
+
+
+def _get(cfg: Config, dotted: str):
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def _check_fields(cfg: Config) -> None:
+    for key, options in CHOICES.items():
+        if _get(cfg, key) not in options:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {', '.join(options)}")
+    for key in POSITIVE:
+        if _get(cfg, key) < 1:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be at least 1")
+    for key in ("training.lr", "training.warmup_steps", "training.grad_clip", "checkpoint.interval",
+                "model.ffn_dim"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must not be negative")
+    if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
+        raise ConfigError(f"parallel.dp_shard={cfg.parallel.dp_shard} must be -1 (use the ranks left) or at least 1")
+    if cfg.parallel.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage} must be 0, 1, 2 or 3")
+
+
+def _check_model(cfg: Config) -> None:
+    m, p = cfg.model, cfg.parallel
+    if m.dim % m.n_heads:
+        raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}; pick a head count that divides dim")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; grouped-query attention needs whole groups")
+    if m.head_dim % 2:
+        raise ConfigError(f"head dim = model.dim/model.n_heads = {m.head_dim} must be even for rotary embeddings")
+    if m.n_heads % p.tp or m.n_kv_heads % p.tp:
+        raise ConfigError(f"parallel.tp={p.tp} must divide model.n_heads={m.n_heads} and model.n_kv_heads={m.n_kv_heads}; choose tp from the common divisors")
+    if cfg.training.seq_len > m.max_seq_len:
+        raise ConfigError(f"training.seq_len={cfg.training.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower seq_len or raise max_seq_len")
+    if p.pp > m.n_layers:
+        raise ConfigError(f"parallel.pp={p.pp} is more stages than model.n_layers={m.n_layers}; use pp <= n_layers")
+
+
+def resolve_dp_shard(cfg: Config, world_size: int) -> int:
+    p = cfg.parallel
+    other = p.dp_replicate * p.cp * p.tp * p.pp
+    if p.dp_shard != -1:
+        return p.dp_shard
+    if world_size % other:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by dp_replicate*cp*tp*pp = {p.dp_replicate}*{p.cp}*{p.tp}*{p.pp} = {other}; "
+            f"change --nproc or the parallel degrees")
+    return world_size // other
+
+
+def _check_layout(cfg: Config, world_size: int) -> None:
+    p, t = cfg.parallel, cfg.training
+    product = p.dp_replicate * p.dp_shard * p.cp * p.tp * p.pp
+    if product != world_size:
+        raise ConfigError(
+            f"parallel.dp_replicate*dp_shard*cp*tp*pp = {p.dp_replicate}*{p.dp_shard}*{p.cp}*{p.tp}*{p.pp} = {product} "
+            f"but the world size is {world_size}; set --nproc {product} or parallel.dp_shard=-1")
+    if (p.dp_shard * p.cp) % p.ep:
+        raise ConfigError(f"parallel.ep={p.ep} must divide dp_shard*cp = {p.dp_shard * p.cp}; experts borrow those ranks")
+    for name, limit in SUPPORTED_MAX.items():
+        if getattr(p, name) > limit:
+            raise ConfigError(f"parallel.{name}={getattr(p, name)} is not supported by this build yet ({PENDING[name]}); set parallel.{name}=1")
+    if p.zero_stage not in SUPPORTED_ZERO:
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} is not supported by this build yet; use one of {SUPPORTED_ZERO}")
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1; set sequence_parallel=false or raise tp")
+    dp = p.dp_replicate * p.dp_shard
+    if t.grad_accum == -1:
+        if t.global_batch % (t.micro_batch * dp):
+            raise ConfigError(
+                f"training.global_batch={t.global_batch} is not divisible by micro_batch*dp = {t.micro_batch}*{dp}; "
+                f"set training.global_batch to a multiple of {t.micro_batch * dp} or change training.micro_batch")
+        t.grad_accum = t.global_batch // (t.micro_batch * dp)
+    if t.grad_accum < 1:
+        raise ConfigError(f"training.grad_accum={t.grad_accum} must be -1 (derive it) or at least 1")
+    expected = t.micro_batch * t.grad_accum * dp
+    if t.global_batch != expected:
+        raise ConfigError(_batch_message(t.global_batch, t.micro_batch, t.grad_accum, dp))
+
+
+def _batch_message(gb: int, mb: int, ga: int, dp: int) -> str:
+    fixes = [f"training.global_batch={mb * ga * dp}"]
+    if gb % (mb * dp) == 0:
+        fixes.append(f"training.grad_accum={gb // (mb * dp)}")
+    if gb % (ga * dp) == 0:
+        fixes.append(f"training.micro_batch={gb // (ga * dp)}")
+    return (f"training.global_batch={gb} != micro_batch*grad_accum*dp = {mb}*{ga}*{dp} = {mb * ga * dp}; "
+            f"set {' or '.join(fixes)}")
+
+
+def validate(cfg: Config, world_size: int) -> Config:
+    """Return a copy with dp_shard resolved; raise ConfigError on the first problem found."""
+    cfg = copy.deepcopy(cfg)
+    if world_size < 1:
+        raise ConfigError(f"--nproc {world_size} must be at least 1")
+    _check_fields(cfg)
+    _check_model(cfg)
+    cfg.parallel.dp_shard = resolve_dp_shard(cfg, world_size)
+    _check_layout(cfg, world_size)
+    return cfg
