@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from meshtrain.faults import maybe_fail
+
 PREFIX = "step_"
 
 
@@ -61,6 +63,7 @@ def save(root: Path, step: int, app_state: dict[str, Any], meta: dict[str, Any],
     dist.barrier()
     dcp.save(app_state, checkpoint_id=tmp)
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    maybe_fail("in_save", step)
     dist.barrier()  # every rank's files are on disk before the folder becomes visible
     if rank == 0:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))

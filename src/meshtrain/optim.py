@@ -63,7 +63,7 @@ def lr_at(step: int, t: TrainingConfig) -> float:
     if t.warmup_steps and step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
     floor = t.lr * t.min_lr_ratio
-    span = max(1, t.steps - t.warmup_steps)
+    span = max(1, t.steps - 1 - t.warmup_steps)  # the last step (steps-1) lands on the floor
     progress = min(1.0, (step - t.warmup_steps) / span)
     if t.lr_schedule == "constant":
         return t.lr

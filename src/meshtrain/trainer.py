@@ -22,6 +22,7 @@ from meshtrain.accounting import CommStats, tensor_bytes
 from meshtrain.config import Config
 from meshtrain.data import BatchSampler, build_dataset, build_tokenizer
 from meshtrain.distributed import DistEnv
+from meshtrain.faults import maybe_fail
 from meshtrain.logs import get_logger
 from meshtrain.metrics import (MetricsWriter, ProgressBar, detect_peak_tflops, flops_per_token,
                                human_bytes, peak_rss_bytes)
@@ -159,6 +160,7 @@ class Trainer:
                 bar.update(self.step, rec)
                 self._log_step(rec)
                 self._maybe_save()
+                maybe_fail("after_step", self.step)
         finally:
             bar.close()
         return history

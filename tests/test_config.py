@@ -1,0 +1,115 @@
+"""Pure tests: config loading, overrides, and every cross-field validation message."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from meshtrain.config import SECTIONS, Config, ConfigError, dump_toml, field_docs, load_config
+from meshtrain.validate import validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_field_is_documented() -> None:
+    for section, cls in SECTIONS.items():
+        docs = field_docs(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+        assert not missing, f"[{section}] fields without a doc line: {missing}"
+
+
+@pytest.mark.parametrize("name", ["tiny", "default"])
+def test_shipped_configs_validate(name: str) -> None:
+    cfg = load_config(ROOT / "configs" / f"{name}.toml")
+    for world in (1, 2, 4):
+        if cfg.training.global_batch % (cfg.training.micro_batch * world) == 0:
+            validate(cfg, world)
+
+
+def test_overrides_convert_to_field_types() -> None:
+    cfg = load_config(None, ["training.steps=7", "training.lr=1e-3", "model.tie_embeddings=true",
+                             "training.dtype=bf16", "parallel.bucket_mb=1"])
+    assert cfg.training.steps == 7 and isinstance(cfg.training.steps, int)
+    assert cfg.training.lr == 1e-3
+    assert cfg.model.tie_embeddings is True
+    assert cfg.training.dtype == "bf16"
+    assert cfg.parallel.bucket_mb == 1.0 and isinstance(cfg.parallel.bucket_mb, float)
+
+
+def test_resolved_config_round_trips(tmp_path: Path) -> None:
+    cfg = validate(load_config(ROOT / "configs" / "tiny.toml", ["training.steps=11"]), 2)
+    (tmp_path / "c.toml").write_text(dump_toml(cfg))
+    again = load_config(tmp_path / "c.toml")
+    assert again == cfg
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("trainning.steps=3", "did you mean 'training'"),
+    ("training.stepz=3", "did you mean 'training.steps'"),
+    ("training.steps=abc", "training.steps='abc' is not a valid int"),
+    ("model.tie_embeddings=maybe", "not a boolean"),
+    ("training.dtype=fp16", "training.dtype='fp16' is not one of fp32, bf16"),
+])
+def test_bad_keys_and_values(override: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        validate(load_config(None, [override]), 1)
+
+
+def _error(world: int, *overrides: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate(load_config(None, list(overrides)), world)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_world_size_must_match_the_degrees() -> None:
+    msg = _error(4, "parallel.dp_shard=3", "training.global_batch=6")
+    assert "dp_replicate*dp_shard*cp*tp*pp" in msg and "world size is 4" in msg and "--nproc 3" in msg
+
+
+def test_dp_shard_minus_one_needs_divisible_world() -> None:
+    msg = _error(3, "parallel.dp_replicate=2")
+    assert "world size 3 is not divisible" in msg
+
+
+def test_heads_divisible_by_tp() -> None:
+    msg = _error(2, "parallel.tp=2", "model.n_kv_heads=1", "model.n_heads=8")
+    assert "parallel.tp=2 must divide model.n_heads=8 and model.n_kv_heads=1" in msg
+
+
+def test_batch_arithmetic_names_the_value_to_change() -> None:
+    msg = _error(2, "training.global_batch=10", "training.micro_batch=2", "training.grad_accum=2")
+    assert "training.global_batch=10 != micro_batch*grad_accum*dp = 2*2*2 = 8" in msg
+    assert "set training.global_batch=8" in msg
+
+
+def test_batch_suggests_grad_accum_when_it_divides() -> None:
+    msg = _error(2, "training.global_batch=16", "training.micro_batch=2", "training.grad_accum=2")
+    assert "training.grad_accum=4" in msg and "training.micro_batch=4" in msg
+
+
+def test_grad_accum_is_derived_when_minus_one() -> None:
+    cfg = validate(load_config(None, ["training.global_batch=16", "training.micro_batch=2"]), 2)
+    assert cfg.training.grad_accum == 4 and cfg.parallel.dp_shard == 2
+
+
+def test_seq_len_bounded_by_max_seq_len() -> None:
+    msg = _error(1, "training.seq_len=2048", "model.max_seq_len=1024")
+    assert "training.seq_len=2048 exceeds model.max_seq_len=1024" in msg
+
+
+@pytest.mark.parametrize("axis", ["pp", "cp", "ep", "tp"])
+def test_unsupported_degrees_are_refused_by_name(axis: str) -> None:
+    msg = _error(2, f"parallel.{axis}=2", "parallel.dp_shard=1" if axis != "ep" else "parallel.dp_shard=2",
+                 "training.global_batch=2" if axis != "ep" else "training.global_batch=4")
+    assert f"parallel.{axis}=2 is not supported by this build yet" in msg
+
+
+def test_unsupported_zero_stage_is_refused() -> None:
+    assert "parallel.zero_stage=3 is not supported" in _error(2, "parallel.zero_stage=3")
+
+
+def test_default_config_object_is_valid_on_four_ranks() -> None:
+    assert validate(Config(), 4).parallel.dp_shard == 4
