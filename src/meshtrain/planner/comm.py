@@ -1,0 +1,49 @@
+"""Collective costs from the alpha-beta model on ring algorithms.
+
+A ring over n ranks moves, per rank: all-reduce 2(n-1)/n x payload, reduce-scatter and
+all-gather (n-1)/n x payload (payload = the full, unsharded tensor), in 2(n-1) or (n-1) steps
+of latency alpha each. Point-to-point moves the payload once. The bandwidth is the node's
+NVLink when the group fits in a node and the per-device network bandwidth otherwise; the
+slowest link sets a ring's pace.
+"""
+from __future__ import annotations
+
+import math
+
+from meshtrain.planner.layout import Group
+from meshtrain.planner.presets import ClusterSpec
+
+RING_KINDS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "p2p")
+
+
+def _ring(kind: str, n: int) -> tuple[float, int]:
+    """(bytes sent per payload byte, latency steps) of a collective over n ranks."""
+    if kind == "all_reduce":
+        return 2 * (n - 1) / n, 2 * (n - 1)
+    if kind in ("reduce_scatter", "all_gather", "all_to_all"):
+        return (n - 1) / n, n - 1
+    if kind == "p2p":
+        return 1.0, 1
+    raise ValueError(f"unknown collective kind {kind!r}; expected one of {', '.join(RING_KINDS)}")
+
+
+def wire_bytes(kind: str, payload: float, n: int) -> float:
+    """Bytes one rank sends for a collective of `payload` bytes over n ranks."""
+    return _ring(kind, n)[0] * payload if n > 1 else 0.0
+
+
+def _link(cluster: ClusterSpec, group: Group) -> tuple[float, float]:
+    if group.inter_node:
+        return cluster.inter_bw_gbs * 1e9, cluster.inter_latency_us * 1e-6
+    return cluster.intra_bw_gbs * 1e9, cluster.intra_latency_us * 1e-6
+
+
+def collective_time(kind: str, payload: float, group: Group, cluster: ClusterSpec, bucket: float = 0.0) -> float:
+    """Seconds for one collective (or a bucketed series of them) of `payload` bytes.
+    Each bucket pays the ring's latency again, which is what makes tiny buckets slow."""
+    if group.size <= 1 or payload <= 0:
+        return 0.0
+    bw, alpha = _link(cluster, group)
+    calls = math.ceil(payload / bucket) if bucket > 0 else 1
+    factor, steps = _ring(kind, group.size)
+    return calls * steps * alpha + factor * payload / bw

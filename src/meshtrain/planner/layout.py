@@ -1,0 +1,142 @@
+"""A parallel layout, where its groups sit on the cluster, and which parameters each rank holds.
+
+Ranks are laid out like torchtitan's device mesh, outermost to innermost:
+pp, dp_replicate, dp_shard, cp, tp. A group of `size` ranks spaced `stride` apart stays inside
+one node when size*stride <= gpus_per_node, so tp is always the first to get NVLink.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from meshtrain.planner.model_math import ModelShape, layer_params
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2")
+
+
+@dataclass(frozen=True, order=True)
+class Layout:
+    """One way to run the model; field order is also the tie-break order of the search."""
+
+    tp: int = 1
+    pp: int = 1
+    v: int = 1
+    schedule: str = "1f1b"
+    cp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    ep: int = 1
+    zero: int = 0
+    micro_batch: int = 1
+    recompute: str = "none"
+    sp: bool = False
+    offload: bool = False
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.cp * self.tp * self.pp
+
+    @property
+    def zero_group(self) -> int:
+        """Ranks that shard dense ZeRO state: dp_shard and cp hold the same weights (torchtitan's dp_shard_cp)."""
+        return self.dp_shard * self.cp
+
+    @property
+    def grad_group(self) -> int:
+        """Ranks whose dense gradients are summed."""
+        return self.dp * self.cp
+
+    def label(self) -> str:
+        dp = f"dp{self.dp_replicate}x{self.dp_shard}" if self.dp_replicate > 1 and self.zero else f"dp{self.dp}"
+        pp = f" pp{self.pp}" + (f"v{self.v}" if self.v > 1 else "") if self.pp > 1 else ""
+        sched = f" {self.schedule}" if self.pp > 1 and self.schedule not in ("1f1b", "interleaved-1f1b") else ""
+        extra = "".join(f" {k}{getattr(self, k)}" for k in ("cp", "ep") if getattr(self, k) > 1)
+        return f"{dp} tp{self.tp}{pp}{sched}{extra}"
+
+
+@dataclass(frozen=True)
+class Group:
+    """A communicator: how many ranks and whether its ring leaves the node."""
+
+    size: int
+    inter_node: bool
+
+
+def _group(size: int, stride: int, gpus_per_node: int) -> Group:
+    return Group(size, size > 1 and size * stride > gpus_per_node)
+
+
+def groups(lay: Layout, gpus_per_node: int) -> dict[str, Group]:
+    """Every communicator a rank joins, with the mesh order of the module docstring."""
+    inner_dp = lay.tp * lay.cp
+    return {
+        "tp": _group(lay.tp, 1, gpus_per_node),
+        "cp": _group(lay.cp, lay.tp, gpus_per_node),
+        "ep": _group(lay.ep, lay.tp, gpus_per_node),
+        "zero": _group(lay.zero_group, lay.tp, gpus_per_node),
+        "expert_zero": _group(lay.zero_group // lay.ep, lay.tp * lay.ep, gpus_per_node),
+        "expert_grad": _group(lay.grad_group // lay.ep, lay.tp * lay.ep, gpus_per_node),
+        "replicate": _group(lay.dp_replicate, inner_dp * lay.dp_shard, gpus_per_node),
+        "grad": _group(lay.grad_group, lay.tp, gpus_per_node),
+        "pp": _group(lay.pp, lay.world // lay.pp, gpus_per_node),
+    }
+
+
+def layers_per_rank(shape: ModelShape, lay: Layout) -> int:
+    """Blocks on the busiest pipeline rank; uneven splits round up (pp need not divide layers)."""
+    return lay.v * math.ceil(shape.n_layers / (lay.pp * lay.v))
+
+
+@dataclass(frozen=True)
+class RankParams:
+    """Parameter elements one rank holds, split by the group that shards their ZeRO state."""
+
+    dense: float
+    expert: float
+    unit_dense: float
+    """One block's dense parameters on this rank before ZeRO-3 sharding (the gather unit)."""
+    unit_expert: float
+
+    @property
+    def total(self) -> float:
+        return self.dense + self.expert
+
+    @property
+    def unit(self) -> float:
+        return self.unit_dense + self.unit_expert
+
+
+def _block_params_on_rank(shape: ModelShape, lay: Layout) -> tuple[float, float]:
+    """(dense, expert) elements of one block on one rank. Megatron splits matrices and
+    column-parallel biases over tp; norms and row-parallel biases are replicated."""
+    parts = layer_params(shape)
+    d = shape.hidden
+    dense = parts["attention"] / lay.tp + parts["norms"] + parts.get("router", 0)
+    if shape.kind == "gpt":
+        dense += (parts["attention_bias"] - d) / lay.tp + d
+        if "mlp" in parts:
+            dense += parts["mlp"] / lay.tp + (parts["mlp_bias"] - d) / lay.tp + d
+    elif "mlp" in parts:
+        dense += parts["mlp"] / lay.tp
+    expert = parts.get("experts", 0) / (lay.tp * lay.ep)
+    return dense, expert
+
+
+def rank_params(shape: ModelShape, lay: Layout, first: bool, last: bool) -> RankParams:
+    """Parameters on a rank of the first and/or last pipeline stage (both when pp == 1).
+    Embedding and head are vocab-parallel over tp; a tied matrix is duplicated when pp > 1."""
+    dense_block, expert_block = _block_params_on_rank(shape, lay)
+    n = layers_per_rank(shape, lay)
+    dense = n * dense_block
+    d, v = shape.hidden, shape.vocab
+    if first:
+        dense += v * d / lay.tp + (shape.seq_len * d if shape.kind == "gpt" else 0)
+    if last:
+        dense += 2 * d if shape.kind == "gpt" else d
+        if not shape.tie_embeddings or not first:
+            dense += v * d / lay.tp
+    return RankParams(dense=dense, expert=n * expert_block, unit_dense=dense_block, unit_expert=expert_block)

@@ -1,0 +1,81 @@
+"""Predictions for one concrete run of our own config, in the units its metrics.jsonl logs.
+
+Our runs hold fp32 params, fp32 grads and fp32 Adam moments (bf16 is autocast over fp32
+weights), so model states are 16 bytes per element before ZeRO. Counts are exact and per rank;
+for ZeRO the shard is psi/N (the padding that rounds each flat unit up to a multiple of N is
+left out), so a sharded figure may be fractional. With pp > 1 memory and data-parallel traffic
+are rank 0's (the first stage) and p2p bytes a middle stage's (it sends both directions).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from meshtrain.config import Config
+from meshtrain.planner.comm import wire_bytes
+from meshtrain.planner.layout import Layout, groups, rank_params
+from meshtrain.planner.memory import FP32, MemoryInputs, model_state_bytes, rank_memory
+from meshtrain.planner.model_math import from_model_config, param_count, shape_flops_per_token
+from meshtrain.planner.traffic import TrafficInputs, step_collectives
+from meshtrain.validate import validate
+
+COMM_KINDS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "p2p")
+
+
+def config_layout(cfg: Config) -> Layout:
+    """The Layout a validated config runs (partial activation checkpointing counts as full)."""
+    p, t = cfg.parallel, cfg.training
+    return Layout(tp=p.tp, pp=p.pp, v=p.pp_chunks, schedule=p.pp_schedule, cp=p.cp, dp_replicate=p.dp_replicate,
+                  dp_shard=p.dp_shard, ep=p.ep, zero=p.zero_stage, micro_batch=t.micro_batch,
+                  recompute="full" if t.activation_checkpointing == "full" else "none", sp=p.sequence_parallel)
+
+
+def _exact(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x
+
+
+def predict_run(cfg: Config, world_size: int) -> dict[str, Any]:
+    """Per-rank model-state bytes and per-step communication bytes of `cfg` on `world_size` ranks.
+
+    comm_*_bytes follow the payload convention of traffic.py (all-reduce: the tensor reduced;
+    reduce-scatter: the full input; all-gather: the full output); comm_wire_bytes is what the
+    rank sends under the ring model. Loss and grad-norm scalar reductions are not counted.
+    Raises ConfigError for a config that `validate` rejects.
+    """
+    cfg = validate(cfg, world_size)
+    t, p = cfg.training, cfg.parallel
+    shape = from_model_config(cfg.model, t.seq_len)
+    lay = config_layout(cfg)
+    rp = rank_params(shape, lay, first=True, last=lay.pp == 1)
+    act = 2 if t.dtype == "bf16" else 4
+    ti = TrafficInputs(t.seq_len, t.grad_accum, FP32, act, 4 if p.reduce_dtype == "fp32" else 2, p.bucket_mb)
+    sizes = groups(lay, gpus_per_node=1)
+    payload: dict[str, float] = defaultdict(float)
+    wire = 0.0
+    for c in step_collectives(shape, lay, ti, rp):
+        payload[c.kind] += c.calls * c.payload
+        wire += c.calls * wire_bytes(c.kind, c.payload, sizes[c.group].size)
+    dense = model_state_bytes(rp.dense, lay.zero_group, lay.zero, FP32)
+    expert = model_state_bytes(rp.expert, max(1, lay.zero_group // lay.ep), lay.zero, FP32)
+    states = {k: dense[k] + expert[k] for k in ("params", "grads", "optimizer")}
+    mi = MemoryInputs(t.seq_len, t.grad_accum, FP32, act, "flash", p.bucket_mb)
+    mem = rank_memory(shape, lay, mi, rp, stage=0)
+    tokens = t.global_batch * t.seq_len
+    out: dict[str, Any] = {
+        "world_size": world_size,
+        "layout": {k: getattr(lay, k) for k in lay.__dataclass_fields__},
+        "n_params": param_count(shape),
+        "params_per_rank": _exact(rp.total),
+        "mem_params_bytes": _exact(states["params"]),
+        "mem_grads_bytes": _exact(states["grads"]),
+        "mem_optimizer_bytes": _exact(states["optimizer"]),
+        "mem_model_state_bytes": _exact(sum(states.values())),
+        "mem_activation_bytes": _exact(mem["activations"] + mem.get("recompute working set", 0.0)),
+        "tokens_per_step": tokens,
+        "flops_per_token": shape_flops_per_token(shape, t.seq_len),
+        "model_flops_per_step": shape_flops_per_token(shape, t.seq_len) * tokens,
+    }
+    for kind in COMM_KINDS:
+        out[f"comm_{kind}_bytes"] = _exact(payload[kind])
+    out["comm_wire_bytes"] = _exact(wire)
+    return out

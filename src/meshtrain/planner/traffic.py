@@ -1,0 +1,120 @@
+"""Every collective one rank issues in an optimizer step: kind, payload, group, count, and the
+compute it can hide under. Byte counting (predict_run) and timing both read this one list.
+
+Payload convention: all-reduce counts the tensor reduced; reduce-scatter its full (unsharded)
+input; all-gather its full (gathered) output; all-to-all the bytes the rank holds before the
+exchange; p2p the bytes sent.
+
+Data-parallel traffic per optimizer step (psi = params on this rank, m = microbatches):
+  ZeRO 0: all-reduce grads once (DDP's no_sync during accumulation).
+  ZeRO 1: reduce-scatter grads once, all-gather params once after the update.
+  ZeRO 2: reduce-scatter grads every microbatch (grads are kept sharded), all-gather params once.
+  ZeRO 3: all-gather params in every forward and every backward, reduce-scatter every microbatch.
+  HSDP (dp_replicate > 1 with ZeRO): the grad shard is all-reduced across replicas once.
+With one microbatch these are the 2 psi, 2 psi and 3 psi of Rajbhandari et al. 2020.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from meshtrain.planner.layout import Layout, RankParams, groups, layers_per_rank
+from meshtrain.planner.memory import MIB, StateDtypes
+from meshtrain.planner.model_math import ModelShape
+
+# Phases say what a collective overlaps with (see timing.py):
+#   exposed_fwd / exposed_bwd: on the critical path of every microbatch (TP, EP; no async TP)
+#   attention_fwd / attention_bwd: ring attention, hidden under the attention kernels
+#   bwd_last: hidden under the last microbatch's backward     bwd_each: under every backward
+#   fwd_first: under the next step's first forward            fwd_each: under every forward
+#   pipeline: stage-to-stage sends
+
+
+@dataclass(frozen=True)
+class Collective:
+    name: str
+    kind: str
+    payload: float
+    """Bytes per call, by the convention in the module docstring."""
+    group: str
+    calls: float
+    """Calls per optimizer step."""
+    phase: str
+    chunk: float = 0.0
+    """Bytes per bucket or ZeRO-3 unit; 0 when the call is issued whole."""
+
+
+@dataclass(frozen=True)
+class TrafficInputs:
+    seq_len: int
+    microbatches: int
+    dtypes: StateDtypes
+    act_bytes: int
+    reduce_bytes: int
+    bucket_mb: float
+
+
+def _activation_collectives(shape: ModelShape, lay: Layout, ti: TrafficInputs) -> list[Collective]:
+    """TP, CP, EP and PP traffic, all proportional to one microbatch's activations."""
+    m, layers = ti.microbatches, layers_per_rank(shape, lay)
+    tokens = lay.micro_batch * ti.seq_len / lay.cp
+    hidden = tokens * shape.hidden * ti.act_bytes
+    redo = 2 if lay.recompute == "full" else 1  # full recompute replays the forward's traffic in backward
+    out: list[Collective] = []
+    if lay.tp > 1:
+        # two per block (after attention, after MLP) plus the vocab-parallel embedding / head
+        n = (2 * layers + 1) * m
+        kinds = ("all_gather", "reduce_scatter") if lay.sp else ("all_reduce",)
+        for kind in kinds:
+            out.append(Collective(f"tp {kind}", kind, hidden, "tp", n, "exposed_fwd"))
+            out.append(Collective(f"tp {kind}", kind, hidden, "tp", n * redo, "exposed_bwd"))
+    if lay.cp > 1:
+        kv_block = tokens * 2 * shape.kv_dim * ti.act_bytes / lay.tp
+        n = (lay.cp - 1) * layers * m
+        out.append(Collective("cp ring", "p2p", kv_block, "cp", n, "attention_fwd"))
+        out.append(Collective("cp ring", "p2p", kv_block, "cp", n * (1 + redo), "attention_bwd"))
+    if lay.ep > 1:
+        routed = tokens * shape.top_k * shape.hidden * ti.act_bytes
+        out.append(Collective("ep all_to_all", "all_to_all", routed, "ep", 2 * layers * m, "exposed_fwd"))
+        out.append(Collective("ep all_to_all", "all_to_all", routed, "ep", 2 * layers * m * redo, "exposed_bwd"))
+    if lay.pp > 1:
+        # Narayanan et al.'s scatter/gather: stages exchange 1/tp of the activation each;
+        # a middle rank sends activations forward and gradients back for each of its v chunks.
+        out.append(Collective("pp send", "p2p", hidden / lay.tp, "pp", 2 * lay.v * m, "pipeline"))
+    return out
+
+
+def _dp_collectives(psi: float, lay: Layout, ti: TrafficInputs, unit: float, expert: bool) -> list[Collective]:
+    """Data-parallel traffic for psi elements; `expert` picks the expert-data-parallel groups."""
+    if psi <= 0:
+        return []
+    grad_group, zero_group = ("expert_grad", "expert_zero") if expert else ("grad", "zero")
+    zero_n = max(1, lay.zero_group // lay.ep) if expert else lay.zero_group
+    grads, params, m = psi * ti.reduce_bytes, psi * ti.dtypes.param, ti.microbatches
+    bucket = ti.bucket_mb * MIB
+    tag = "expert " if expert else ""
+    if lay.zero == 0:
+        return [Collective(f"{tag}dp grads", "all_reduce", grads, grad_group, 1, "bwd_last", bucket)]
+    out: list[Collective] = []
+    if lay.zero == 3:
+        out.append(Collective(f"{tag}zero3 params", "all_gather", params, zero_group, m, "fwd_each", unit * ti.dtypes.param))
+        out.append(Collective(f"{tag}zero3 params", "all_gather", params, zero_group, m, "bwd_each", unit * ti.dtypes.param))
+        out.append(Collective(f"{tag}zero3 grads", "reduce_scatter", grads, zero_group, m, "bwd_each", unit * ti.reduce_bytes))
+    else:
+        per_micro = lay.zero == 2
+        out.append(Collective(f"{tag}zero grads", "reduce_scatter", grads, zero_group, m if per_micro else 1,
+                              "bwd_each" if per_micro else "bwd_last", bucket))
+        out.append(Collective(f"{tag}zero params", "all_gather", params, zero_group, 1, "fwd_first", bucket))
+    if lay.dp_replicate > 1:
+        out.append(Collective(f"{tag}hsdp grads", "all_reduce", grads / zero_n, "replicate", 1, "bwd_last", bucket))
+    return out
+
+
+def step_collectives(shape: ModelShape, lay: Layout, ti: TrafficInputs, rp: RankParams) -> list[Collective]:
+    """All traffic of one optimizer step on a rank holding `rp` (loss and grad-norm scalars excluded)."""
+    out = _activation_collectives(shape, lay, ti)
+    if lay.grad_group > 1:
+        out += _dp_collectives(rp.dense, lay, ti, rp.unit_dense, expert=False)
+        if rp.expert and lay.grad_group // lay.ep > 1:
+            out += _dp_collectives(rp.expert, lay, ti, rp.unit_expert, expert=True)
+    sizes = groups(lay, gpus_per_node=1)  # only the sizes matter here
+    return [c for c in out if sizes[c.group].size > 1]
