@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import rel_diff, train
+from conftest import TINY, rel_diff, train
+from meshtrain.config import load_config
+from meshtrain.planner import predict_run
 
 pytestmark = pytest.mark.dist
 STEPS = "training.steps=5"
@@ -38,12 +40,22 @@ def test_layout_matches_single_device(layout: str, reference: list[dict], tmp_pa
     # one all-reduce of every gradient per optimizer step, whatever the accumulation
     n_params = reference[0]["mem_model_state_bytes"] // 16
     assert all(r["comm_all_reduce_bytes"] == 4 * n_params for r in got)
+    _planner_agrees(got[-1], nproc, [STEPS, *overrides])
+
+
+def _planner_agrees(measured: dict, nproc: int, overrides: list[str]) -> None:
+    """The planner's self-validation: predicted model states and traffic equal what the run measured."""
+    predicted = predict_run(load_config(TINY, overrides), nproc)
+    assert abs(predicted["mem_model_state_bytes"] - measured["mem_model_state_bytes"]) <= 0.02 * measured["mem_model_state_bytes"]
+    for key in ("comm_all_reduce_bytes", "comm_reduce_scatter_bytes", "comm_all_gather_bytes", "comm_wire_bytes"):
+        assert predicted[key] == pytest.approx(measured[key], abs=1), key
 
 
 def test_accumulation_alone_matches_single_device(reference: list[dict], tmp_path: Path) -> None:
     got = train(tmp_path, 1, STEPS, "training.micro_batch=2")
     assert rel_diff([r["loss"] for r in got], [r["loss"] for r in reference]) < 1e-6
     assert all(r["comm_all_reduce_bytes"] == 0 for r in got)
+    _planner_agrees(got[-1], 1, [STEPS, "training.micro_batch=2"])
 
 
 def test_bf16_and_recomputation_train(tmp_path: Path, reference: list[dict]) -> None:
