@@ -13,13 +13,14 @@ from meshtrain.accounting import CommStats
 from meshtrain.activation_checkpoint import apply_activation_checkpointing
 from meshtrain.config import Config
 from meshtrain.data_parallel import DataParallel
+from meshtrain.engine import GradEngine
 from meshtrain.model import Llama
 from meshtrain.topology import Topology
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def parallelize(model: Llama, topo: Topology, cfg: Config, stats: CommStats) -> DataParallel:
+def parallelize(model: Llama, topo: Topology, cfg: Config, stats: CommStats) -> GradEngine:
     """Apply every configured parallelism to `model` in place; return the gradient engine."""
     t, p = cfg.training, cfg.parallel
     apply_activation_checkpointing(model.model.layers, t.activation_checkpointing, t.ac_every)

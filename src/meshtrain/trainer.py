@@ -44,9 +44,7 @@ class Trainer:
         self.stats = CommStats()
         self.model = build_model(cfg.model, env.device, seed=cfg.training.seed)
         self.engine = parallelize(self.model, self.topo, cfg, self.stats)
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        named = [(names[id(p)], p) for p in self.engine.params]
-        self.optim = AdamW(named, cfg.optimizer, no_decay={n for n, p in named if p.ndim < 2})
+        self.optim = AdamW(self.engine.optim_params(), cfg.optimizer, no_decay=self.engine.no_decay())
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         self.dataset = build_dataset(cfg.data, self.tokenizer, cfg.training.seq_len, cfg.training.seed)
         self.sampler = BatchSampler(len(self.dataset), cfg.training.global_batch, cfg.training.micro_batch,
@@ -60,8 +58,7 @@ class Trainer:
 
     # ---- state -------------------------------------------------------------------------------
     def app_state(self) -> dict[str, Any]:
-        model_sd = {n: p for n, p in self.model.named_parameters()}
-        return {"model": model_sd, "optim": self.optim.state_dict(), "train": {"step": torch.tensor(self.step)}}
+        return {"model": self.engine.model_state_dict(), "optim": self.optim.state_dict(), "train": {"step": torch.tensor(self.step)}}
 
     def maybe_resume(self) -> None:
         path = ckpt.latest(self.ckpt_root) if self.cfg.checkpoint.resume == "auto" else None
@@ -80,7 +77,7 @@ class Trainer:
         self.log.info(f"saved checkpoint {path}")
 
     def model_state_bytes(self) -> int:
-        return tensor_bytes(list(self.engine.params) + self.engine.grads() + self.optim.state_tensors())
+        return tensor_bytes(self.engine.state_tensors() + self.optim.state_tensors())
 
     # ---- one optimizer step -------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -106,7 +103,8 @@ class Trainer:
         if t.grad_clip and grad_norm > t.grad_clip:
             self.engine.scale_grads(t.grad_clip / (grad_norm + 1e-6))
         lr = lr_at(self.step, t)
-        self.optim.step(self.engine.grads(), lr)
+        self.optim.step(self.engine.optim_grads(), lr)
+        self.engine.after_step()
         self.engine.zero_grad()
         loss_mean = self._global_mean(loss_sum)
         elapsed = time.perf_counter() - start
@@ -134,7 +132,7 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------
     def summary(self) -> str:
-        n_params = sum(p.numel() for p in self.engine.params)
+        n_params = self.engine.num_params()
         c = self.cfg
         return (f"model {n_params / 1e6:.2f}M params ({c.model.n_layers} layers, dim {c.model.dim}) | layout "
                 f"{self.topo.describe()} on {self.env.world_size} x {self.env.device.type} ({self.env.backend}) | "

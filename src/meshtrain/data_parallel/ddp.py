@@ -44,6 +44,7 @@ class DataParallel:
 
     def __post_init__(self) -> None:
         params = [p for p in self.module.parameters() if p.requires_grad]
+        self._names = {id(p): n for n, p in self.module.named_parameters()}
         self._owner: dict[nn.Parameter, Bucket] = {}
         for group in _split(list(reversed(params)), self.bucket_bytes):
             buf = torch.zeros(sum(p.numel() for p in group), dtype=torch.float32, device=group[0].device)
@@ -94,8 +95,27 @@ class DataParallel:
                 bucket.buffer.copy_(bucket.reduced)
             bucket.work, bucket.reduced, bucket.ready = None, None, 0
 
-    def grads(self) -> list[torch.Tensor]:
+    # ---- the GradEngine contract (meshtrain.engine) -------------------------------------------
+    def optim_params(self) -> list[tuple[str, torch.Tensor]]:
+        return [(self._names[id(p)], p) for p in self.params]
+
+    def no_decay(self) -> set[str]:
+        return {self._names[id(p)] for p in self.params if p.ndim < 2}
+
+    def optim_grads(self) -> list[torch.Tensor]:
         return [p.grad for p in self.params]
+
+    def after_step(self) -> None:
+        pass  # the optimizer updated the model's own parameters
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        return self.params + [b.buffer for b in self.buckets]
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.module.named_parameters())
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params)
 
     def zero_grad(self) -> None:
         for bucket in self.buckets:
