@@ -1,0 +1,133 @@
+"""`meshtrain schedule`: build, simulate, check, export and plot a pipeline schedule."""
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from typing import Any
+
+from meshtrain.pipeline.schedules import SCHEDULES, Layout, Schedule, add_comms, from_csv, to_csv, validate_schedule
+from meshtrain.pipeline.simulator import Costs, Prediction, SimResult, closed_form, simulate
+
+_DESCRIPTION = """\
+Build a pipeline schedule (or read one from CSV), check that it is complete and cannot deadlock,
+and simulate it symbolically: no processes, no GPUs. Prints the bubble rate, each rank's idle
+time and peak in-flight activations next to the closed form from the papers.
+
+Costs are per microbatch on a full rank-stage (a chunk of an interleaved rank costs 1/chunks).
+Activations are counted in microbatches of a full stage, freed at B.
+"""
+
+_EXAMPLES = """\
+examples:
+  meshtrain schedule --pp 4 --microbatches 8 --schedule 1f1b
+  meshtrain schedule --pp 4 --microbatches 8 --schedule interleaved-1f1b --chunks 2 --out 1f1b.png
+  meshtrain schedule --pp 4 --microbatches 8 --schedule zb-h1 --costs 2,2,1 --csv-out zb.csv
+  meshtrain schedule --csv-in zb.csv --costs 2,2,1 --out zb.svg
+"""
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register the `schedule` subcommand on an argparse subparsers object."""
+    parser = subparsers.add_parser(
+        "schedule", help="simulate a pipeline-parallel schedule and report its bubble",
+        description=_DESCRIPTION, epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pp", type=int, help="pipeline ranks (required unless --csv-in)")
+    parser.add_argument("--microbatches", "-m", type=int, help="microbatches per step (required unless --csv-in)")
+    parser.add_argument("--schedule", help=f"one of: {', '.join(SCHEDULES)} (required unless --csv-in)")
+    parser.add_argument("--chunks", type=int, default=1,
+                        help="virtual stages per rank, interleaved-1f1b only (default 1)")
+    parser.add_argument("--costs", default="1,1,1", help="T_F,T_B,T_W per microbatch and full stage (default 1,1,1)")
+    parser.add_argument("--comm", type=float, default=0.0, help="latency of one point-to-point message (default 0)")
+    parser.add_argument("--csv-in", help="read a custom schedule from this CSV (columns rank,index,kind,stage,"
+                                         "microbatch,peer); send/recv actions are added if it has none")
+    parser.add_argument("--csv-out", help="write the schedule, with its send/recv actions, to this CSV")
+    parser.add_argument("--out", help="write a Gantt chart; .png or .svg")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of the subcommand; returns the exit status (2 for invalid input)."""
+    try:
+        costs = Costs.parse(args.costs, args.comm)
+        schedule, name, chunks, microbatches = _load(args)
+        result = simulate(schedule, costs)
+        prediction = closed_form(name, len(schedule), microbatches, chunks, costs) if name else None
+        if args.csv_out:
+            to_csv(schedule, args.csv_out)
+        if args.out:
+            from meshtrain.pipeline.plot import plot_schedule
+
+            title = f"{name or args.csv_in}: pp={len(schedule)}, m={microbatches}"
+            title += f", v={chunks}" if chunks > 1 else ""
+            plot_schedule(result, args.out, title)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _report(result, prediction, microbatches, costs)
+    return 0
+
+
+def _load(args: argparse.Namespace) -> tuple[Schedule, str | None, int, int]:
+    """The validated schedule, its built-in name (if any), chunks and microbatch count."""
+    name = args.schedule
+    if name is not None and name not in SCHEDULES:
+        close = difflib.get_close_matches(name, SCHEDULES, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"unknown schedule {name!r}; {hint}choices: {', '.join(SCHEDULES)}")
+    if args.csv_in:
+        schedule = from_csv(args.csv_in)
+        layout = Layout.infer(schedule)
+        if not any(a.kind.is_comm for actions in schedule for a in actions):
+            schedule = add_comms(schedule, layout)
+        microbatches = 1 + max(a.microbatch for actions in schedule for a in actions)
+        for flag, given, found in (("--pp", args.pp, layout.pp), ("--microbatches", args.microbatches, microbatches)):
+            if given is not None and given != found:
+                raise ValueError(f"{flag} {given} disagrees with {args.csv_in}, which has {found}")
+        validate_schedule(schedule, layout.pp, layout.chunks, microbatches, layout)
+        return schedule, name, layout.chunks, microbatches
+    missing = [flag for flag, value in (("--pp", args.pp), ("--microbatches", args.microbatches), ("--schedule", name))
+               if value is None]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} required (or give --csv-in)")
+    if args.pp < 1 or args.microbatches < 1 or args.chunks < 1:
+        raise ValueError(f"--pp, --microbatches and --chunks must be >= 1 "
+                         f"(got {args.pp}, {args.microbatches}, {args.chunks})")
+    schedule = SCHEDULES[name](args.pp, args.microbatches, args.chunks)
+    validate_schedule(schedule, args.pp, args.chunks, args.microbatches, Layout.looped(args.pp, args.chunks))
+    return schedule, name, args.chunks, args.microbatches
+
+
+def _report(result: SimResult, prediction: Prediction | None, microbatches: int, costs: Costs) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    ranks = Table(title="per rank")
+    for column in ("rank", "busy", "idle", "idle in own span", "peak activations", "peak (freed at W)"):
+        ranks.add_column(column, justify="right")
+    for r in range(result.pp):
+        ranks.add_row(str(r), f"{result.busy[r]:g}", f"{result.idle[r]:g}", f"{result.span_idle[r]:g}",
+                      f"{result.peak_activations[r]:g}", f"{result.peak_until_w[r]:g}")
+    summary = Table(title="pipeline")
+    for column in ("metric", "simulated", "closed form"):
+        summary.add_column(column, justify="right")
+    pred = prediction or Prediction(0.0, 0.0, False, False, "")
+
+    def predicted(value: float, holds: bool, fmt: str = "g") -> str:
+        # A star marks a closed form whose assumptions the inputs break; the note under the table names them.
+        return "n/a" if prediction is None else format(value, fmt) + ("" if holds else " *")
+
+    makespan = microbatches * costs.per_microbatch + pred.bubble_time
+    summary.add_row("bubble rate", f"{result.bubble_rate:.2%}",
+                    predicted(pred.bubble_rate(microbatches, costs), pred.holds, ".2%"))
+    summary.add_row("bubble time", f"{result.bubble_time:g}", predicted(pred.bubble_time, pred.holds))
+    summary.add_row("bubble, steady state", f"{result.steady_bubble:g}", predicted(pred.bubble_time, pred.holds_steady))
+    summary.add_row("makespan", f"{result.makespan:g}", predicted(makespan, pred.holds))
+    summary.add_row("peak activations", f"{result.peak:g}", predicted(pred.peak, True))
+    note = "custom schedule: no closed form" if prediction is None else (
+        "" if pred.holds and pred.holds_steady else f"* the closed form assumes {pred.assumption}")
+    console = Console(file=sys.stdout)
+    console.print(ranks)
+    console.print(summary)
+    if note:
+        console.print(note, soft_wrap=True)

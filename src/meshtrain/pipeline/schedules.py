@@ -1,0 +1,506 @@
+"""Pipeline schedules as plain data, and the checks that make them safe to execute.
+
+A schedule is ``list[list[Action]]``: entry ``r`` is everything pipeline rank ``r`` does, in order.
+Compute actions name a *virtual* stage ``s`` in ``0 .. pp*chunks-1``; a `Layout` says which rank
+holds each stage. Stage ``s`` feeds ``s + 1`` in the forward pass and gradients flow back.
+Kinds: ``F`` forward; ``B`` gradient w.r.t. the stage input only; ``W`` gradient w.r.t. the stage
+weights (after the B of the same stage and microbatch); ``BW`` both at once; four comm kinds.
+
+A comm action's ``stage`` is the stage whose compute *produced* the tensor, on both ends of the wire:
+
+* ``SEND_F(s, i, peer)`` follows ``F(s, i)`` and ships its output to ``peer`` (the rank of ``s+1``),
+  where ``RECV_F(s, i, peer)`` receives it as the input of ``F(s+1, i)``.
+* ``SEND_B(s, i, peer)`` follows ``B``/``BW(s, i)`` and ships the input gradient to the rank of
+  ``s-1``, where ``RECV_B(s, i, peer)`` receives it for ``B``/``BW(s-1, i)``.
+* Stages on the same rank hand tensors over locally: no message.
+
+Execution contract (what an executor must do, and what `check_deadlock` simulates):
+
+1. Each rank executes its list in order, one action at a time.
+2. A maximal run of consecutive comm actions is one *batch*: all its ops are posted together, in
+   list order, in one ``torch.distributed.batch_isend_irecv`` call, and the rank then waits for
+   every op of the batch, sends included, before its next action (`group_steps` does the grouping).
+3. Messages between an ordered pair of ranks match first-in-first-out: the k-th SEND from rank a
+   to rank b pairs with the k-th RECV on rank b from rank a; both name the same direction (F or B),
+   stage and microbatch.
+4. A compute action never waits for a peer: its remote input arrived in an earlier batch.
+
+Treating every send as a rendezvous is the most pessimistic reading (NCCL may block a send until the
+receiver posts). An executor that waits less, e.g. on sends only lazily, can only make more
+progress, so a schedule that passes `check_deadlock` cannot deadlock under it either.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+from collections import defaultdict
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Callable
+
+
+class Kind(str, Enum):
+    F = "F"
+    B = "B"
+    W = "W"
+    BW = "BW"
+    SEND_F = "SEND_F"
+    RECV_F = "RECV_F"
+    SEND_B = "SEND_B"
+    RECV_B = "RECV_B"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def is_comm(self) -> bool:
+        return self in _COMM  # a set lookup: Enum.value is slow, and this runs per action per pass
+
+
+_RECV_OF = {Kind.SEND_F: Kind.RECV_F, Kind.SEND_B: Kind.RECV_B}
+_COMM = frozenset(_RECV_OF) | frozenset(_RECV_OF.values())
+
+
+class ScheduleError(ValueError):
+    """A schedule that is malformed or would hang; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: Kind
+    stage: int
+    microbatch: int
+    peer: int | None = None
+
+    def __post_init__(self) -> None:
+        # Lets CSV rows and hand-written tests pass plain strings for the kind.
+        object.__setattr__(self, "kind", Kind(self.kind))
+
+    def __str__(self) -> str:
+        peer = "" if self.peer is None else f", peer={self.peer}"
+        return f"{self.kind}(stage={self.stage}, mb={self.microbatch}{peer})"
+
+
+Schedule = list[list[Action]]
+Key = tuple[Kind, int, int]  # (F|B|W, stage, microbatch): a piece of compute that has finished
+Position = dict[Key | Action, tuple[int, int]]  # compute key or comm action -> (rank, index)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which rank holds each virtual stage: ``ranks[s]`` is the rank of stage ``s``."""
+
+    pp: int
+    ranks: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.pp < 1:
+            raise ValueError(f"pp must be at least 1 (got {self.pp})")
+        held = [self.ranks.count(r) for r in range(self.pp)]
+        if len(self.ranks) == 0 or len(set(held)) != 1 or sum(held) != len(self.ranks):
+            raise ValueError(f"every rank 0..{self.pp - 1} must hold the same number of stages (got {held})")
+
+    @classmethod
+    def looped(cls, pp: int, chunks: int = 1) -> Layout:
+        """Megatron's interleaved placement: stage s on rank s % pp."""
+        return cls(pp, tuple(s % pp for s in range(pp * chunks)))
+
+    @classmethod
+    def infer(cls, schedule: Schedule) -> Layout:
+        """Read the placement off the compute actions of a (custom) schedule."""
+        owner: dict[int, int] = {}
+        for rank, actions in enumerate(schedule):
+            for a in actions:
+                if not a.kind.is_comm and owner.setdefault(a.stage, rank) != rank:
+                    raise ScheduleError(f"stage {a.stage} has compute on ranks {owner[a.stage]} and {rank}")
+        missing = sorted(set(range(max(owner, default=-1) + 1)) - owner.keys())
+        if not owner or missing:
+            raise ScheduleError(f"cannot infer the stage placement: no compute for stages {missing or [0]}")
+        return cls(len(schedule), tuple(owner[s] for s in range(len(owner))))
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def chunks(self) -> int:
+        return len(self.ranks) // self.pp
+
+    def rank_of(self, stage: int) -> int:
+        return self.ranks[stage]
+
+
+def stage_to_rank(schedule_name: str, pp: int, chunks: int = 1) -> Callable[[int], int]:
+    """The placement a built-in schedule assumes, as a stage -> rank function."""
+    if schedule_name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule_name!r}; choices: {', '.join(SCHEDULES)}")
+    return Layout.looped(pp, chunks).rank_of
+
+
+def needs(a: Action, num_stages: int) -> list[Key]:
+    """The compute that must have finished before ``a`` may start."""
+    s, i = a.stage, a.microbatch
+    if a.kind == Kind.F:
+        return [(Kind.F, s - 1, i)] if s > 0 else []
+    if a.kind in (Kind.B, Kind.BW):
+        return [(Kind.F, s, i)] + ([(Kind.B, s + 1, i)] if s + 1 < num_stages else [])
+    if a.kind == Kind.W:
+        return [(Kind.B, s, i)]
+    return []
+
+
+def provides(a: Action) -> list[Key]:
+    if a.kind == Kind.BW:
+        return [(Kind.B, a.stage, a.microbatch), (Kind.W, a.stage, a.microbatch)]
+    return [] if a.kind.is_comm else [(a.kind, a.stage, a.microbatch)]
+
+
+def messages(a: Action, layout: Layout) -> list[tuple[int, Action, Action]]:
+    """(destination rank, SEND, RECV) for the tensor compute ``a`` hands to another rank, if any."""
+    s, i, here = a.stage, a.microbatch, layout.rank_of(a.stage)
+    if a.kind == Kind.F and s + 1 < layout.num_stages and layout.rank_of(s + 1) != here:
+        dest = layout.rank_of(s + 1)
+        return [(dest, Action(Kind.SEND_F, s, i, dest), Action(Kind.RECV_F, s, i, here))]
+    if a.kind in (Kind.B, Kind.BW) and s > 0 and layout.rank_of(s - 1) != here:
+        dest = layout.rank_of(s - 1)
+        return [(dest, Action(Kind.SEND_B, s, i, dest), Action(Kind.RECV_B, s, i, here))]
+    return []
+
+
+def group_steps(actions: list[Action]) -> list[list[int]]:
+    """Indices of one rank's actions grouped as the contract runs them: a compute, or a comm batch."""
+    steps: list[list[int]] = []
+    for idx, a in enumerate(actions):
+        if a.kind.is_comm and steps and actions[steps[-1][-1]].kind.is_comm:
+            steps[-1].append(idx)
+        else:
+            steps.append([idx])
+    return steps
+
+
+def _drain(ranks: int, advance: Callable[[int], bool]) -> None:
+    """Let every rank advance as far as it can, round after round, until none can move."""
+    moved = True
+    while moved:
+        moved = False
+        for rank in range(ranks):
+            while advance(rank):
+                moved = True
+
+
+def dataflow_times(schedule: Schedule, layout: Layout, duration: Callable[[Action], float],
+                   latency: float = 0.0) -> list[list[tuple[float, float]]]:
+    """(start, end) of every action when each starts as soon as its rank and its inputs allow.
+
+    Comm actions are zero-length markers here; a remote input simply arrives ``latency`` after it
+    was produced. Raises ScheduleError when the per-rank orders wait on each other in a cycle.
+    """
+    done: dict[Key, tuple[float, int]] = {}
+    times: list[list[tuple[float, float]]] = [[] for _ in schedule]
+
+    def advance(rank: int) -> bool:
+        if len(times[rank]) == len(schedule[rank]):
+            return False
+        a = schedule[rank][len(times[rank])]
+        deps = needs(a, layout.num_stages)
+        if any(d not in done for d in deps):
+            return False
+        ready = [done[d][0] + (latency if done[d][1] != rank else 0.0) for d in deps]
+        start = max([times[rank][-1][1] if times[rank] else 0.0, *ready])
+        times[rank].append((start, start + (0.0 if a.kind.is_comm else duration(a))))
+        done.update({key: (times[rank][-1][1], rank) for key in provides(a)})
+        return True
+
+    _drain(len(schedule), advance)
+    stuck = [(r, acts[len(times[r])]) for r, acts in enumerate(schedule) if len(times[r]) < len(acts)]
+    if stuck:
+        waits = "; ".join(f"rank {r} waits at {a} for "
+                          + ", ".join(str(Action(*key)) for key in needs(a, layout.num_stages) if key not in done)
+                          for r, a in stuck[:3])
+        raise ScheduleError(f"dependency deadlock (orders wait on each other): {waits}")
+    return times
+
+
+def add_comms(schedule: Schedule, layout: Layout) -> Schedule:
+    """Insert SEND/RECV actions into a compute-only schedule so the contract cannot deadlock.
+
+    Every message gets one global key: the time its producer finishes in a unit-cost run, then the
+    sender's rank. Both ends post it at that point of their own order, so each rank meets its
+    messages in increasing key order and equal keys share a batch. A rank stuck in a batch then
+    waits for a rank stuck in an *earlier* batch of its own, whose keys are all smaller: the
+    largest key of the stuck batches falls along any chain of waits, so the chain cannot close.
+    """
+    if any(a.kind.is_comm for actions in schedule for a in actions):
+        raise ScheduleError("add_comms expects a compute-only schedule; it already has comm actions")
+    times = dataflow_times(schedule, layout, lambda a: 1.0)
+    pending: list[list[tuple[tuple[float, int], Action]]] = [[] for _ in schedule]
+    for rank, actions in enumerate(schedule):
+        for a, (_, end) in zip(actions, times[rank]):
+            for dest, send, recv in messages(a, layout):
+                pending[rank].append(((end, rank), send))
+                pending[dest].append(((end, rank), recv))
+    result: Schedule = []
+    for rank, actions in enumerate(schedule):
+        queue = sorted(pending[rank], key=lambda item: item[0])
+        merged: list[Action] = []
+        taken = 0
+        for a, (start, _) in zip(actions, times[rank]):
+            # A message keyed at time t goes before the first compute that starts at or after t.
+            while taken < len(queue) and queue[taken][0][0] <= start:
+                merged.append(queue[taken][1])
+                taken += 1
+            merged.append(a)
+        merged.extend(item[1] for item in queue[taken:])
+        result.append(merged)
+    return result
+
+
+def _pair_messages(schedule: Schedule) -> dict[tuple[int, int], tuple[int, int]]:
+    """Match sends to receives per ordered rank pair, FIFO; (rank, index) -> (peer, peer index)."""
+    sends: dict[tuple[int, int], list[int]] = defaultdict(list)
+    recvs: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for rank, actions in enumerate(schedule):
+        for idx, a in enumerate(actions):
+            if a.kind.is_comm:
+                if a.peer is None or not 0 <= a.peer < len(schedule) or a.peer == rank:
+                    raise ScheduleError(f"rank {rank} has {a} with an invalid peer")
+                (sends[(rank, a.peer)] if a.kind in _RECV_OF else recvs[(a.peer, rank)]).append(idx)
+    pairs: dict[tuple[int, int], tuple[int, int]] = {}
+    for src, dst in sorted(sends.keys() | recvs.keys()):
+        out, inc = sends[(src, dst)], recvs[(src, dst)]
+        for s_idx, r_idx in zip(out, inc):
+            a, b = schedule[src][s_idx], schedule[dst][r_idx]
+            if (_RECV_OF[a.kind], a.stage, a.microbatch) != (b.kind, b.stage, b.microbatch):
+                raise ScheduleError(f"rank {src} sends {a} but the matching receive on rank {dst} is {b} "
+                                    "(messages between two ranks pair up in order)")
+            pairs[(src, s_idx)], pairs[(dst, r_idx)] = (dst, r_idx), (src, s_idx)
+        if len(out) != len(inc):
+            raise ScheduleError(f"rank {src} sends {len(out)} messages to rank {dst}, which posts {len(inc)} receives")
+    return pairs
+
+
+def check_deadlock(schedule: Schedule) -> None:
+    """Run the execution contract with blocking batches; raise ScheduleError if any rank hangs."""
+    pairs = _pair_messages(schedule)
+    steps = [group_steps(actions) for actions in schedule]
+    step_of = {(r, idx): n for r, rank_steps in enumerate(steps) for n, step in enumerate(rank_steps) for idx in step}
+    at = [0] * len(schedule)
+
+    def advance(rank: int) -> bool:
+        if at[rank] == len(steps[rank]):
+            return False
+        # A partner op is posted once its rank has reached the step holding it (or passed it).
+        partners = [pairs[(rank, idx)] for idx in steps[rank][at[rank]] if (rank, idx) in pairs]
+        if any(at[q] < step_of[(q, qi)] for q, qi in partners):
+            return False
+        at[rank] += 1
+        return True
+
+    _drain(len(schedule), advance)
+    stuck = [r for r in range(len(schedule)) if at[r] < len(steps[r])]
+    if stuck:
+        where = "; ".join(f"rank {r} at [{', '.join(str(schedule[r][i]) for i in steps[r][at[r]])}]"
+                          for r in stuck[:3])
+        raise ScheduleError(f"deadlock under the execution contract: {where}")
+
+
+def validate_schedule(schedule: Schedule, pp: int, chunks: int, microbatches: int,
+                      placement: Layout | Callable[[int], int] | None = None) -> None:
+    """Raise ScheduleError (one line) unless the schedule is complete, ordered and deadlock-free."""
+    layout = placement if isinstance(placement, Layout) else Layout(
+        pp, tuple(map(placement or (lambda s: s % pp), range(pp * chunks))))
+    if len(schedule) != pp or layout.pp != pp or layout.num_stages != pp * chunks:
+        raise ScheduleError(f"expected {pp} ranks and {pp * chunks} stages, got {len(schedule)} ranks "
+                            f"and a placement for {layout.num_stages} stages")
+    position = _check_actions(schedule, layout, microbatches)
+    _check_local_order(schedule, layout, position)
+    _check_messages(schedule, layout, position)
+    dataflow_times(schedule, layout, lambda a: 1.0)
+    check_deadlock(schedule)
+
+
+def _check_actions(schedule: Schedule, layout: Layout, microbatches: int) -> Position:
+    """Range-check every action and require all compute of every (stage, microbatch) exactly once."""
+    position: Position = {}
+    for rank, actions in enumerate(schedule):
+        for idx, a in enumerate(actions):
+            if not (0 <= a.stage < layout.num_stages and 0 <= a.microbatch < microbatches):
+                raise ScheduleError(f"rank {rank} action {idx} {a} is out of range "
+                                    f"({layout.num_stages} stages, {microbatches} microbatches)")
+            if not a.kind.is_comm and layout.rank_of(a.stage) != rank:
+                home = layout.rank_of(a.stage)
+                raise ScheduleError(f"{a} is on rank {rank}, but stage {a.stage} lives on rank {home}")
+            for key in provides(a) or [a]:
+                if key in position:
+                    raise ScheduleError(f"{a} on rank {rank} repeats work already done at rank/index {position[key]}")
+                position[key] = (rank, idx)
+    names = {Kind.F: "forward (F)", Kind.B: "backward (B or BW)", Kind.W: "weight gradient (W or BW)"}
+    for s, i, (kind, name) in itertools.product(range(layout.num_stages), range(microbatches), names.items()):
+        if (kind, s, i) not in position:
+            raise ScheduleError(f"stage {s} microbatch {i} has no {name}")
+    return position
+
+
+def _check_local_order(schedule: Schedule, layout: Layout, position: Position) -> None:
+    """Dependencies held by the same rank must come earlier in that rank's list."""
+    for rank, actions in enumerate(schedule):
+        for idx, a in enumerate(actions):
+            for dep_rank, dep_idx in (position[dep] for dep in needs(a, layout.num_stages)):
+                if dep_rank == rank and dep_idx > idx:
+                    raise ScheduleError(f"on rank {rank}, {a} comes before {actions[dep_idx]}, which it depends on")
+
+
+def _check_messages(schedule: Schedule, layout: Layout, position: Position) -> None:
+    """Exactly the needed messages exist, each sent after its producer and received before its consumer."""
+    needed = 0
+    for rank, actions in enumerate(schedule):
+        for idx, a in enumerate(actions):
+            for dest, send, recv in messages(a, layout):
+                needed += 2
+                step = 1 if a.kind == Kind.F else -1
+                consumer = Action(Kind.F if step == 1 else Kind.B, a.stage + step, a.microbatch)
+                for want, where, side, ref in ((send, rank, "after", a), (recv, dest, "before", consumer)):
+                    at, (_, ref_idx) = position.get(want), position[provides(ref)[0]]
+                    if at is None or at[0] != where or (at[1] > ref_idx) != (side == "after"):
+                        raise ScheduleError(f"{want} must be on rank {where} {side} {ref} (add_comms() builds them)")
+    found = sum(a.kind.is_comm for actions in schedule for a in actions)
+    if found != needed:
+        raise ScheduleError(f"schedule has {found} comm actions but its placement needs {needed}; "
+                            "stages on the same rank hand tensors over without send/recv")
+
+
+def _check_sizes(name: str, pp: int, microbatches: int, chunks: int, max_chunks: int | None = 1) -> None:
+    if pp < 1 or microbatches < 1 or chunks < 1:
+        raise ValueError(f"{name} needs pp, microbatches and chunks >= 1 (got {pp}, {microbatches}, {chunks})")
+    if max_chunks is not None and chunks > max_chunks:
+        raise ValueError(f"{name} runs one stage per rank; use chunks=1 (got {chunks}) or interleaved-1f1b")
+
+
+def _rank_order(stage: int, microbatches: int, warmup: int, w_lag: int | None) -> list[Action]:
+    """One rank of the 1F1B family: ``warmup`` forwards, then one F per backward while any remain.
+
+    ``w_lag`` None fuses B and W; else a W runs once more than ``w_lag`` wait, the rest fill the tail."""
+    order = [Action(Kind.F, stage, i) for i in range(warmup)]
+    next_f, next_w = warmup, 0
+    for b in range(microbatches):
+        if next_f < microbatches:
+            order.append(Action(Kind.F, stage, next_f))
+            next_f += 1
+        if w_lag is None:
+            order.append(Action(Kind.BW, stage, b))
+            continue
+        order.append(Action(Kind.B, stage, b))
+        if b + 1 - next_w > w_lag:
+            order.append(Action(Kind.W, stage, next_w))
+            next_w += 1
+    if w_lag is not None:
+        order.extend(Action(Kind.W, stage, i) for i in range(next_w, microbatches))
+    return order
+
+
+def _family(name: str, pp: int, microbatches: int, chunks: int, warmup: Callable[[int], int],
+            w_lag: Callable[[int], int] | None) -> Schedule:
+    _check_sizes(name, pp, microbatches, chunks)
+    compute = [_rank_order(r, microbatches, min(warmup(r), microbatches), None if w_lag is None else w_lag(r))
+               for r in range(pp)]
+    return add_comms(compute, Layout.looped(pp))
+
+
+def gpipe(pp: int, microbatches: int, chunks: int = 1) -> Schedule:
+    """All forwards, then all fused backwards: peak memory grows with the microbatch count."""
+    return _family("gpipe", pp, microbatches, chunks, lambda r: microbatches, None)
+
+
+def one_f_one_b(pp: int, microbatches: int, chunks: int = 1) -> Schedule:
+    """PipeDream-flush 1F1B: pp-rank-1 warmup forwards bound each rank to pp-rank microbatches in flight."""
+    return _family("1f1b", pp, microbatches, chunks, lambda r: pp - r - 1, None)
+
+
+def zb_h1(pp: int, microbatches: int, chunks: int = 1) -> Schedule:
+    """ZB-H1: 1F1B warmup, B/W split, rank r holding back r W's for the cooldown bubble.
+
+    At most pp - r microbatches wait for B and r for W: pp in all on every rank, as 1F1B's rank 0."""
+    return _family("zb-h1", pp, microbatches, chunks, lambda r: pp - r - 1, lambda r: r)
+
+
+def zb_h2(pp: int, microbatches: int, chunks: int = 1) -> Schedule:
+    """ZB-H2: twice the warmup (peak 2pp-1 on rank 0) fills the wait for the first B; W lag 2r."""
+    return _family("zb-h2", pp, microbatches, chunks, lambda r: 2 * (pp - r - 1), lambda r: 2 * r)
+
+
+def interleaved_1f1b(pp: int, microbatches: int, chunks: int = 1) -> Schedule:
+    """Megatron's interleaved 1F1B: each rank runs ``chunks`` looped stages, in groups of pp microbatches."""
+    _check_sizes("interleaved-1f1b", pp, microbatches, chunks, max_chunks=None)
+    if microbatches % pp:
+        raise ValueError(f"interleaved-1f1b needs microbatches to be a multiple of pp "
+                         f"(got microbatches={microbatches}, pp={pp})")
+    if chunks == 1:
+        return one_f_one_b(pp, microbatches)
+    total = microbatches * chunks
+
+    def virtual(k: int, rank: int, kind: Kind) -> Action:
+        chunk = (k // pp) % chunks
+        chunk = chunks - 1 - chunk if kind == Kind.BW else chunk
+        return Action(kind, chunk * pp + rank, (k // (pp * chunks)) * pp + k % pp)
+
+    compute = []
+    for r in range(pp):
+        # Megatron's warmup: (chunks-1)*pp forwards reach microbatch 0's last chunk, whose backward
+        # comes first; 2(pp-r-1) more cover its trip to the last rank and back.
+        warmup = total if microbatches == pp else min(2 * (pp - r - 1) + (chunks - 1) * pp, total)
+        order = [virtual(k, r, Kind.F) for k in range(warmup)]
+        for k in range(total):
+            if warmup + k < total:
+                order.append(virtual(warmup + k, r, Kind.F))
+            order.append(virtual(k, r, Kind.BW))
+        compute.append(order)
+    return add_comms(compute, Layout.looped(pp, chunks))
+
+
+SCHEDULES: dict[str, Callable[..., Schedule]] = {
+    "gpipe": gpipe, "1f1b": one_f_one_b, "interleaved-1f1b": interleaved_1f1b, "zb-h1": zb_h1, "zb-h2": zb_h2}
+
+
+_COLUMNS = ("rank", "index", "kind", "stage", "microbatch", "peer")
+
+
+def to_csv(schedule: Schedule, path: str | Path) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(_COLUMNS)
+        writer.writerows([rank, idx, a.kind.value, a.stage, a.microbatch, "" if a.peer is None else a.peer]
+                         for rank, actions in enumerate(schedule) for idx, a in enumerate(actions))
+
+
+def from_csv(path: str | Path) -> Schedule:
+    """Read a schedule written by `to_csv` (or by hand); rows may come in any order."""
+    rows: dict[int, dict[int, Action]] = defaultdict(dict)
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if tuple(reader.fieldnames or ()) != _COLUMNS:
+            raise ScheduleError(f"{path}: header must be {','.join(_COLUMNS)}")
+        for row in reader:
+            rank, idx, action = _parse_row(row, f"{path}:{reader.line_num}")
+            if idx in rows[rank]:
+                raise ScheduleError(f"{path}:{reader.line_num}: rank {rank} index {idx} appears twice")
+            rows[rank][idx] = action
+    schedule: Schedule = []
+    for rank in range(max(rows, default=-1) + 1):
+        indices = sorted(rows[rank])
+        if indices != list(range(len(indices))):
+            raise ScheduleError(f"{path}: indices of rank {rank} must be 0..{len(indices) - 1} without gaps")
+        schedule.append([rows[rank][i] for i in indices])
+    return schedule
+
+
+def _parse_row(row: dict[str, str], where: str) -> tuple[int, int, Action]:
+    try:
+        kind = Kind(row["kind"].strip().upper())
+        rank, idx, stage, mb = (int(row[c]) for c in ("rank", "index", "stage", "microbatch"))
+        peer = int(row["peer"]) if row["peer"].strip() else None
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ScheduleError(f"{where}: cannot parse row ({exc})") from None
+    if min(rank, idx, stage, mb) < 0 or (peer is None) == kind.is_comm:
+        raise ScheduleError(f"{where}: negative number, or peer given for compute / missing for comm")
+    return rank, idx, Action(kind, stage, mb, peer)
