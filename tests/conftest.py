@@ -11,6 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.toml"
+# Test this tree's sources, even where another checkout is installed in editable mode.
+sys.path.insert(0, str(ROOT / "src"))
 
 
 @pytest.fixture(autouse=True)

@@ -31,8 +31,8 @@ CONFIG_ERRORS = [
     (["--nproc", "2", "--set", "training.global_batch=10", "--set", "training.grad_accum=2"],
      "set training.global_batch=8"),
     (["--nproc", "1", "--set", "training.seq_len=128"], "exceeds model.max_seq_len=64"),
-    (["--nproc", "2", "--set", "parallel.pp=2", "--set", "parallel.dp_shard=1", "--set", "training.global_batch=2"],
-     "parallel.pp=2 is not supported by this build yet"),
+    (["--nproc", "2", "--set", "parallel.cp=2", "--set", "parallel.dp_shard=1", "--set", "training.global_batch=2"],
+     "parallel.cp=2 is not supported by this build yet"),
     (["--nproc", "1", "--set", "training.stepz=3"], "did you mean 'training.steps'"),
 ]
 

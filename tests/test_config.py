@@ -100,7 +100,7 @@ def test_seq_len_bounded_by_max_seq_len() -> None:
     assert "training.seq_len=2048 exceeds model.max_seq_len=1024" in msg
 
 
-@pytest.mark.parametrize("axis", ["pp", "cp", "ep", "tp"])
+@pytest.mark.parametrize("axis", ["cp", "ep", "tp"])
 def test_unsupported_degrees_are_refused_by_name(axis: str) -> None:
     msg = _error(2, f"parallel.{axis}=2", "parallel.dp_shard=1" if axis != "ep" else "parallel.dp_shard=2",
                  "training.global_batch=2" if axis != "ep" else "training.global_batch=4")
@@ -109,6 +109,18 @@ def test_unsupported_degrees_are_refused_by_name(axis: str) -> None:
 
 def test_unsupported_zero_stage_is_refused() -> None:
     assert "parallel.zero_stage=3 is not supported" in _error(2, "parallel.zero_stage=3")
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["parallel.pp=2", "parallel.pp_chunks=2", "model.n_layers=2"], "parallel.pp*pp_chunks = 2*2 = 4 stages is more than model.n_layers=2"),
+    (["parallel.pp=2", "parallel.pp_chunks=2", "model.n_layers=4"], "needs parallel.pp_schedule=interleaved-1f1b"),
+    (["parallel.pp=2", "parallel.pp_chunks=2", "model.n_layers=4", "parallel.pp_schedule=interleaved-1f1b",
+      "training.global_batch=6", "training.micro_batch=2"], "multiple of parallel.pp=2"),
+    (["parallel.pp=2", "model.tie_embeddings=true"], "tie_embeddings=true is not supported with parallel.pp > 1"),
+    (["parallel.pp=2", "parallel.pp_split=1,2", "model.n_layers=4"], "positive block counts summing to model.n_layers=4"),
+])
+def test_pipeline_config_errors(overrides: list[str], fragment: str) -> None:
+    assert fragment in _error(2, "parallel.dp_shard=1", "training.global_batch=8", "training.micro_batch=2", *overrides)
 
 
 def test_default_config_object_is_valid_on_four_ranks() -> None:

@@ -75,6 +75,8 @@ class ParallelConfig:
     """Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1 or zb-h2."""
     pp_chunks: int = 1
     """Virtual stages per pipeline rank (v) for interleaved schedules."""
+    pp_split: str = "params"
+    """How blocks are cut into pp * pp_chunks stages: params (balanced by parameter count, embedding and head included), uniform, or explicit block counts such as "2,1,1"."""
     cp: int = 1
     """Context-parallel degree (ring attention over the sequence)."""
     ep: int = 1

@@ -8,6 +8,7 @@ gradients that the earlier steps produced.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from meshtrain.accounting import CommStats
 from meshtrain.activation_checkpoint import apply_activation_checkpointing
@@ -15,14 +16,25 @@ from meshtrain.config import Config
 from meshtrain.data_parallel import DataParallel
 from meshtrain.engine import GradEngine
 from meshtrain.model import Llama
+from meshtrain.pipeline.stage import StageChunks
 from meshtrain.topology import Topology
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def parallelize(model: Llama, topo: Topology, cfg: Config, stats: CommStats) -> GradEngine:
-    """Apply every configured parallelism to `model` in place; return the gradient engine."""
+def llama_parts(model: nn.Module) -> list[Llama]:
+    """The Llama instances a rank holds: the whole model, or its pipeline stages."""
+    return list(model.chunks.values()) if isinstance(model, StageChunks) else [model]
+
+
+def parallelize(model: nn.Module, topo: Topology, cfg: Config, stats: CommStats) -> GradEngine:
+    """Apply every configured parallelism to `model` in place; return the gradient engine.
+
+    `model` is a whole Llama, or a StageChunks of pipeline stages (pipelining is applied first, when
+    the model is built, because it decides which modules exist on this rank at all).
+    """
     t, p = cfg.training, cfg.parallel
-    apply_activation_checkpointing(model.model.layers, t.activation_checkpointing, t.ac_every)
+    for part in llama_parts(model):
+        apply_activation_checkpointing(part.model.layers, t.activation_checkpointing, t.ac_every)
     return DataParallel(model, topo.group("dp"), stats, bucket_bytes=int(p.bucket_mb * 2**20),
                         reduce_dtype=DTYPES[p.reduce_dtype])

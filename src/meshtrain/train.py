@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     env = init_distributed(cfg.training.device)
     trainer = Trainer(cfg, env)
     trainer.fit()
-    if env.rank == 0 and cfg.logging.sample_prompt:
+    if env.rank == 0 and cfg.logging.sample_prompt and trainer.pipeline is None:
         from meshtrain.generate import sample_text
 
         text = sample_text(trainer.model, trainer.tokenizer, cfg.logging.sample_prompt, cfg.logging.sample_tokens,

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from rich.console import Console
 
 from meshtrain import checkpoint as ckpt
@@ -24,11 +23,13 @@ from meshtrain.data import BatchSampler, build_dataset, build_tokenizer
 from meshtrain.distributed import DistEnv
 from meshtrain.faults import maybe_fail
 from meshtrain.logs import get_logger
+from meshtrain.loss import cross_entropy_sum
 from meshtrain.metrics import (MetricsWriter, ProgressBar, detect_peak_tflops, flops_per_token,
                                human_bytes, peak_rss_bytes)
-from meshtrain.model import build_model
+from meshtrain.model import build_model, count_params
 from meshtrain.optim import AdamW, lr_at
 from meshtrain.parallelize import DTYPES, parallelize
+from meshtrain.pipeline.executor import StepInputs
 from meshtrain.topology import Degrees, Topology
 
 
@@ -42,7 +43,13 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         self.topo = Topology.build(Degrees.from_config(cfg.parallel), env.device)
         self.stats = CommStats()
-        self.model = build_model(cfg.model, env.device, seed=cfg.training.seed)
+        self.pipeline = None
+        if cfg.parallel.pp > 1:
+            from meshtrain.pipeline.runtime import build_pipeline
+
+            self.model, self.pipeline = build_pipeline(cfg, self.topo, env.device, self.stats, self.autocast)
+        else:
+            self.model = build_model(cfg.model, env.device, seed=cfg.training.seed)
         self.engine = parallelize(self.model, self.topo, cfg, self.stats)
         self.optim = AdamW(self.engine.optim_params(), cfg.optimizer, no_decay=self.engine.no_decay())
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
@@ -85,21 +92,39 @@ class Trainer:
             return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def train_step(self) -> dict[str, Any]:
-        t = self.cfg.training
-        start = time.perf_counter()
-        indices = self.sampler.rank_indices(self.step)
+    def forward_backward(self, indices) -> torch.Tensor:
+        """All micro-steps of one optimizer step; returns this rank's summed token loss."""
+        if self.pipeline is not None:
+            batches = [self.dataset.batch(idx) for idx in indices]
+            self.engine.set_sync(False)  # the pipeline's gradients are reduced once, in finish()
+            return self.pipeline.run(StepInputs([x for x, _ in batches], [y for _, y in batches],
+                                                1.0 / self.global_tokens))
         loss_sum = torch.zeros((), dtype=torch.float64)
         for micro, idx in enumerate(indices):
             inputs, targets = (x.to(self.env.device) for x in self.dataset.batch(idx))
             self.engine.set_sync(micro == len(indices) - 1)
             with self.autocast():
                 logits = self.model(inputs)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+            loss = cross_entropy_sum(logits, targets)
             (loss / self.global_tokens).backward()
             loss_sum += loss.detach().double().cpu()
+        return loss_sum
+
+    def grad_norm(self) -> float:
+        norm = self.engine.grad_norm()
+        pp_group = self.topo.group("pp")
+        if pp_group is not None:  # stages own disjoint parameters: add their squared norms
+            sq = norm.double().square()
+            dist.all_reduce(sq, group=pp_group)
+            norm = sq.sqrt()
+        return float(norm)
+
+    def train_step(self) -> dict[str, Any]:
+        t = self.cfg.training
+        start = time.perf_counter()
+        loss_sum = self.forward_backward(self.sampler.rank_indices(self.step))
         self.engine.finish()
-        grad_norm = float(self.engine.grad_norm())
+        grad_norm = self.grad_norm()
         if t.grad_clip and grad_norm > t.grad_clip:
             self.engine.scale_grads(t.grad_clip / (grad_norm + 1e-6))
         lr = lr_at(self.step, t)
@@ -112,9 +137,11 @@ class Trainer:
         return self._record(loss_mean, lr, grad_norm, elapsed)
 
     def _global_mean(self, loss_sum: torch.Tensor) -> float:
-        group = self.topo.group("dp")
-        if group is not None:
-            dist.all_reduce(loss_sum, group=group)
+        if self.topo.group("pp") is not None:
+            # Only the last stage computed a loss; the others contribute zero to a world-wide sum.
+            dist.all_reduce(loss_sum)
+        elif self.topo.group("dp") is not None:
+            dist.all_reduce(loss_sum, group=self.topo.group("dp"))
         return float(loss_sum) / self.global_tokens
 
     def _record(self, loss: float, lr: float, grad_norm: float, elapsed: float) -> dict[str, Any]:
@@ -127,18 +154,25 @@ class Trainer:
         }
         if self.env.device.type == "cuda":
             rec["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(self.env.device)
+        if self.pipeline is not None:
+            rec["pp_peak_inflight"] = self.pipeline.peak_inflight
         rec.update(self.stats.snapshot_and_reset())
         return rec
 
     # ---- the loop -------------------------------------------------------------------------------
     def summary(self) -> str:
-        n_params = self.engine.num_params()
+        n_params = count_params(self.cfg.model)
         c = self.cfg
+        split = ""
+        if self.pipeline is not None:
+            from meshtrain.pipeline.runtime import describe_split
+
+            split = f" | {c.parallel.pp_schedule} over {describe_split(c)}"
         return (f"model {n_params / 1e6:.2f}M params ({c.model.n_layers} layers, dim {c.model.dim}) | layout "
                 f"{self.topo.describe()} on {self.env.world_size} x {self.env.device.type} ({self.env.backend}) | "
                 f"batch {c.training.global_batch} x {c.training.seq_len} tokens = {c.training.micro_batch} micro x "
                 f"{c.training.grad_accum} accum x {self.topo.size('dp')} dp | model states "
-                f"{human_bytes(self.model_state_bytes())}/rank | data {len(self.dataset):,} sequences")
+                f"{human_bytes(self.model_state_bytes())}/rank | data {len(self.dataset):,} sequences{split}")
 
     def fit(self) -> list[dict[str, Any]]:
         self.maybe_resume()

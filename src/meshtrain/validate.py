@@ -22,7 +22,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 # Degrees this build can run, and the issue that brings the rest. Widened as features land.
-SUPPORTED_MAX = {"tp": 1, "pp": 1, "cp": 1, "ep": 1}
+SUPPORTED_MAX = {"tp": 1, "pp": 64, "cp": 1, "ep": 1}
 SUPPORTED_ZERO = (0,)
 PENDING = {"tp": "tensor parallelism", "pp": "pipeline parallelism", "cp": "context parallelism",
            "ep": "expert parallelism"}
@@ -68,8 +68,33 @@ def _check_model(cfg: Config) -> None:
         raise ConfigError(f"parallel.tp={p.tp} must divide model.n_heads={m.n_heads} and model.n_kv_heads={m.n_kv_heads}; choose tp from the common divisors")
     if cfg.training.seq_len > m.max_seq_len:
         raise ConfigError(f"training.seq_len={cfg.training.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower seq_len or raise max_seq_len")
-    if p.pp > m.n_layers:
-        raise ConfigError(f"parallel.pp={p.pp} is more stages than model.n_layers={m.n_layers}; use pp <= n_layers")
+    if p.pp * p.pp_chunks > m.n_layers:
+        raise ConfigError(f"parallel.pp*pp_chunks = {p.pp}*{p.pp_chunks} = {p.pp * p.pp_chunks} stages is more than "
+                          f"model.n_layers={m.n_layers}; every stage needs a block: lower pp or pp_chunks")
+
+
+def _check_pipeline(cfg: Config) -> None:
+    p, m, t = cfg.parallel, cfg.model, cfg.training
+    if p.pp == 1:
+        return
+    if p.pp_chunks > 1 and p.pp_schedule != "interleaved-1f1b":
+        raise ConfigError(f"parallel.pp_chunks={p.pp_chunks} needs parallel.pp_schedule=interleaved-1f1b "
+                          f"(got {p.pp_schedule!r}); set pp_chunks=1 or switch the schedule")
+    if p.pp_schedule == "interleaved-1f1b" and t.grad_accum % p.pp:
+        raise ConfigError(f"interleaved-1f1b needs the microbatches (training.grad_accum={t.grad_accum}) to be a "
+                          f"multiple of parallel.pp={p.pp}; set grad_accum to {p.pp * max(1, t.grad_accum // p.pp)} "
+                          f"or {p.pp * (t.grad_accum // p.pp + 1)} and adjust global_batch")
+    if m.tie_embeddings:
+        raise ConfigError("model.tie_embeddings=true is not supported with parallel.pp > 1 (the embedding and "
+                          "lm_head live on different stages); set tie_embeddings=false")
+    if p.pp_split not in ("params", "uniform"):
+        try:
+            sizes = [int(x) for x in p.pp_split.split(",")]
+        except ValueError:
+            sizes = []
+        if len(sizes) != p.pp * p.pp_chunks or sum(sizes) != m.n_layers or min(sizes, default=0) < 1:
+            raise ConfigError(f"parallel.pp_split={p.pp_split!r} must be params, uniform, or {p.pp * p.pp_chunks} "
+                              f"positive block counts summing to model.n_layers={m.n_layers}")
 
 
 def resolve_dp_shard(cfg: Config, world_size: int) -> int:
@@ -133,4 +158,5 @@ def validate(cfg: Config, world_size: int) -> Config:
     _check_model(cfg)
     cfg.parallel.dp_shard = resolve_dp_shard(cfg, world_size)
     _check_layout(cfg, world_size)
+    _check_pipeline(cfg)
     return cfg

@@ -144,6 +144,12 @@ def init_tensor(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int) 
     return torch.empty(shape).normal_(0.0, std, generator=gen)
 
 
+def count_params(cfg: ModelConfig) -> int:
+    """Parameters of the whole single-device model (tied weights once), without allocating it."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in Llama(cfg).parameters())
+
+
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int = 0) -> Llama:
     """Build on the meta device (no memory), then materialise and initialise on `device`."""
     with torch.device("meta"):

@@ -1,0 +1,152 @@
+"""Runs one rank's action list (from meshtrain.pipeline.schedules) over real point-to-point sends.
+
+The executor follows the schedule's execution contract: it walks the list in order, posts each run
+of consecutive comm actions as one `batch_isend_irecv` and waits for it, and never lets a compute
+action wait for a peer. Per (stage, microbatch) it keeps only what the schedule still needs: the
+stage input (whose gradient B sends back), the output until its backward, and nothing after. A sent
+activation's storage is released at once: backward needs the output's autograd node, not its values.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from meshtrain.accounting import CommStats
+from meshtrain.pipeline.comm import exchange
+from meshtrain.pipeline.schedules import Action, Kind, Layout, group_steps
+from meshtrain.pipeline.split_backward import WeightGradQueue
+
+Key = tuple[int, int]  # (virtual stage, microbatch)
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _backward(output: torch.Tensor, grad: torch.Tensor | None) -> None:
+    # The engine call underneath torch.autograd.backward, minus its shape check: the output's
+    # storage may already have been released after it was sent (Megatron does the same).
+    grads = (grad,) if grad is not None else (torch.ones_like(output),)
+    torch.autograd.graph._engine_run_backward((output,), grads, False, False, (), True, True)
+
+
+@dataclass
+class StepInputs:
+    tokens: list[torch.Tensor]   # per microbatch, (micro_batch, seq) ids: stage 0's input
+    targets: list[torch.Tensor]  # per microbatch: the last stage's labels
+    scale: float                 # 1 / tokens in the global batch: the loss convention of trainer.py
+
+
+@dataclass
+class PipelineExecutor:
+    stages: dict[int, nn.Module]
+    actions: list[Action]
+    layout: Layout
+    group: dist.ProcessGroup
+    stats: CommStats
+    loss_fn: LossFn
+    act_shape: tuple[int, ...]
+    device: torch.device
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    queue: WeightGradQueue = field(default_factory=WeightGradQueue)
+    trace: list[tuple[str, int, int, float, float]] = field(default_factory=list)
+    peak_inflight: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.last = self.layout.num_stages - 1
+        self.me = dist.get_rank(self.group)
+        self.steps = group_steps(self.actions)
+
+    def run(self, batch: StepInputs) -> torch.Tensor:
+        """One optimizer step's forward and backward passes; returns this rank's summed token loss."""
+        self.inputs: dict[Key, torch.Tensor] = {}
+        self.outputs: dict[Key, torch.Tensor] = {}
+        self.grads: dict[Key, torch.Tensor] = {}
+        self.outbox: dict[tuple[Kind, int, int], torch.Tensor] = {}
+        self.deferred: dict[Key, list[Callable[[], None]]] = defaultdict(list)
+        self.loss_sum = torch.zeros((), dtype=torch.float64)
+        self.trace, self.inflight, self.peak_inflight = [], 0.0, 0.0
+        t0 = time.perf_counter()
+        for step in self.steps:
+            acts = [self.actions[i] for i in step]
+            if acts[0].kind.is_comm:
+                self._communicate(acts)
+            else:
+                start = time.perf_counter() - t0
+                self._compute(acts[0], batch)
+                self.trace.append((acts[0].kind.value, acts[0].stage, acts[0].microbatch, start,
+                                   time.perf_counter() - t0))
+        if self.inputs or self.outputs or self.grads or self.outbox or any(self.deferred.values()):
+            raise RuntimeError("pipeline schedule left work undone: it does not cover every microbatch")
+        return self.loss_sum
+
+    # ---- communication ------------------------------------------------------------------------
+    def _communicate(self, acts: list[Action]) -> None:
+        sends, recvs, landed = [], [], []
+        for a in acts:
+            if a.kind in (Kind.SEND_F, Kind.SEND_B):
+                sends.append((self.outbox.pop((a.kind, a.stage, a.microbatch)), a.peer))
+            else:
+                buf = torch.empty(self.act_shape, dtype=torch.float32, device=self.device)
+                recvs.append((buf, a.peer))
+                landed.append((a, buf))
+        exchange(sends, recvs, self.group, self.stats)
+        for a, buf in landed:
+            if a.kind == Kind.RECV_F:
+                self.inputs[(a.stage + 1, a.microbatch)] = buf.requires_grad_()
+            else:
+                self.grads[(a.stage - 1, a.microbatch)] = buf
+        for tensor, _ in sends:
+            tensor.untyped_storage().resize_(0)  # sent: only the autograd node is still needed
+
+    # ---- compute ----------------------------------------------------------------------------
+    def _compute(self, a: Action, batch: StepInputs) -> None:
+        key = (a.stage, a.microbatch)
+        if a.kind == Kind.F:
+            self._forward(key, batch)
+        elif a.kind in (Kind.B, Kind.BW):
+            self._backward(key, split=a.kind == Kind.B)
+        elif a.kind == Kind.W:
+            for weight_grad in self.deferred.pop(key):
+                weight_grad()
+        else:
+            raise ValueError(f"unknown pipeline action {a}")
+
+    def _forward(self, key: Key, batch: StepInputs) -> None:
+        stage, mb = key
+        x = batch.tokens[mb].to(self.device) if stage == 0 else self.inputs[key]
+        with self.autocast():
+            out = self.stages[stage](x)
+        if stage == self.last:
+            loss = self.loss_fn(out, batch.targets[mb].to(self.device))
+            self.loss_sum += loss.detach().double().cpu()
+            out = loss * batch.scale
+        elif self.layout.rank_of(stage + 1) == self.me:
+            self.inputs[(stage + 1, mb)] = out.detach().requires_grad_()
+        else:
+            self.outbox[(Kind.SEND_F, stage, mb)] = out.detach()
+        self.outputs[key] = out
+        self.inflight += 1 / self.layout.chunks
+        self.peak_inflight = max(self.peak_inflight, self.inflight)
+
+    def _backward(self, key: Key, split: bool) -> None:
+        stage, mb = key
+        out = self.outputs.pop(key)
+        grad = None if stage == self.last else self.grads.pop(key)
+        self.queue.target = self.deferred[key] if split else None
+        try:
+            _backward(out, grad)
+        finally:
+            self.queue.target = None
+        self.inflight -= 1 / self.layout.chunks
+        if stage == 0:
+            return
+        grad_in = self.inputs.pop(key).grad
+        if self.layout.rank_of(stage - 1) == self.me:
+            self.grads[(stage - 1, mb)] = grad_in
+        else:
+            self.outbox[(Kind.SEND_B, stage, mb)] = grad_in
