@@ -195,7 +195,18 @@ class Trainer:
                 maybe_fail("after_step", self.step)
         finally:
             bar.close()
+        self._write_pipeline_trace()
         return history
+
+    def _write_pipeline_trace(self) -> None:
+        if self.pipeline is None or self.topo.local_rank("dp") or not self.pipeline.trace:
+            return
+        from meshtrain.pipeline.trace import write_trace
+
+        p = self.cfg.parallel
+        meta = {"schedule": p.pp_schedule, "pp": p.pp, "chunks": p.pp_chunks,
+                "microbatches": self.cfg.training.grad_accum}
+        write_trace(self.run_dir, self.topo.local_rank("pp"), meta, self.pipeline.trace)
 
     def _log_step(self, rec: dict[str, Any]) -> None:
         if rec["step"] % self.cfg.logging.log_interval == 0 or rec["step"] == self.cfg.training.steps:

@@ -43,11 +43,15 @@ def add_parser(subparsers: Any) -> None:
                                          "microbatch,peer); send/recv actions are added if it has none")
     parser.add_argument("--csv-out", help="write the schedule, with its send/recv actions, to this CSV")
     parser.add_argument("--out", help="write a Gantt chart; .png or .svg")
+    parser.add_argument("--trace", metavar="RUN_DIR", help="instead of simulating, read the pipeline trace of a "
+                        "`meshtrain train` run and compare it with the simulator fed the measured costs")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of the subcommand; returns the exit status (2 for invalid input)."""
+    if args.trace:
+        return _run_trace(args)
     try:
         costs = Costs.parse(args.costs, args.comm)
         schedule, name, chunks, microbatches = _load(args)
@@ -131,3 +135,24 @@ def _report(result: SimResult, prediction: Prediction | None, microbatches: int,
     console.print(summary)
     if note:
         console.print(note, soft_wrap=True)
+
+
+def _run_trace(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from meshtrain.pipeline.trace import compare
+
+    try:
+        measured, predicted, meta = compare(Path(args.trace))
+        if args.out:
+            from meshtrain.pipeline.plot import plot_schedule
+
+            plot_schedule(measured, args.out, f"measured {meta['schedule']}: pp={meta['pp']}, m={meta['microbatches']}")
+    except (ValueError, OSError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{meta['schedule']} pp={meta['pp']} m={meta['microbatches']} v={meta['chunks']}: "
+          f"measured bubble {measured.bubble_rate:.2%} (makespan {1e3 * measured.makespan:.1f} ms), "
+          f"simulated with the measured costs {predicted.bubble_rate:.2%} "
+          f"(makespan {1e3 * predicted.makespan:.1f} ms)")
+    return 0

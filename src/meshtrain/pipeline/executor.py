@@ -70,16 +70,16 @@ class PipelineExecutor:
         self.deferred: dict[Key, list[Callable[[], None]]] = defaultdict(list)
         self.loss_sum = torch.zeros((), dtype=torch.float64)
         self.trace, self.inflight, self.peak_inflight = [], 0.0, 0.0
-        t0 = time.perf_counter()
         for step in self.steps:
             acts = [self.actions[i] for i in step]
             if acts[0].kind.is_comm:
                 self._communicate(acts)
             else:
-                start = time.perf_counter() - t0
+                # perf_counter is the host's monotonic clock, so ranks' traces line up.
+                start = time.perf_counter()
                 self._compute(acts[0], batch)
                 self.trace.append((acts[0].kind.value, acts[0].stage, acts[0].microbatch, start,
-                                   time.perf_counter() - t0))
+                                   time.perf_counter()))
         if self.inputs or self.outputs or self.grads or self.outbox or any(self.deferred.values()):
             raise RuntimeError("pipeline schedule left work undone: it does not cover every microbatch")
         return self.loss_sum

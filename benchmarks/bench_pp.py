@@ -1,0 +1,99 @@
+"""Our 1F1B executor against torch.distributed.pipelining's Schedule1F1B on the same stage split.
+
+Both run the default model cut into 2 stages over 2 gloo ranks, the same microbatches and the same
+optimizer. Prints tokens/s and their ratio, and the bubble measured from our executor's trace next
+to the simulator fed the measured per-action costs and the closed form (p-1)/(m+p-1).
+    python benchmarks/bench_pp.py [--microbatches 4] [--micro-batch 4] [--seq 128]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.distributed as dist
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+from common import bench_model_config, spawn, timed_rounds
+from meshtrain.accounting import CommStats
+from meshtrain.config import OptimizerConfig
+from meshtrain.loss import cross_entropy_sum
+from meshtrain.optim import AdamW
+from meshtrain.pipeline.executor import PipelineExecutor, StepInputs
+from meshtrain.pipeline.schedules import SCHEDULES, Layout
+from meshtrain.pipeline.simulator import from_trace, simulate
+from meshtrain.pipeline.stage import build_stage, split_blocks, stage_ranges
+from meshtrain.pipeline.trace import measured_costs
+
+
+def _optimizer_step(stage: torch.nn.Module) -> callable:
+    params = [(n, p) for n, p in stage.named_parameters()]
+    opt = AdamW(params, OptimizerConfig())
+
+    def step() -> None:
+        opt.step([p.grad for _, p in params], 1e-4)
+        for _, p in params:
+            p.grad = None
+    return step
+
+
+def worker(rank: int, world: int, args: argparse.Namespace) -> None:
+    cfg = bench_model_config()
+    m, mb, seq = args.microbatches, args.micro_batch, args.seq
+    torch.manual_seed(0)
+    data = torch.randint(0, cfg.vocab_size, (m, mb, seq + 1))
+    tokens, targets = list(data[..., :-1]), list(data[..., 1:])
+    scale = 1.0 / (m * mb * seq)
+    ranges = stage_ranges(split_blocks(cfg, world, "params"))
+    ours_stage = build_stage(cfg, rank, ranges[rank], world, torch.device("cpu"), seed=0)
+    torch_stage = build_stage(cfg, rank, ranges[rank], world, torch.device("cpu"), seed=0)
+    schedule = SCHEDULES["1f1b"](world, m)
+    ex = PipelineExecutor({rank: ours_stage}, schedule[rank], Layout.looped(world), dist.group.WORLD, CommStats(),
+                          cross_entropy_sum, (mb, seq, cfg.dim), torch.device("cpu"))
+    ours_opt, torch_opt = _optimizer_step(ours_stage), _optimizer_step(torch_stage)
+    pipe = Schedule1F1B(PipelineStage(torch_stage, rank, world, torch.device("cpu")), n_microbatches=m,
+                        loss_fn=lambda out, y: cross_entropy_sum(out, y) * scale, scale_grads=False)
+    full_x, full_y = torch.cat(tokens), torch.cat(targets)
+
+    def ours() -> None:
+        ex.run(StepInputs(tokens, targets, scale))
+        ours_opt()
+
+    def theirs() -> None:
+        if rank == 0:
+            pipe.step(full_x)
+        else:
+            pipe.step(target=full_y)
+        torch_opt()
+
+    secs = timed_rounds({"meshtrain 1F1B": ours, "torch Schedule1F1B": theirs}, args.rounds, args.steps)
+    ours()
+    traces = [None] * world
+    dist.all_gather_object(traces, ex.trace)
+    if rank == 0:
+        _report(secs, m * mb * seq, traces, schedule, world, m)
+
+
+def _report(secs: dict[str, float], tokens: int, traces: list, schedule, pp: int, m: int) -> None:
+    ours, ref = tokens / secs["meshtrain 1F1B"], tokens / secs["torch Schedule1F1B"]
+    measured = from_trace(traces, chunks=1)
+    predicted = simulate(schedule, measured_costs(traces, 1))
+    print(f"model: default config, {pp} stages x {m} microbatches, {tokens} tokens per step")
+    print(f"{'meshtrain 1F1B':22}{ours:12,.0f} tokens/s")
+    print(f"{'torch Schedule1F1B':22}{ref:12,.0f} tokens/s")
+    print(f"tokens/s ratio meshtrain/torch: {ours / ref:.3f}")
+    print(f"bubble: measured from our trace {measured.bubble_rate:.1%}; simulator with measured costs "
+          f"{predicted.bubble_rate:.1%}; closed form (p-1)/(m+p-1) = {(pp - 1) / (m + pp - 1):.1%}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--microbatches", type=int, default=4)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    spawn(worker, 2, p.parse_args())
+
+
+if __name__ == "__main__":
+    main()

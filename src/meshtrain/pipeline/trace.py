@@ -1,0 +1,57 @@
+"""Real-run pipeline traces: written by the trainer, read back into the simulator's terms.
+
+Each pipeline rank of the first data-parallel replica writes RUN_DIR/pp_trace/rank{r}.json with its
+compute actions' (kind, stage, microbatch, start, end) from the final optimizer step. Times come
+from the machine-wide monotonic clock, so ranks on one host line up. `from_trace` turns them into
+the same SimResult a simulation produces: the same plot and bubble figure, for a real run.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from meshtrain.pipeline.schedules import SCHEDULES, Kind
+from meshtrain.pipeline.simulator import Costs, SimResult, from_trace, simulate
+
+Record = tuple[str, int, int, float, float]
+
+
+def write_trace(run_dir: Path, pp_rank: int, meta: dict[str, Any], records: list[Record]) -> None:
+    folder = run_dir / "pp_trace"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank{pp_rank}.json").write_text(json.dumps({**meta, "records": records}))
+
+
+def load_trace(run_dir: Path) -> tuple[dict[str, Any], list[list[Record]]]:
+    files = sorted((run_dir / "pp_trace").glob("rank*.json"), key=lambda p: int(p.stem[4:]))
+    if not files:
+        raise FileNotFoundError(f"no pipeline trace under {run_dir / 'pp_trace'}; train with parallel.pp > 1 first")
+    docs = [json.loads(f.read_text()) for f in files]
+    meta = {k: v for k, v in docs[0].items() if k != "records"}
+    return meta, [[tuple(r) for r in d["records"]] for d in docs]
+
+
+def measured_costs(records: list[list[Record]], chunks: int) -> Costs:
+    """Median duration per kind, scaled to a full rank-stage (the simulator's cost unit)."""
+    by_kind: dict[str, list[float]] = {}
+    for rows in records:
+        for kind, _, _, start, end in rows:
+            by_kind.setdefault(kind, []).append((end - start) * chunks)
+    med = {k: statistics.median(v) for k, v in by_kind.items()}
+    f = med.get("F", 0.0)
+    if "W" in med:
+        return Costs(f=f, b=med.get("B", 0.0), w=med["W"])
+    return Costs(f=f, b=med.get("BW", 0.0), w=0.0)  # a fused backward: all of it counts as B
+
+
+def compare(run_dir: Path) -> tuple[SimResult, SimResult, dict[str, Any]]:
+    """(measured, predicted-from-measured-costs, meta) for a run's trace."""
+    meta, records = load_trace(run_dir)
+    measured = from_trace(records, chunks=meta["chunks"])
+    costs = measured_costs(records, meta["chunks"])
+    schedule = SCHEDULES[meta["schedule"]](meta["pp"], meta["microbatches"], meta["chunks"])
+    if all(a.kind != Kind.W for rank in schedule for a in rank):
+        costs = Costs(f=costs.f, b=costs.b + costs.w, w=0.0)
+    return measured, simulate(schedule, costs), meta
