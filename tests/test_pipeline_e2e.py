@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import rel_diff, train
+from conftest import cli, rel_diff, train
 
 pytestmark = pytest.mark.dist
 BASE = ("training.steps=3", "model.n_layers=4", "training.micro_batch=2")
@@ -27,6 +27,10 @@ def test_pipelined_runs_match_single_device(nproc: int, overrides: list[str], re
     got = train(tmp_path, nproc, *BASE, *overrides)
     assert rel_diff([r["loss"] for r in got], [r["loss"] for r in reference]) < 1e-5
     assert rel_diff([r["grad_norm"] for r in got], [r["grad_norm"] for r in reference]) < 1e-5
+    # the run left a trace that the schedule tool draws and measures like a simulation
+    drawn = cli("schedule", "--trace", str(tmp_path), "--out", str(tmp_path / "trace.png"), timeout=60)
+    assert drawn.returncode == 0 and "measured bubble" in drawn.stdout, drawn.stderr
+    assert (tmp_path / "trace.png").stat().st_size > 1000
 
 
 def _resume_from(source: Path, step: int, target: Path) -> None:
