@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import bench_model_config, spawn, timed_rounds
+from common import bench_model_config, bench_parser, spawn, timed_rounds
 from meshtrain.accounting import CommStats, wire_factor
 from meshtrain.config import OptimizerConfig
 from meshtrain.data_parallel import DataParallel
@@ -85,12 +85,8 @@ def _report(secs: dict[str, float], tokens: int, ours_bytes: float, ddp_bytes: f
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__)
     p.add_argument("--world", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
     p.add_argument("--bucket-mb", type=float, default=25.0, help="our bucket size (DDP keeps its default 25)")
     args = p.parse_args()
     spawn(worker, args.world, args)

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
-from common import bench_model_config, spawn, timed_rounds
+from common import bench_model_config, bench_parser, spawn, timed_rounds
 from meshtrain.accounting import CommStats
 from meshtrain.config import OptimizerConfig
 from meshtrain.loss import cross_entropy_sum
@@ -86,12 +86,8 @@ def _report(secs: dict[str, float], tokens: int, traces: list, schedule, pp: int
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=4)
+    p = bench_parser(__doc__, steps=4, micro_batch=4)
     p.add_argument("--microbatches", type=int, default=4)
-    p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=128)
     spawn(worker, 2, p.parse_args())
 
 

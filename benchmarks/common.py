@@ -1,6 +1,7 @@
 """Shared benchmark plumbing: spawn gloo ranks, build the model, time interleaved rounds fairly."""
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
@@ -54,3 +55,13 @@ def timed_rounds(contenders: dict[str, Callable[[], None]], rounds: int, steps: 
             dist.barrier()
             times[name].append((time.perf_counter() - start) / steps)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_parser(doc: str | None, steps: int = 5, micro_batch: int = 8) -> argparse.ArgumentParser:
+    """The options every benchmark shares: timing rounds and the batch shape."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5, help="timing rounds per contender (median is reported)")
+    p.add_argument("--steps", type=int, default=steps, help="optimizer steps per round")
+    p.add_argument("--micro-batch", type=int, default=micro_batch, help="sequences per micro-batch")
+    p.add_argument("--seq", type=int, default=128, help="tokens per sequence")
+    return p
