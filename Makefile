@@ -8,8 +8,8 @@ setup:
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 
 train: setup
-	meshtrain train --config configs/default.toml --nproc $(NPROC) --run-dir runs/default
-	meshtrain generate --run-dir runs/default --prompt "def " --max-new-tokens 120
+	$(PY) -m meshtrain train --config configs/default.toml --nproc $(NPROC) --run-dir runs/default
+	$(PY) -m meshtrain generate --run-dir runs/default --prompt "def " --max-new-tokens 120
 
 test: setup
 	$(PY) -m pytest -q tests
