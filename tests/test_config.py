@@ -108,7 +108,7 @@ def test_unsupported_degrees_are_refused_by_name(axis: str) -> None:
 
 
 def test_unsupported_zero_stage_is_refused() -> None:
-    assert "parallel.zero_stage=3 is not supported" in _error(2, "parallel.zero_stage=3")
+    assert "parallel.zero_stage=4 must be 0, 1, 2 or 3" in _error(2, "parallel.zero_stage=4")
 
 
 @pytest.mark.parametrize("overrides, fragment", [

@@ -85,6 +85,10 @@ class ParallelConfig:
     """Gradient bucket size in MiB for the overlapped data-parallel all-reduce."""
     reduce_dtype: str = "fp32"
     """Dtype in which gradients are reduced across data-parallel ranks: fp32 or bf16."""
+    offload: bool = False
+    """With zero_stage >= 1: keep the fp32 master shards and Adam moments on the host and step there (ZeRO-Offload)."""
+    prefetch: bool = True
+    """With zero_stage = 3: gather the next unit's parameters while the current one computes, in forward and backward."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+from torch.distributed.checkpoint.stateful import Stateful
 
 
 class GradEngine(Protocol):
@@ -48,10 +49,27 @@ class GradEngine(Protocol):
         """Parameter and gradient tensors this rank holds, for model-state accounting."""
         ...
 
-    def model_state_dict(self) -> dict[str, torch.Tensor]:
-        """Model weights keyed by parameter name, as saved in checkpoints (tensors or DTensors)."""
+    def model_state_dict(self) -> dict[str, torch.Tensor] | Stateful:
+        """Model weights keyed by parameter name, as saved in checkpoints: tensors loaded in place, or a
+        DCP Stateful whose state_dict() gives them (ZeRO gathers its shards there, scatters them on load)."""
+        ...
+
+    def optim_state_dict(self, optim_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The optimizer's state dict as checkpoints hold it: keyed by parameter name whatever the
+        sharding (ZeRO wraps its per-shard state in a Stateful that gathers and scatters it)."""
         ...
 
     def num_params(self) -> int:
         """Parameters of the whole model (unsharded, tied weights once)."""
+        ...
+
+    collective_forward: bool
+    """True when the model's forward runs collectives (ZeRO-3 gathers): every rank must call it together."""
+
+    def step_metrics(self) -> dict[str, float]:
+        """Strategy-specific figures for this step's metrics.jsonl record (e.g. ZeRO-3's gathered peak)."""
+        ...
+
+    def describe(self) -> str:
+        """One line for the start-of-training summary: the strategy, its groups and its per-rank state."""
         ...

@@ -18,6 +18,7 @@ from meshtrain.engine import GradEngine
 from meshtrain.model import Llama
 from meshtrain.pipeline.stage import StageChunks
 from meshtrain.topology import Topology
+from meshtrain.zero import build_zero_engine
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -36,5 +37,7 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, stats: CommStats)
     t, p = cfg.training, cfg.parallel
     for part in llama_parts(model):
         apply_activation_checkpointing(part.model.layers, t.activation_checkpointing, t.ac_every)
+    if p.zero_stage:
+        return build_zero_engine(model, topo, p, stats, DTYPES[t.dtype], DTYPES[p.reduce_dtype])
     return DataParallel(model, topo.group("dp"), stats, bucket_bytes=int(p.bucket_mb * 2**20),
                         reduce_dtype=DTYPES[p.reduce_dtype])

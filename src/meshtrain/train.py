@@ -49,12 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     env = init_distributed(cfg.training.device)
     trainer = Trainer(cfg, env)
     trainer.fit()
-    if env.rank == 0 and cfg.logging.sample_prompt and trainer.pipeline is None:
+    # ZeRO-3's forward gathers parameters collectively: then every rank samples along (the same tokens).
+    if cfg.logging.sample_prompt and trainer.pipeline is None and (env.rank == 0 or trainer.engine.collective_forward):
         from meshtrain.generate import sample_text
 
         text = sample_text(trainer.model, trainer.tokenizer, cfg.logging.sample_prompt, cfg.logging.sample_tokens,
                            env.device, seed=cfg.training.seed)
-        trainer.console.print("[bold]sample[/bold] " + repr(text)[:400], highlight=False)
+        if env.rank == 0:
+            trainer.console.print("[bold]sample[/bold] " + repr(text)[:400], highlight=False)
     shutdown(hard_exit=world > 1)
     return 0
 

@@ -65,7 +65,8 @@ class Trainer:
 
     # ---- state -------------------------------------------------------------------------------
     def app_state(self) -> dict[str, Any]:
-        return {"model": self.engine.model_state_dict(), "optim": self.optim.state_dict(), "train": {"step": torch.tensor(self.step)}}
+        return {"model": self.engine.model_state_dict(), "optim": self.engine.optim_state_dict(self.optim.state_dict()),
+                "train": {"step": torch.tensor(self.step)}}
 
     def maybe_resume(self) -> None:
         path = ckpt.latest(self.ckpt_root) if self.cfg.checkpoint.resume == "auto" else None
@@ -156,6 +157,7 @@ class Trainer:
             rec["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(self.env.device)
         if self.pipeline is not None:
             rec["pp_peak_inflight"] = self.pipeline.peak_inflight
+        rec.update(self.engine.step_metrics())
         rec.update(self.stats.snapshot_and_reset())
         return rec
 
@@ -181,6 +183,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         writer = MetricsWriter(self.run_dir / "metrics.jsonl" if is_root else None, truncate=self.step == 0)
         self.log.info(self.summary())
+        self.log.info(self.engine.describe())
         bar = ProgressBar(self.console, self.cfg.training.steps, self.step,
                           enabled=is_root and self.cfg.logging.progress)
         history = []

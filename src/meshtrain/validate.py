@@ -23,7 +23,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 # Degrees this build can run, and the issue that brings the rest. Widened as features land.
 SUPPORTED_MAX = {"tp": 1, "pp": 64, "cp": 1, "ep": 1}
-SUPPORTED_ZERO = (0,)
+SUPPORTED_ZERO = (0, 1, 2, 3)
 PENDING = {"tp": "tensor parallelism", "pp": "pipeline parallelism", "cp": "context parallelism",
            "ep": "expert parallelism"}
 
@@ -97,6 +97,16 @@ def _check_pipeline(cfg: Config) -> None:
                               f"positive block counts summing to model.n_layers={m.n_layers}")
 
 
+def _check_zero(cfg: Config) -> None:
+    p = cfg.parallel
+    if p.offload and p.zero_stage == 0:
+        raise ConfigError("parallel.offload=true needs parallel.zero_stage >= 1 (it offloads the sharded optimizer state); "
+                          "set zero_stage or offload=false")
+    if p.zero_stage and (p.pp > 1 or p.tp > 1):
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} with pp={p.pp}, tp={p.tp} is not supported by this build yet; "
+                          f"use zero_stage=0 or pp=tp=1")
+
+
 def resolve_dp_shard(cfg: Config, world_size: int) -> int:
     p = cfg.parallel
     other = p.dp_replicate * p.cp * p.tp * p.pp
@@ -159,4 +169,5 @@ def validate(cfg: Config, world_size: int) -> Config:
     cfg.parallel.dp_shard = resolve_dp_shard(cfg, world_size)
     _check_layout(cfg, world_size)
     _check_pipeline(cfg)
+    _check_zero(cfg)
     return cfg

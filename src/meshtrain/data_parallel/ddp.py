@@ -46,7 +46,7 @@ class DataParallel:
         params = [p for p in self.module.parameters() if p.requires_grad]
         self._names = {id(p): n for n, p in self.module.named_parameters()}
         self._owner: dict[nn.Parameter, Bucket] = {}
-        for group in _split(list(reversed(params)), self.bucket_bytes):
+        for group in split_buckets(list(reversed(params)), self.bucket_bytes):
             buf = torch.zeros(sum(p.numel() for p in group), dtype=torch.float32, device=group[0].device)
             bucket = Bucket(group, buf)
             offset = 0
@@ -114,6 +114,19 @@ class DataParallel:
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.module.named_parameters())
 
+    def optim_state_dict(self, optim_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return optim_sd  # whole tensors, already keyed by parameter name
+
+    collective_forward = False
+
+    def step_metrics(self) -> dict[str, float]:
+        return {}
+
+    def describe(self) -> str:
+        n = dist.get_world_size(self.group) if self.group is not None else 1
+        return (f"data parallel over {n} ranks: {len(self.buckets)} gradient buckets of <= {self.bucket_bytes / 2**20:g} MiB, "
+                f"all-reduced in {str(self.reduce_dtype).removeprefix('torch.')}")
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.params)
 
@@ -130,7 +143,8 @@ class DataParallel:
             bucket.buffer.mul_(factor)
 
 
-def _split(params: list[nn.Parameter], limit: int) -> list[list[nn.Parameter]]:
+def split_buckets(params: list[nn.Parameter], limit: int) -> list[list[nn.Parameter]]:
+    """Consecutive groups of at most `limit` fp32 bytes (a larger parameter gets a group of its own)."""
     groups: list[list[nn.Parameter]] = [[]]
     size = 0
     for p in params:

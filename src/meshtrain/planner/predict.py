@@ -1,10 +1,13 @@
 """Predictions for one concrete run of our own config, in the units its metrics.jsonl logs.
 
 Our runs hold fp32 params, fp32 grads and fp32 Adam moments (bf16 is autocast over fp32
-weights), so model states are 16 bytes per element before ZeRO. Counts are exact and per rank;
-for ZeRO the shard is psi/N (the padding that rounds each flat unit up to a multiple of N is
-left out), so a sharded figure may be fractional. With pp > 1 memory and data-parallel traffic
-are rank 0's (the first stage) and p2p bytes a middle stage's (it sends both directions).
+weights; ZeRO-3 gathers bf16 copies but keeps fp32 shards), so model states are 16 bytes per
+element before ZeRO. With CPU offload the host also keeps an fp32 master shard, and
+mem_model_state_bytes counts host and device together (on a CPU run they are the same memory).
+Counts are exact and per rank; for ZeRO the shard is psi/N (the padding that rounds each flat
+unit up to a multiple of N is left out), so a sharded figure may be fractional. With pp > 1
+memory and data-parallel traffic are rank 0's (the first stage) and p2p bytes a middle stage's
+(it sends both directions).
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from typing import Any
 from meshtrain.config import Config
 from meshtrain.planner.comm import wire_bytes
 from meshtrain.planner.layout import Layout, groups, rank_params
-from meshtrain.planner.memory import FP32, MemoryInputs, model_state_bytes, rank_memory
+from meshtrain.planner.memory import FP32, MemoryInputs, StateDtypes, model_state_bytes, rank_memory
 from meshtrain.planner.model_math import from_model_config, param_count, shape_flops_per_token
 from meshtrain.planner.traffic import TrafficInputs, step_collectives
 from meshtrain.validate import validate
@@ -27,7 +30,8 @@ def config_layout(cfg: Config) -> Layout:
     p, t = cfg.parallel, cfg.training
     return Layout(tp=p.tp, pp=p.pp, v=p.pp_chunks, schedule=p.pp_schedule, cp=p.cp, dp_replicate=p.dp_replicate,
                   dp_shard=p.dp_shard, ep=p.ep, zero=p.zero_stage, micro_batch=t.micro_batch,
-                  recompute="full" if t.activation_checkpointing == "full" else "none", sp=p.sequence_parallel)
+                  recompute="full" if t.activation_checkpointing == "full" else "none", sp=p.sequence_parallel,
+                  offload=p.offload)
 
 
 def _exact(x: float) -> int | float:
@@ -48,16 +52,20 @@ def predict_run(cfg: Config, world_size: int) -> dict[str, Any]:
     lay = config_layout(cfg)
     rp = rank_params(shape, lay, first=True, last=lay.pp == 1)
     act = 2 if t.dtype == "bf16" else 4
-    ti = TrafficInputs(t.seq_len, t.grad_accum, FP32, act, 4 if p.reduce_dtype == "fp32" else 2, p.bucket_mb)
+    # ZeRO-3 gathers parameters in the compute dtype (FSDP's param_dtype); ZeRO-1/2 gather fp32 weights
+    gathered = StateDtypes(param=2, grad=4, master=0, optim=8) if p.zero_stage == 3 and t.dtype == "bf16" else FP32
+    ti = TrafficInputs(t.seq_len, t.grad_accum, gathered, act, 4 if p.reduce_dtype == "fp32" else 2, p.bucket_mb)
     sizes = groups(lay, gpus_per_node=1)
     payload: dict[str, float] = defaultdict(float)
     wire = 0.0
     for c in step_collectives(shape, lay, ti, rp):
         payload[c.kind] += c.calls * c.payload
         wire += c.calls * wire_bytes(c.kind, c.payload, sizes[c.group].size)
-    dense = model_state_bytes(rp.dense, lay.zero_group, lay.zero, FP32)
-    expert = model_state_bytes(rp.expert, max(1, lay.zero_group // lay.ep), lay.zero, FP32)
-    states = {k: dense[k] + expert[k] for k in ("params", "grads", "optimizer")}
+    # offloaded, the host steps its own fp32 master copy: the device's weights cannot be its operands
+    held = StateDtypes(param=4, grad=4, master=4 if p.offload else 0, optim=8)
+    dense = model_state_bytes(rp.dense, lay.zero_group, lay.zero, held, p.offload)
+    expert = model_state_bytes(rp.expert, max(1, lay.zero_group // lay.ep), lay.zero, held, p.offload)
+    states = {k: dense[k] + expert[k] for k in ("params", "grads", "optimizer", "host")}
     mi = MemoryInputs(t.seq_len, t.grad_accum, FP32, act, "flash", p.bucket_mb)
     mem = rank_memory(shape, lay, mi, rp, stage=0)
     tokens = t.global_batch * t.seq_len
@@ -69,6 +77,7 @@ def predict_run(cfg: Config, world_size: int) -> dict[str, Any]:
         "mem_params_bytes": _exact(states["params"]),
         "mem_grads_bytes": _exact(states["grads"]),
         "mem_optimizer_bytes": _exact(states["optimizer"]),
+        "mem_host_bytes": _exact(states["host"]),
         "mem_model_state_bytes": _exact(sum(states.values())),
         "mem_activation_bytes": _exact(mem["activations"] + mem.get("recompute working set", 0.0)),
         "tokens_per_step": tokens,

@@ -1,0 +1,236 @@
+"""What ZeRO 1, 2 and 3 share: fp32 master and gradient shards per flat unit, their reduction, and
+the optimizer-facing half of the GradEngine contract (meshtrain.engine).
+
+Every stage ends a backward with the same thing: for each unit, this rank's fp32 shard of the summed
+gradient (`Unit.grad`), next to its fp32 master shard (`Unit.master`). The optimizer steps the
+pieces of those shards, named after their parameters. The stages differ only in where the full
+parameters and gradients live in between, which the subclasses own.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from meshtrain.accounting import CommStats, tensor_bytes
+from meshtrain.metrics import human_bytes
+from meshtrain.zero.comm import all_reduce, gather_uncounted, reduce_scatter
+from meshtrain.zero.flat import FlatUnit
+from meshtrain.zero.state import ModelState, OptimState
+
+# Reductions in flight before the oldest is waited for: enough to overlap one unit's reduction with
+# the next unit's backward, few enough that unsharded gradients never pile up.
+IN_FLIGHT = 2
+
+
+@dataclass(eq=False)
+class Unit:
+    layout: FlatUnit
+    master: torch.Tensor
+    """fp32 shard the optimizer steps; a view of the parameters' own storage when nothing else is needed."""
+    grad: torch.Tensor | None
+    """fp32 shard of the summed gradient, as the optimizer reads it."""
+    full: torch.Tensor | None = None
+    """The padded flat parameters the model computes with (ZeRO-3: storage freed outside use)."""
+    grad_full: torch.Tensor | None = None
+    """ZeRO-1's persistent padded gradient bucket; param.grad are views into it."""
+    ready: int = 0
+    launched: bool = False
+
+
+@dataclass
+class Pending:
+    """A reduce-scatter in flight: `out` lands in `target` by `mode` (alias: already there)."""
+
+    unit: Unit
+    work: dist.Work | None
+    out: torch.Tensor
+    target: torch.Tensor
+    mode: str
+    keep: torch.Tensor = field(repr=False)  # the input buffer, alive until the work completes
+
+
+@dataclass
+class ShardGroups:
+    """The dp_shard group the state is split over and the dp_replicate group it is copied across (HSDP)."""
+
+    shard: dist.ProcessGroup | None
+    replicate: dist.ProcessGroup | None
+
+    @property
+    def size(self) -> int:
+        return dist.get_world_size(self.shard) if self.shard is not None else 1
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.shard) if self.shard is not None else 0
+
+    @property
+    def replicas(self) -> int:
+        return dist.get_world_size(self.replicate) if self.replicate is not None else 1
+
+
+class ZeroBase:
+    stage = 0
+    collective_forward = False
+
+    def __init__(self, groups: ShardGroups, stats: CommStats, reduce_dtype: torch.dtype, offload: bool,
+                 device: torch.device) -> None:
+        self.groups, self.stats = groups, stats
+        self.reduce_dtype, self.offload, self.device = reduce_dtype, offload, device
+        self.units: list[Unit] = []
+        self.pending: deque[Pending] = deque()
+        self.sync = True
+
+    # ---- construction helpers -------------------------------------------------------------------
+    def host_copy(self, t: torch.Tensor) -> torch.Tensor:
+        """An fp32 copy on the host (pinned, when there is a GPU to copy from) for offloaded state."""
+        out = torch.empty(t.shape, dtype=torch.float32, pin_memory=t.device.type == "cuda")
+        return out.copy_(t)
+
+    def register_grad_hooks(self) -> None:
+        for unit in self.units:
+            for p in unit.layout.params:
+                p.register_post_accumulate_grad_hook(partial(self._on_grad, unit))
+
+    def _on_grad(self, unit: Unit, _: torch.Tensor) -> None:
+        if not self.counting():
+            return
+        unit.ready += 1
+        if unit.ready == len(unit.layout.params):
+            unit.ready = 0
+            self.unit_grads_ready(unit)
+
+    def counting(self) -> bool:
+        """Whether this backward's gradients are reduced as they arrive."""
+        return self.sync
+
+    def unit_grads_ready(self, unit: Unit) -> None:
+        raise NotImplementedError
+
+    # ---- reduction --------------------------------------------------------------------------------
+    def reduce(self, unit: Unit, flat: torch.Tensor, target: torch.Tensor, mode: str) -> None:
+        """Reduce-scatter a padded full-gradient buffer; this rank's slice goes to `target` by `mode`
+        ('alias': the output is `target` itself, 'copy' or 'add')."""
+        if flat.dtype != self.reduce_dtype:
+            flat, mode = flat.to(self.reduce_dtype), "copy" if mode == "alias" else mode
+        out = flat[unit.layout.shard]
+        work = None
+        if self.groups.shard is not None:
+            work = reduce_scatter(out, flat, self.groups.shard, self.stats, unit.layout.real_bytes(flat.element_size()))
+        self.pending.append(Pending(unit, work, out, target, mode, flat))
+        unit.launched = True
+        self.drain(IN_FLIGHT)
+
+    def drain(self, keep: int = 0) -> None:
+        while len(self.pending) > keep:
+            p = self.pending.popleft()
+            if p.work is not None:
+                p.work.wait()
+            if p.mode == "copy":
+                p.target.copy_(p.out)
+            elif p.mode == "add":
+                p.target.add_(p.out.to(p.target.device))
+
+    def all_reduce_replicas(self) -> None:
+        """HSDP: the shard group's sums are partial; add the replicas' once per optimizer step."""
+        if self.groups.replicate is None:
+            return
+        bufs = [u.grad if u.grad.dtype == self.reduce_dtype else u.grad.to(self.reduce_dtype) for u in self.units]
+        works = []
+        for unit, buf in zip(self.units, bufs):
+            share = unit.layout.real_bytes(buf.element_size()) / self.groups.size
+            works.append(all_reduce(buf, self.groups.replicate, self.stats, share))
+        for unit, buf, work in zip(self.units, bufs, works):
+            work.wait()
+            if buf is not unit.grad:
+                unit.grad.copy_(buf)
+
+    def finish_units(self) -> None:
+        for unit in self.units:
+            unit.launched, unit.ready = False, 0
+
+    # ---- the GradEngine contract (meshtrain.engine) ---------------------------------------------
+    def set_sync(self, sync: bool) -> None:
+        self.sync = sync
+
+    def optim_params(self) -> list[tuple[str, torch.Tensor]]:
+        return [pv for u in self.units for pv in u.layout.piece_views(u.master)]
+
+    def optim_grads(self) -> list[torch.Tensor]:
+        return [v for u in self.units for _, v in u.layout.piece_views(u.grad)]
+
+    def no_decay(self) -> set[str]:
+        return {n for u in self.units for n, s in zip(u.layout.names, u.layout.shapes) if len(s) < 2}
+
+    def grad_norm(self) -> torch.Tensor:
+        # Padding is zero in every shard, and each element lives in exactly one shard of the group.
+        sq = torch.stack([u.grad.double().square().sum() for u in self.units]).sum().to(self.device)
+        if self.groups.shard is not None:
+            dist.all_reduce(sq, group=self.groups.shard)
+        return sq.sqrt().float()
+
+    def scale_grads(self, factor: float) -> None:
+        torch._foreach_mul_([u.grad for u in self.units], factor)
+
+    def num_params(self) -> int:
+        return sum(u.layout.numel for u in self.units)
+
+    def model_state_dict(self) -> ModelState:
+        return ModelState(self.full_params, self.load_full_params)
+
+    def optim_state_dict(self, optim_sd: dict[str, torch.Tensor]) -> OptimState:
+        return OptimState(optim_sd, [u.layout for u in self.units], self.groups.shard, self.device)
+
+    def step_metrics(self) -> dict[str, float]:
+        return {}
+
+    # ---- checkpoints: full tensors per parameter name --------------------------------------------
+    def full_params(self) -> dict[str, torch.Tensor]:
+        """Every parameter, unsharded and fp32, from the master shards (a collective; not counted as traffic)."""
+        out: dict[str, torch.Tensor] = {}
+        for unit in self.units:
+            lay = unit.layout
+            full = torch.empty(lay.padded, dtype=torch.float32, device=self.device)
+            gather_uncounted(full, unit.master.to(self.device), self.groups.shard)
+            out.update((n, v.clone()) for n, v in zip(lay.names, lay.views(full)))
+        return out
+
+    def load_full_params(self, full: dict[str, torch.Tensor]) -> None:
+        for unit in self.units:
+            for piece, (_, view) in zip(unit.layout.pieces, unit.layout.piece_views(unit.master)):
+                view.copy_(full[piece.name].reshape(-1)[piece.param_start:piece.param_start + piece.numel])
+        self.masters_changed()
+
+    def masters_changed(self) -> None:
+        """Bring the parameters the model computes with up to date with the master shards."""
+        raise NotImplementedError
+
+    # ---- accounting -------------------------------------------------------------------------------
+    def held(self) -> dict[str, list[torch.Tensor | None]]:
+        """This rank's model-state tensors by kind: params, grads, and a host master when it is a copy."""
+        raise NotImplementedError
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        return [t for tensors in self.held().values() for t in tensors if t is not None]
+
+    def traffic(self) -> str:
+        """The collectives of one optimizer step, in words and bytes."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        n, lay = self.groups.size, [u.layout for u in self.units]
+        hsdp = f" x {self.groups.replicas} replicas (HSDP)" if self.groups.replicas > 1 else ""
+        held = {k: tensor_bytes(v) for k, v in self.held().items() if tensor_bytes(v)}
+        held["Adam"] = 8 * sum(p.numel for x in lay for p in x.pieces)
+        parts = " + ".join(f"{k} {human_bytes(v)}" for k, v in held.items())
+        replicas = (f", all-reduce {human_bytes(self.reduce_dtype.itemsize * self.num_params() / n)} over replicas once"
+                    if self.groups.replicas > 1 else "")
+        return (f"ZeRO-{self.stage} over dp_shard={n}{hsdp}: {len(lay)} flat units (largest "
+                f"{human_bytes(4 * max(x.padded for x in lay))}), {sum(x.padded - x.numel for x in lay)} padding elements; "
+                f"offload {'on' if self.offload else 'off'}\n"
+                f"  model states per rank: {parts} = {human_bytes(sum(held.values()))}\n"
+                f"  traffic per step: {self.traffic()}{replicas}")

@@ -1,0 +1,130 @@
+"""ZeRO-1 and ZeRO-2: optimizer state (and at stage 2 the gradients) split over the dp_shard group.
+
+Parameters stay whole on every rank, laid out in flat buckets padded to a multiple of N (the same
+buckets, in the same reverse order, as data_parallel/ddp.py). A bucket's gradients are
+reduce-scattered the moment its last gradient lands, overlapping with the rest of backward, so each
+rank ends up with the sum of its own slice only. It steps that slice; in fp32 the parameters *are*
+the master weights, so its master shard is a view of the bucket itself, and an in-place all-gather
+of each bucket after the step hands every rank's update to all the others.
+
+Stage 1 keeps whole gradient buckets for good: param.grad are views into them, as in ddp.py, and the
+reduce-scatter writes this rank's sums over its own slice, in place. Stage 2 keeps only the fp32
+gradient shard: autograd allocates each param.grad, a complete bucket is copied into a flat buffer,
+reduce-scattered and dropped, so whole gradients never outlive the bucket that is being reduced.
+
+Accumulation: stage 1 follows the GradEngine contract, micro-steps before the last communicate
+nothing and whole gradients accumulate in the buckets, one reduce-scatter per optimizer step.
+Stage 2 reduces every micro-step and accumulates into its fp32 shard, because holding whole
+gradients across micro-steps would undo the very saving that defines it; DeepSpeed does the same
+(its engine refuses no_sync under gradient partitioning), and so does the planner's traffic model.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from meshtrain.accounting import CommStats
+from meshtrain.metrics import human_bytes
+from meshtrain.data_parallel.ddp import split_buckets
+from meshtrain.zero.base import ShardGroups, Unit, ZeroBase
+from meshtrain.zero.comm import all_gather, gather_uncounted
+from meshtrain.zero.flat import FlatUnit
+
+
+class Zero12(ZeroBase):
+    def __init__(self, module: nn.Module, stage: int, groups: ShardGroups, stats: CommStats, bucket_bytes: int,
+                 reduce_dtype: torch.dtype = torch.float32, offload: bool = False) -> None:
+        if stage not in (1, 2):
+            raise ValueError(f"Zero12 runs ZeRO stage 1 or 2, not {stage}")
+        params = [p for p in module.parameters() if p.requires_grad]
+        super().__init__(groups, stats, reduce_dtype, offload, params[0].device)
+        self.stage = stage
+        names = {id(p): n for n, p in module.named_parameters()}
+        for i, bucket in enumerate(split_buckets(list(reversed(params)), bucket_bytes)):
+            lay = FlatUnit(f"zero.unit{i}", [(names[id(p)], p) for p in bucket], groups.size, groups.rank)
+            self.units.append(self._build_unit(lay))
+        self.register_grad_hooks()
+
+    def _build_unit(self, lay: FlatUnit) -> Unit:
+        full = lay.flatten([p.detach() for p in lay.params], torch.float32, self.device)
+        for p, view in zip(lay.params, lay.views(full)):
+            p.data = view
+        master = self.host_copy(full[lay.shard]) if self.offload else full[lay.shard]
+        unit = Unit(lay, master, grad=None, full=full)
+        if self.stage == 1:
+            unit.grad_full = torch.zeros(lay.padded, dtype=torch.float32, device=self.device)
+            for p, view in zip(lay.params, lay.views(unit.grad_full)):
+                p.grad = view
+            # offloaded: the host copy is made per step, in finish(), and dropped in zero_grad()
+            unit.grad = None if self.offload else unit.grad_full[lay.shard]
+        else:
+            grad = torch.zeros(lay.shard_size, dtype=torch.float32, device=self.device)
+            unit.grad = self.host_copy(grad) if self.offload else grad
+        return unit
+
+    def counting(self) -> bool:
+        return self.sync or self.stage == 2
+
+    def unit_grads_ready(self, unit: Unit) -> None:
+        lay = unit.layout
+        if self.stage == 1:
+            self.reduce(unit, unit.grad_full, unit.grad_full[lay.shard], "alias")
+            return
+        flat = lay.flatten([p.grad for p in lay.params], self.reduce_dtype, self.device)
+        for p in lay.params:
+            p.grad = None  # whole gradients are dropped as soon as their bucket is in flight
+        self.reduce(unit, flat, unit.grad, "add")
+
+    def finish(self) -> None:
+        """Reduce buckets the hooks did not (no gradient, or no sync micro-step), then wait for all."""
+        for unit in self.units:
+            if not unit.launched:
+                self.unit_grads_ready(unit)
+        self.drain()
+        if self.stage == 1 and self.offload:
+            for unit in self.units:
+                unit.grad = unit.grad_full[unit.layout.shard]
+        self.all_reduce_replicas()
+        if self.stage == 1 and self.offload:
+            for unit in self.units:
+                unit.grad = self.host_copy(unit.grad)
+        self.finish_units()
+
+    def after_step(self) -> None:
+        """All-gather every bucket in place: each rank contributes the slice it just updated."""
+        works = []
+        for unit in self.units:
+            own = unit.full[unit.layout.shard]
+            if self.offload:
+                own.copy_(unit.master)
+            if self.groups.shard is not None:
+                works.append(all_gather(unit.full, own, self.groups.shard, self.stats, unit.layout.real_bytes(4)))
+        for work in works:
+            work.wait()
+
+    def zero_grad(self) -> None:
+        for unit in self.units:
+            if self.stage == 1:
+                unit.grad_full.zero_()
+                if self.offload:
+                    unit.grad = None
+            else:
+                unit.grad.zero_()
+
+    def held(self) -> dict[str, list[torch.Tensor | None]]:
+        return {"params": [u.full for u in self.units],
+                "grads": [u.grad_full if self.stage == 1 else u.grad for u in self.units],
+                "host master": [u.master for u in self.units] if self.offload else []}
+
+    def traffic(self) -> str:
+        psi4 = human_bytes(4 * self.num_params())
+        when = "once" if self.stage == 1 else "per micro-step"
+        return (f"reduce-scatter {psi4} {when} in {str(self.reduce_dtype).removeprefix('torch.')}, "
+                f"all-gather {psi4} once")
+
+    def masters_changed(self) -> None:
+        for unit in self.units:
+            own = unit.full[unit.layout.shard]
+            if self.offload:
+                own.copy_(unit.master)
+            gather_uncounted(unit.full, own, self.groups.shard)

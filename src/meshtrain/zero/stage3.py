@@ -1,0 +1,228 @@
+"""ZeRO-3: parameters, gradients and optimizer state all split over the dp_shard group.
+
+The model is cut into flat units: the embedding, each transformer block, and the final norm with
+the head (one root unit holding embedding, norm and head when their weights are tied). A rank keeps
+only its fp32 shard of each unit. The unit's parameters are views into a padded flat buffer whose
+*storage* is allocated and all-gathered just before the unit computes, and resized to zero right
+after, without replacing any tensor: the views that autograd saved in forward stay valid, and
+simply see the data again once backward re-gathers the same storage. This is FSDP's trick, and it
+is why no saved-tensor hooks are needed; it works unchanged under activation checkpointing, whose
+recomputation runs inside the unit's backward, after the re-gather.
+
+Schedule, per micro-step and unit: a forward pre-hook gathers the unit (or waits for the gather
+already in flight) and starts the next unit's gather (prefetch); a forward hook frees it and hooks
+its output, so that the gradient arriving there gathers it again and prefetches the unit backward
+reaches next; once autograd has accumulated the gradient of every parameter of the unit, the unit
+is freed and its gradients are copied into a flat buffer, reduce-scattered, and dropped. At most two
+units are gathered at a time (the one computing and the one prefetched), and at most two reductions
+are in flight. Gradients are reduced every micro-step, accumulating into the fp32 shard, since whole
+gradients of all units would be the very memory ZeRO-3 is for: the set_sync hint is not needed.
+
+Mixed precision: with bf16 compute the shards stay fp32 (they are the master weights) and the
+gather moves bf16, as FSDP2's param_dtype does; gradients are reduced in parallel.reduce_dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from meshtrain.accounting import CommStats
+from meshtrain.metrics import human_bytes
+from meshtrain.zero.base import ShardGroups, Unit, ZeroBase
+from meshtrain.zero.comm import all_gather
+from meshtrain.zero.flat import FlatUnit, named_unique
+
+
+@dataclass(eq=False)
+class GatherUnit(Unit):
+    index: int = 0
+    shard: torch.Tensor | None = None
+    """fp32 shard on the device: the source of every gather (and the master, unless offloaded)."""
+    state: str = "free"
+    """free (storage size 0), inflight (gather launched) or ready."""
+    work: dist.Work | None = None
+    source: torch.Tensor | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    name: str
+    modules: list[tuple[str, nn.Module]]
+    first: nn.Module
+    """Its forward pre-hook gathers the unit."""
+    last: nn.Module
+    """Its forward hook frees the unit and hooks the output for backward."""
+    order: tuple[int, int]
+    """Positions of first and last in the model's forward: they order gathers and prefetches."""
+
+
+def block_specs(model: nn.Module) -> list[UnitSpec]:
+    """Embedding, each block, norm + head in forward order; one root unit when embedding and head are tied."""
+    b, head = model.model, model.lm_head
+    names = {id(m): n for n, m in model.named_modules()}
+    blocks = list(b.layers.values())
+    tied = head is not None and b.embed_tokens is not None and head.weight is b.embed_tokens.weight
+    ends = [m for m in (b.norm, head) if m is not None]
+    last_pos = len(blocks) + 2
+    specs = [UnitSpec(f"zero.layers.{names[id(blk)].rsplit('.', 1)[-1]}", [(names[id(blk)], blk)], blk, blk,
+                      (i + 1, i + 1)) for i, blk in enumerate(blocks)]
+    if tied:
+        mods = [b.embed_tokens, *ends]
+        return [UnitSpec("zero.root", [(names[id(m)], m) for m in mods], b.embed_tokens, head, (0, last_pos))] + specs
+    if b.embed_tokens is not None:
+        specs.insert(0, UnitSpec("zero.embed", [(names[id(b.embed_tokens)], b.embed_tokens)], b.embed_tokens,
+                                 b.embed_tokens, (0, 0)))
+    if ends:
+        specs.append(UnitSpec("zero.head", [(names[id(m)], m) for m in ends], ends[0], ends[-1], (last_pos - 1, last_pos)))
+    return specs
+
+
+class Zero3(ZeroBase):
+    stage = 3
+    collective_forward = True
+
+    def __init__(self, model: nn.Module, groups: ShardGroups, stats: CommStats, param_dtype: torch.dtype = torch.float32,
+                 reduce_dtype: torch.dtype = torch.float32, offload: bool = False, prefetch: bool = True) -> None:
+        super().__init__(groups, stats, reduce_dtype, offload, next(model.parameters()).device)
+        self.param_dtype, self.prefetch = param_dtype, prefetch
+        self.live_bytes = self.peak_bytes = 0
+        seen: set[int] = set()
+        specs = []
+        for spec in block_specs(model):
+            named = named_unique(spec.modules, seen)
+            if named:  # a module whose weights another unit already owns (tying) needs no unit
+                specs.append(spec)
+                self.units.append(self._build_unit(FlatUnit(spec.name, named, groups.size, groups.rank), len(specs) - 1))
+        # forward visits units by first module, backward by last module, latest first
+        self.fwd = sorted(range(len(specs)), key=lambda i: specs[i].order[0])
+        self.bwd = sorted(range(len(specs)), key=lambda i: -specs[i].order[1])
+        for i, spec in enumerate(specs):
+            spec.first.register_forward_pre_hook(partial(self._pre_forward, i))
+            spec.last.register_forward_hook(partial(self._post_forward, i))
+        self.register_grad_hooks()
+
+    def _build_unit(self, lay: FlatUnit, index: int) -> GatherUnit:
+        full = lay.flatten([p.detach() for p in lay.params], torch.float32, self.device)
+        shard = full[lay.shard].clone()
+        compute = full if self.param_dtype == torch.float32 else full.to(self.param_dtype)
+        for p, view in zip(lay.params, lay.views(compute)):
+            p.data = view
+        compute.untyped_storage().resize_(0)
+        grad = torch.zeros(lay.shard_size, dtype=torch.float32, device=self.device)
+        master = self.host_copy(shard) if self.offload else shard
+        return GatherUnit(lay, master, self.host_copy(grad) if self.offload else grad, full=compute, shard=shard,
+                          index=index)
+
+    # ---- gather / free ----------------------------------------------------------------------------
+    def _start_gather(self, i: int) -> None:
+        unit = self.units[i]
+        if unit.state != "free":
+            return
+        nbytes = unit.layout.padded * unit.full.element_size()
+        unit.full.untyped_storage().resize_(nbytes)
+        self.live_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        source = unit.shard if unit.shard.dtype == self.param_dtype else unit.shard.to(self.param_dtype)
+        unit.state = "inflight"
+        if self.groups.shard is None:
+            unit.full.copy_(source)
+            return
+        # Writing into storage that autograd's saved views share trips no version check: `p.data = view`
+        # left each parameter its own version counter, which is the one its saved views carry.
+        unit.work = all_gather(unit.full, source, self.groups.shard, self.stats,
+                               unit.layout.real_bytes(unit.full.element_size()))
+        unit.source = source
+
+    def _unshard(self, i: int) -> None:
+        unit = self.units[i]
+        self._start_gather(i)
+        if unit.state == "inflight":
+            if unit.work is not None:
+                unit.work.wait()
+            unit.work, unit.source, unit.state = None, None, "ready"
+
+    def _free(self, i: int) -> None:
+        unit = self.units[i]
+        if unit.state == "free":
+            return
+        self._unshard(i)  # a gather still writing must land before its storage goes
+        unit.full.untyped_storage().resize_(0)
+        self.live_bytes -= unit.layout.padded * unit.full.element_size()
+        unit.state = "free"
+
+    def _prefetch(self, order: list[int], i: int) -> None:
+        at = order.index(i)
+        if self.prefetch and at + 1 < len(order):
+            self._start_gather(order[at + 1])
+
+    # ---- hooks ------------------------------------------------------------------------------------
+    def _pre_forward(self, i: int, module: nn.Module, args: Any) -> None:
+        self._unshard(i)
+        self._prefetch(self.fwd, i)
+
+    def _post_forward(self, i: int, module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(partial(self._pre_backward, i))
+        self._free(i)
+
+    def _pre_backward(self, i: int, grad: torch.Tensor) -> None:
+        self._unshard(i)
+        self._prefetch(self.bwd, i)
+
+    def counting(self) -> bool:
+        return True  # every micro-step's gradients are reduced (see the module docstring)
+
+    def unit_grads_ready(self, unit: Unit) -> None:
+        lay = unit.layout
+        self._free(unit.index)
+        flat = lay.flatten([p.grad for p in lay.params], self.reduce_dtype, self.device)
+        for p in lay.params:
+            p.grad = None
+        self.reduce(unit, flat, unit.grad, "add")
+
+    # ---- the GradEngine contract ------------------------------------------------------------------
+    def finish(self) -> None:
+        partial_units = [u.layout.name for u in self.units if u.ready]
+        if partial_units:
+            raise RuntimeError(f"ZeRO-3 units {partial_units} got gradients for only some of their parameters; "
+                               f"every parameter must take part in the loss")
+        self.drain()
+        self.all_reduce_replicas()
+        self.finish_units()
+
+    def after_step(self) -> None:
+        if self.offload:
+            self.masters_changed()
+
+    def masters_changed(self) -> None:
+        for unit in self.units:
+            if unit.shard is not unit.master:
+                unit.shard.copy_(unit.master)
+
+    def zero_grad(self) -> None:
+        for unit in self.units:
+            unit.grad.zero_()
+
+    def held(self) -> dict[str, list[torch.Tensor | None]]:
+        # `full` is counted too: its storage is empty between uses, so it adds nothing at a step's end
+        return {"params": [u.shard for u in self.units] + [u.full for u in self.units],
+                "grads": [u.grad for u in self.units],
+                "host master": [u.master for u in self.units] if self.offload else []}
+
+    def traffic(self) -> str:
+        psi = self.num_params()
+        gathered = human_bytes(psi * self.units[0].full.element_size())
+        return (f"per micro-step all-gather {gathered} in forward and again in backward, reduce-scatter "
+                f"{human_bytes(psi * self.reduce_dtype.itemsize)}")
+
+    def step_metrics(self) -> dict[str, float]:
+        """Peak bytes of gathered parameters during the step, next to the largest unit's size."""
+        out = {"zero3_peak_gathered_bytes": self.peak_bytes,
+               "zero3_unit_bytes_max": max(u.layout.padded for u in self.units) * self.units[0].full.element_size()}
+        self.peak_bytes = self.live_bytes
+        return out
