@@ -100,7 +100,7 @@ def test_seq_len_bounded_by_max_seq_len() -> None:
     assert "training.seq_len=2048 exceeds model.max_seq_len=1024" in msg
 
 
-@pytest.mark.parametrize("axis", ["cp", "ep", "tp"])
+@pytest.mark.parametrize("axis", ["cp", "ep"])
 def test_unsupported_degrees_are_refused_by_name(axis: str) -> None:
     msg = _error(2, f"parallel.{axis}=2", "parallel.dp_shard=1" if axis != "ep" else "parallel.dp_shard=2",
                  "training.global_batch=2" if axis != "ep" else "training.global_batch=4")

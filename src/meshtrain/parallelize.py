@@ -17,6 +17,7 @@ from meshtrain.data_parallel import DataParallel
 from meshtrain.engine import GradEngine
 from meshtrain.model import Llama
 from meshtrain.pipeline.stage import StageChunks
+from meshtrain.tensor_parallel import LLAMA_PLAN, TensorParallelEngine, apply_tensor_parallel
 from meshtrain.topology import Topology
 from meshtrain.zero import build_zero_engine
 
@@ -35,9 +36,11 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, stats: CommStats)
     the model is built, because it decides which modules exist on this rank at all).
     """
     t, p = cfg.training, cfg.parallel
+    tp = apply_tensor_parallel(model, topo.group("tp"), LLAMA_PLAN, p.sequence_parallel, stats) if p.tp > 1 else None
     for part in llama_parts(model):
         apply_activation_checkpointing(part.model.layers, t.activation_checkpointing, t.ac_every)
     if p.zero_stage:
         return build_zero_engine(model, topo, p, stats, DTYPES[t.dtype], DTYPES[p.reduce_dtype])
-    return DataParallel(model, topo.group("dp"), stats, bucket_bytes=int(p.bucket_mb * 2**20),
-                        reduce_dtype=DTYPES[p.reduce_dtype])
+    engine = DataParallel(model, topo.group("dp"), stats, bucket_bytes=int(p.bucket_mb * 2**20),
+                          reduce_dtype=DTYPES[p.reduce_dtype])
+    return engine if tp is None else TensorParallelEngine(engine, model, tp)

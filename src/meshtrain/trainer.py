@@ -51,6 +51,7 @@ class Trainer:
         else:
             self.model = build_model(cfg.model, env.device, seed=cfg.training.seed)
         self.engine = parallelize(self.model, self.topo, cfg, self.stats)
+        self.loss_fn = getattr(self.model, "loss_fn", cross_entropy_sum)  # a vocab-parallel head brings its own
         self.optim = AdamW(self.engine.optim_params(), cfg.optimizer, no_decay=self.engine.no_decay())
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         self.dataset = build_dataset(cfg.data, self.tokenizer, cfg.training.seq_len, cfg.training.seed)
@@ -106,7 +107,7 @@ class Trainer:
             self.engine.set_sync(micro == len(indices) - 1)
             with self.autocast():
                 logits = self.model(inputs)
-            loss = cross_entropy_sum(logits, targets)
+            loss = self.loss_fn(logits, targets)
             (loss / self.global_tokens).backward()
             loss_sum += loss.detach().double().cpu()
         return loss_sum

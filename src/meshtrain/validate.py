@@ -22,7 +22,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 # Degrees this build can run, and the issue that brings the rest. Widened as features land.
-SUPPORTED_MAX = {"tp": 1, "pp": 64, "cp": 1, "ep": 1}
+SUPPORTED_MAX = {"tp": 1024, "pp": 64, "cp": 1, "ep": 1}
 SUPPORTED_ZERO = (0, 1, 2, 3)
 PENDING = {"tp": "tensor parallelism", "pp": "pipeline parallelism", "cp": "context parallelism",
            "ep": "expert parallelism"}
@@ -66,6 +66,17 @@ def _check_model(cfg: Config) -> None:
         raise ConfigError(f"head dim = model.dim/model.n_heads = {m.head_dim} must be even for rotary embeddings")
     if m.n_heads % p.tp or m.n_kv_heads % p.tp:
         raise ConfigError(f"parallel.tp={p.tp} must divide model.n_heads={m.n_heads} and model.n_kv_heads={m.n_kv_heads}; choose tp from the common divisors")
+    if m.hidden_dim % p.tp:
+        raise ConfigError(f"parallel.tp={p.tp} must divide the MLP hidden size {m.hidden_dim} (model.ffn_dim={m.ffn_dim}; 0 derives it from dim); "
+                          f"set model.ffn_dim to a multiple of {p.tp} or choose another tp")
+    if m.vocab_size % p.tp:
+        raise ConfigError(f"parallel.tp={p.tp} must divide model.vocab_size={m.vocab_size}; pad the vocabulary to "
+                          f"{-(-m.vocab_size // p.tp) * p.tp} or choose another tp")
+    if p.sequence_parallel and cfg.training.seq_len % p.tp:
+        raise ConfigError(f"training.seq_len={cfg.training.seq_len} must be divisible by parallel.tp={p.tp} with "
+                          f"parallel.sequence_parallel=true; change seq_len or tp")
+    if p.tp > 1 and p.pp > 1:
+        raise ConfigError(f"parallel.tp={p.tp} with parallel.pp={p.pp} is not supported by this build yet; set tp=1 or pp=1")
     if cfg.training.seq_len > m.max_seq_len:
         raise ConfigError(f"training.seq_len={cfg.training.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower seq_len or raise max_seq_len")
     if p.pp * p.pp_chunks > m.n_layers:

@@ -1,0 +1,209 @@
+"""The tensor-parallel plan as data, and `apply_tensor_parallel`, which rewrites a model from outside.
+
+A plan maps module-name patterns (fnmatch, `*` for a block index) to a style. The model file knows
+nothing of this: modules are swapped in place, keeping their names, so checkpoints and the optimizer
+see the same parameter names as a single-device run. New weights are slices of the module's current
+(full, deterministically initialised) weights, so every layout starts from the same model.
+
+Styles:
+  vocab_embedding   rows of the vocabulary split; partial lookups summed (or reduce-scattered, SP)
+  attention         a region entry for q, k, v; the head counts divided by the tp degree
+  region            a region entry (the MLP's gate and up share it)
+  colwise           output features split; no communication of its own (the region entered)
+  rowwise           input features split; the region's exit (all-reduce, or reduce-scatter under SP)
+  vocab_head        colwise with its own entry; the model gets a vocab-parallel `loss_fn` (whole
+                    logits in eval mode)
+  sequence_sharded  a norm that sees only a sequence shard under SP: its weight gradient is partial,
+                    summed over the group once per step (TensorParallel.sum_partial_grads)
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from meshtrain.accounting import CommStats
+from meshtrain.tensor_parallel.comm import Recorder, TPComm, all_reduce
+from meshtrain.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                              VocabParallelLoss, enter_region)
+
+LLAMA_PLAN: dict[str, str] = {
+    "model.embed_tokens": "vocab_embedding",
+    "model.layers.*.input_layernorm": "sequence_sharded",
+    "model.layers.*.self_attn": "attention",
+    "model.layers.*.self_attn.q_proj": "colwise",
+    "model.layers.*.self_attn.k_proj": "colwise",
+    "model.layers.*.self_attn.v_proj": "colwise",
+    "model.layers.*.self_attn.o_proj": "rowwise",
+    "model.layers.*.post_attention_layernorm": "sequence_sharded",
+    "model.layers.*.mlp": "region",
+    "model.layers.*.mlp.gate_proj": "colwise",
+    "model.layers.*.mlp.up_proj": "colwise",
+    "model.layers.*.mlp.down_proj": "rowwise",
+    "model.norm": "sequence_sharded",
+    "lm_head": "vocab_head",
+}
+STYLES = ("vocab_embedding", "attention", "region", "colwise", "rowwise", "vocab_head", "sequence_sharded")
+SHARD_DIM = {"colwise": 0, "rowwise": 1, "vocab_embedding": 0, "vocab_head": 0}
+
+
+class _Tee:
+    """Counts each collective in the run's CommStats and in its scope's own (per-layer reports)."""
+
+    def __init__(self, *sinks: Recorder) -> None:
+        self.sinks = sinks
+
+    def record(self, kind: str, nbytes: int, group_size: int) -> None:
+        for sink in self.sinks:
+            sink.record(kind, nbytes, group_size)
+
+
+@dataclass
+class TensorParallel:
+    """What apply_tensor_parallel did: which parameters are sharded, and the traffic per scope."""
+
+    group: dist.ProcessGroup
+    sequence_parallel: bool
+    size: int
+    rank: int
+    shard_dims: dict[str, int] = field(default_factory=dict)
+    """Parameter name -> the dim its full tensor is split along (absent: replicated)."""
+    scopes: dict[str, CommStats] = field(default_factory=lambda: defaultdict(CommStats))
+    """'layers.3', 'model.embed_tokens', 'lm_head', 'loss', 'partial grads' -> bytes that scope sent."""
+    partial_grads: list[nn.Parameter] = field(default_factory=list)
+    """Replicated weights whose gradient each rank computes from its sequence shard only (SP norms)."""
+    grad_comm: TPComm | None = None
+
+    def comm(self, stats: Recorder, scope: str) -> TPComm:
+        return TPComm(self.group, _Tee(stats, self.scopes[scope]))
+
+    def sum_partial_grads(self) -> None:
+        """After the step's last backward: sum the SP norms' partial gradients, all in one all-reduce
+        (Megatron does the same), rather than one per norm per microbatch."""
+        grads = [p.grad for p in self.partial_grads if p.grad is not None]
+        if not grads or self.grad_comm is None:
+            return
+        summed = all_reduce(torch.cat([g.reshape(-1) for g in grads]), self.grad_comm)
+        for g, part in zip(grads, summed.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+
+def scope_of(module_name: str) -> str:
+    """Traffic is reported per block ('layers.3') and per non-block module."""
+    match = re.search(r"(?:^|\.)layers\.(\d+)(?:\.|$)", module_name)
+    return f"layers.{match.group(1)}" if match else module_name
+
+
+class _RegionEntry:
+    """A forward pre-hook: the module's first argument enters the tensor-parallel region."""
+
+    def __init__(self, comm: TPComm, sequence_parallel: bool) -> None:
+        self.comm, self.sequence_parallel = comm, sequence_parallel
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (enter_region(args[0], self.comm, self.sequence_parallel and module.training), *args[1:])
+
+
+class _FullSequencePositions:
+    """Under SP the embedding returns a sequence shard, from which the model would size its RoPE
+    tables; attention sees the whole (gathered) sequence, so pass the whole sequence's positions."""
+
+    def __init__(self, forward: Callable[..., torch.Tensor]) -> None:
+        self.forward = forward
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+        return self.forward(tokens, positions)
+
+
+def match_plan(model: nn.Module, plan: dict[str, str], strict: bool = True) -> list[tuple[str, nn.Module, str]]:
+    """(module name, module, style) for every module a pattern names, in model order."""
+    bad = sorted(set(plan.values()) - set(STYLES))
+    if bad:
+        raise ValueError(f"unknown tensor-parallel style(s) {bad}; styles are {', '.join(STYLES)}")
+    hits: list[tuple[str, nn.Module, str]] = []
+    used: set[str] = set()
+    for name, module in model.named_modules():
+        styles = [(pat, style) for pat, style in plan.items() if fnmatchcase(name, pat)]
+        if len(styles) > 1:
+            raise ValueError(f"module {name} matches several plan entries: {[p for p, _ in styles]}")
+        if styles:
+            used.add(styles[0][0])
+            hits.append((name, module, styles[0][1]))
+    unused = [pat for pat in plan if pat not in used]
+    if strict and unused:
+        raise ValueError(f"tensor-parallel plan entries {unused} match no module of {type(model).__name__}")
+    return hits
+
+
+def _check_divisible(name: str, size: int, what: str, t: int) -> None:
+    if size % t:
+        raise ValueError(f"{name}: {what} {size} is not divisible by the tensor-parallel degree {t}")
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _parallel_module(name: str, module: nn.Module, style: str, tp: TensorParallel, comm: TPComm) -> nn.Module:
+    dim = SHARD_DIM[style]
+    weight = module.weight
+    if getattr(module, "bias", None) is not None:
+        raise ValueError(f"{name}: tensor-parallel layers here have no bias; the Llama model uses none")
+    _check_divisible(name, weight.shape[dim], "vocabulary size" if style.startswith("vocab") else "features", tp.size)
+    sp = tp.sequence_parallel
+    if style == "colwise":
+        return ColumnParallelLinear(weight, comm, sp, entry=False)
+    if style == "vocab_head":
+        return ColumnParallelLinear(weight, comm, sp, entry=True, gather_in_eval=True)
+    if style == "rowwise":
+        return RowParallelLinear(weight, comm, sp)
+    return VocabParallelEmbedding(weight, comm, sp)
+
+
+def _apply_hook_style(name: str, module: nn.Module, style: str, tp: TensorParallel, comm: TPComm) -> None:
+    if style == "sequence_sharded":
+        if tp.sequence_parallel:  # without SP every rank sees the whole sequence: grads already agree
+            tp.partial_grads.extend(module.parameters())
+        return
+    if style == "attention":
+        _check_divisible(name, module.n_heads, "n_heads", tp.size)
+        _check_divisible(name, module.n_kv_heads, "n_kv_heads", tp.size)
+        module.n_heads, module.n_kv_heads = module.n_heads // tp.size, module.n_kv_heads // tp.size
+    module.register_forward_pre_hook(_RegionEntry(comm, tp.sequence_parallel))
+
+
+def apply_tensor_parallel(model: nn.Module, tp_group: dist.ProcessGroup, plan: dict[str, str],
+                          sequence_parallel: bool, stats: Recorder, strict: bool = True) -> TensorParallel:
+    """Rewrite `model` in place into this rank's tensor-parallel part; return what was sharded."""
+    tp = TensorParallel(tp_group, sequence_parallel, dist.get_world_size(tp_group), dist.get_rank(tp_group))
+    tp.grad_comm = tp.comm(stats, "partial grads")
+    new_params: dict[int, nn.Parameter] = {}  # id(full weight) -> its shard: tied weights stay tied
+    dims: dict[int, int] = {}
+    for name, module, style in match_plan(model, plan, strict):
+        comm = tp.comm(stats, scope_of(name))
+        if style not in SHARD_DIM:
+            _apply_hook_style(name, module, style, tp, comm)
+            continue
+        full = module.weight
+        new = _parallel_module(name, module, style, tp, comm)
+        if id(full) in new_params:
+            new.weight = new_params[id(full)]
+        new_params[id(full)] = new.weight
+        dims[id(new.weight)] = SHARD_DIM[style]
+        if style == "vocab_head":
+            model.loss_fn = VocabParallelLoss(tp.comm(stats, "loss"))
+        _swap(model, name, new)
+    tp.shard_dims = {n: dims[id(p)] for n, p in model.named_parameters() if id(p) in dims}
+    if sequence_parallel:
+        model.forward = _FullSequencePositions(model.forward)
+    return tp

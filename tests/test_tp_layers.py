@@ -1,0 +1,212 @@
+"""Tensor-parallel layers against their single-device twins, on real gloo ranks (tp = 2 and 4).
+
+One launch per world size runs every check: the parallel layers (forward output, input and weight
+gradients), the communication a block sends against Narayanan's counts, the activations it saves
+against Korthikanti's per-layer formula (adjusted for this model, term by term in
+meshtrain.tensor_parallel.measure.activation_terms), and checkpoints moving between TP and non-TP.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+
+from dist_utils import spawn
+from meshtrain.accounting import CommStats, wire_factor
+from meshtrain.activation_checkpoint import apply_activation_checkpointing
+from meshtrain.config import ModelConfig, OptimizerConfig
+from meshtrain.data_parallel import DataParallel
+from meshtrain.model import build_model
+from meshtrain.optim import AdamW
+from meshtrain.tensor_parallel import (LLAMA_PLAN, ColumnParallelLinear, RowParallelLinear, TensorParallelEngine,
+                                       VocabParallelEmbedding, apply_tensor_parallel, vocab_parallel_cross_entropy)
+from meshtrain.tensor_parallel.comm import TPComm, all_gather_dim, gather_seq, scatter_seq
+from meshtrain.tensor_parallel.measure import activation_terms, block_comm_theory, saved_bytes_per_block
+
+pytestmark = pytest.mark.dist
+CFG = ModelConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=256, max_seq_len=64)
+B, S = 2, 32
+TOL = dict(rtol=1e-4, atol=1e-5)  # partial sums round differently from one matmul
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().requires_grad_(True)
+
+
+def _chunk(t: torch.Tensor, comm: TPComm, dim: int) -> torch.Tensor:
+    return t.chunk(comm.size, dim)[comm.rank]
+
+
+def _mlp_twin() -> tuple[torch.Tensor, ...]:
+    """A column -> gelu -> row MLP on one device: inputs, output, its gradient, and the leaves' grads."""
+    x, wc, wr = torch.randn(B, 8, 12), torch.randn(16, 12), torch.randn(12, 16)
+    xr, wcr, wrr = _leaf(x), _leaf(wc), _leaf(wr)
+    ref = F.linear(F.gelu(F.linear(xr, wcr)), wrr)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    return x, wc, wr, ref.detach(), grad, xr.grad, wcr.grad, wrr.grad
+
+
+def _check_column_and_row(comm: TPComm) -> None:
+    x, wc, wr, ref, grad, gx, gwc, gwr = _mlp_twin()
+    col, row = ColumnParallelLinear(wc, comm, False, entry=True), RowParallelLinear(wr, comm, False)
+    xt = _leaf(x)
+    hidden = col(xt)
+    torch.testing.assert_close(hidden, _chunk(F.linear(x, wc), comm, -1), **TOL)
+    out = row(F.gelu(hidden))
+    torch.testing.assert_close(out, ref, **TOL)
+    out.backward(grad)
+    torch.testing.assert_close(xt.grad, gx, **TOL)  # f's backward all-reduce made it whole
+    torch.testing.assert_close(col.weight.grad, _chunk(gwc, comm, 0), **TOL)
+    torch.testing.assert_close(row.weight.grad, _chunk(gwr, comm, 1), **TOL)
+
+
+def _check_sequence_parallel_region(comm: TPComm) -> None:
+    """scatter -> column (all-gather in, shard saved) -> row (reduce-scatter out) -> gather."""
+    x, wc, wr, ref, grad, gx, gwc, gwr = _mlp_twin()
+    col, row = ColumnParallelLinear(wc, comm, True, entry=True), RowParallelLinear(wr, comm, True)
+    xt = _leaf(x)
+    shard_out = row(F.gelu(col(scatter_seq(xt, comm))))
+    torch.testing.assert_close(shard_out, _chunk(ref, comm, 1), **TOL)
+    out = gather_seq(shard_out, comm)
+    torch.testing.assert_close(out, ref, **TOL)
+    out.backward(grad)
+    torch.testing.assert_close(xt.grad, gx, **TOL)
+    torch.testing.assert_close(col.weight.grad, _chunk(gwc, comm, 0), **TOL)
+    torch.testing.assert_close(row.weight.grad, _chunk(gwr, comm, 1), **TOL)
+
+
+def _check_embedding(comm: TPComm, sp: bool) -> None:
+    vocab, ids = 32, torch.randint(0, 32, (B, 8))
+    weight = torch.randn(vocab, 12)
+    wr = _leaf(weight)
+    ref = F.embedding(ids, wr)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    emb = VocabParallelEmbedding(weight, comm, sp)
+    out = emb(ids)
+    torch.testing.assert_close(out, _chunk(ref, comm, 1) if sp else ref, **TOL)
+    out.backward(_chunk(grad, comm, 1) if sp else grad)
+    torch.testing.assert_close(emb.weight.grad, _chunk(wr.grad, comm, 0), **TOL)
+
+
+def _check_cross_entropy_and_eval_head(comm: TPComm) -> None:
+    logits, targets = torch.randn(B, 8, 32) * 3, torch.randint(0, 32, (B, 8))
+    lr = _leaf(logits)
+    ref = F.cross_entropy(lr.flatten(0, 1), targets.flatten(), reduction="sum")
+    ref.backward()
+    local = _leaf(_chunk(logits, comm, -1))
+    loss = vocab_parallel_cross_entropy(local, targets, comm)
+    torch.testing.assert_close(loss, ref, **TOL)
+    loss.backward()
+    torch.testing.assert_close(local.grad, _chunk(lr.grad, comm, -1), **TOL)
+    head, x = ColumnParallelLinear(torch.randn(32, 12), comm, True, entry=True, gather_in_eval=True), torch.randn(B, 5, 12)
+    with torch.no_grad():  # eval: whole logits, any sequence length (5 is not divisible by tp)
+        torch.testing.assert_close(head.eval()(x), F.linear(x, all_gather_dim(head.weight, comm, 0)), **TOL)
+
+
+def _tp_model(sp: bool, seed: int = 3):
+    model, stats = build_model(CFG, seed=seed), CommStats()
+    tp = apply_tensor_parallel(model, dist.group.WORLD, LLAMA_PLAN, sp, stats)
+    return model, tp, stats
+
+
+def _check_block_comm(world: int, sp: bool) -> None:
+    """Narayanan et al.: 2 all-reduces of b*s*h forward, 2 backward; SP: AG/RS pairs + re-gathers."""
+    model, tp, _ = _tp_model(sp)
+    data = torch.randint(0, CFG.vocab_size, (B, S + 1))
+    model.loss_fn(model(data[:, :-1]), data[:, 1:]).backward()
+    theory = block_comm_theory(B, S, CFG.dim, 4, sp)
+    for block in ("layers.0", "layers.1"):
+        got = tp.scopes[block]
+        assert dict(got.payload) == theory, (block, dict(got.payload), theory)
+        wire = sum(n * wire_factor(kind, world) for kind, n in theory.items())
+        assert abs(got.wire - wire) < 1, (got.wire, wire)
+    if sp:  # Korthikanti: the same wire volume as the all-reduces, plus the re-gathers
+        plain = block_comm_theory(B, S, CFG.dim, 4, False)["all_reduce"] * wire_factor("all_reduce", world)
+        regather = 2 * B * S * CFG.dim * 4 * wire_factor("all_gather", world)
+        assert abs(tp.scopes["layers.0"].wire - (plain + regather)) < 1
+        tp.sum_partial_grads()  # once per step: every norm weight, in one all-reduce
+        norms = (2 * CFG.n_layers + 1) * CFG.dim * 4
+        assert dict(tp.scopes["partial grads"].payload) == {"all_reduce": norms}
+
+
+def _check_activations(world: int, sp: bool) -> None:
+    model, _, _ = _tp_model(sp)
+    data = torch.randint(0, CFG.vocab_size, (B, S))
+    per_block = saved_bytes_per_block(model, model.model.layers, lambda: model(data))
+    # the last block: the first one also holds the RoPE tables that SP indexes by position
+    measured = per_block[str(CFG.n_layers - 1)]
+    formula = B * S * sum(activation_terms(CFG, world, sp).values())
+    assert abs(measured - formula) <= 0.1 * formula, (world, sp, measured, formula)
+
+
+def _check_tied_model_with_recompute(rank: int, world: int) -> None:
+    """Tied embedding and head share one vocabulary shard; its gradient gets both contributions.
+    With SP and recomputation: the re-gathered shards come from the recomputed forward."""
+    cfg = dataclasses.replace(CFG, tie_embeddings=True)
+    data = torch.randint(0, CFG.vocab_size, (B, S + 1))
+    ref = build_model(cfg, seed=5)
+    F.cross_entropy(ref(data[:, :-1]).flatten(0, 1), data[:, 1:].flatten(), reduction="sum").backward()
+    model = build_model(cfg, seed=5)
+    tp = apply_tensor_parallel(model, dist.group.WORLD, LLAMA_PLAN, True, CommStats())
+    apply_activation_checkpointing(model.model.layers, "full", 1)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.loss_fn(model(data[:, :-1]), data[:, 1:]).backward()
+    tp.sum_partial_grads()
+    for name, p in model.named_parameters():
+        want = dict(ref.named_parameters())[name].grad
+        dim = tp.shard_dims.get(name)
+        torch.testing.assert_close(p.grad, want if dim is None else want.chunk(world, dim)[rank], **TOL, msg=name)
+
+
+def _engine(model, tp) -> TensorParallelEngine:
+    return TensorParallelEngine(DataParallel(model, None, CommStats()), model, tp)
+
+
+def _check_checkpoints(rank: int, root: Path) -> None:
+    """TP -> full and full -> TP, for weights and Adam moments, through DCP."""
+    model, tp, _ = _tp_model(sp=False, seed=3)
+    engine = _engine(model, tp)
+    optim = AdamW(engine.optim_params(), OptimizerConfig())
+    for name, m in zip(optim.names, optim.exp_avg):
+        m.copy_(dict(model.named_parameters())[name].detach() * 2)
+    dcp.save({"model": engine.model_state_dict(), "optim": engine.optim_state_dict(optim.state_dict())},
+             checkpoint_id=root / "tp")
+    full, want = build_model(CFG, seed=99), build_model(CFG, seed=3)
+    full_optim = AdamW(list(full.named_parameters()), OptimizerConfig())
+    dcp.load({"model": dict(full.named_parameters()), "optim": full_optim.state_dict()}, checkpoint_id=root / "tp")
+    for (name, p), (_, q), m in zip(full.named_parameters(), want.named_parameters(), full_optim.exp_avg):
+        torch.testing.assert_close(p, q, msg=name)
+        torch.testing.assert_close(m, q * 2, msg=name)
+    dcp.save({"model": dict(want.named_parameters())}, checkpoint_id=root / "full")
+    other, tp2, _ = _tp_model(sp=True, seed=7)
+    dcp.load({"model": _engine(other, tp2).model_state_dict()}, checkpoint_id=root / "full")
+    for name, p in other.named_parameters():
+        dim = tp2.shard_dims.get(name)
+        q = dict(want.named_parameters())[name]
+        torch.testing.assert_close(p, q if dim is None else q.chunk(dist.get_world_size(), dim)[rank], msg=name)
+
+
+def _run_all(rank: int, world: int, tmp: str) -> None:
+    torch.manual_seed(0)  # the same data on every rank, as TP needs
+    comm = TPComm(dist.group.WORLD, CommStats())
+    _check_column_and_row(comm)
+    _check_sequence_parallel_region(comm)
+    for sp in (False, True):
+        _check_embedding(comm, sp)
+        _check_block_comm(world, sp)
+        _check_activations(world, sp)
+    _check_cross_entropy_and_eval_head(comm)
+    _check_tied_model_with_recompute(rank, world)
+    _check_checkpoints(rank, Path(tmp))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_tensor_parallel_layers_match_single_device(world: int, tmp_path: Path) -> None:
+    spawn(_run_all, world, str(tmp_path))
