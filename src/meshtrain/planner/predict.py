@@ -6,8 +6,9 @@ element before ZeRO. With CPU offload the host also keeps an fp32 master shard, 
 mem_model_state_bytes counts host and device together (on a CPU run they are the same memory).
 Counts are exact and per rank; for ZeRO the shard is psi/N (the padding that rounds each flat
 unit up to a multiple of N is left out), so a sharded figure may be fractional. With pp > 1
-memory and data-parallel traffic are rank 0's (the first stage) and p2p bytes a middle stage's
-(it sends both directions).
+everything is rank 0's, the first stage's, as metrics.jsonl is: it sends its chunks' activations
+forward and, for chunks after its first, their input gradients back, always in fp32 (the residual
+stream stays fp32 under autocast), 1/tp of them under sequence parallelism.
 """
 from __future__ import annotations
 
@@ -38,6 +39,15 @@ def _exact(x: float) -> int | float:
     return int(x) if float(x).is_integer() else x
 
 
+def _first_stage_p2p(cfg: Config, lay: Layout) -> float:
+    """Bytes pipeline rank 0 sends per step: m activations per chunk forward, m gradients per later chunk back."""
+    if lay.pp == 1:
+        return 0.0
+    t, p = cfg.training, cfg.parallel
+    per_message = t.micro_batch * t.seq_len * cfg.model.dim * 4 / (p.tp if p.sequence_parallel else 1)
+    return (2 * lay.v - 1) * t.grad_accum * per_message
+
+
 def predict_run(cfg: Config, world_size: int) -> dict[str, Any]:
     """Per-rank model-state bytes and per-step communication bytes of `cfg` on `world_size` ranks.
 
@@ -59,8 +69,13 @@ def predict_run(cfg: Config, world_size: int) -> dict[str, Any]:
     payload: dict[str, float] = defaultdict(float)
     wire = 0.0
     for c in step_collectives(shape, lay, ti, rp):
+        if c.kind == "p2p" and c.group == "pp":
+            continue  # the model's figure is a middle stage's; rank 0's is below
         payload[c.kind] += c.calls * c.payload
         wire += c.calls * wire_bytes(c.kind, c.payload, sizes[c.group].size)
+    first_stage_p2p = _first_stage_p2p(cfg, lay)
+    payload["p2p"] += first_stage_p2p
+    wire += first_stage_p2p
     # offloaded, the host steps its own fp32 master copy: the device's weights cannot be its operands
     held = StateDtypes(param=4, grad=4, master=4 if p.offload else 0, optim=8)
     dense = model_state_bytes(rp.dense, lay.zero_group, lay.zero, held, p.offload)
