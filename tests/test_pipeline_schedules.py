@@ -9,8 +9,8 @@ from typing import Callable
 import pytest
 
 from meshtrain.pipeline import cli
-from meshtrain.pipeline.schedules import (SCHEDULES, Action, Kind, Layout, ScheduleError, add_comms, check_deadlock,
-                                          Schedule, from_csv, group_steps, stage_to_rank, to_csv,
+from meshtrain.pipeline.schedules import (SCHEDULES, SPLIT_BACKWARD, Action, Kind, Layout, ScheduleError, add_comms,
+                                          check_deadlock, Schedule, from_csv, group_steps, stage_to_rank, to_csv,
                                           validate_schedule)
 from meshtrain.pipeline.simulator import Costs, closed_form, from_trace, simulate
 
@@ -80,6 +80,14 @@ def test_zb_h2_is_bubble_free_per_rank_with_equal_costs() -> None:
     result = simulate(SCHEDULES["zb-h2"](4, 8), UNIFORM)
     assert result.span_idle == (0, 0, 0, 0)
     assert result.bubble_time == pytest.approx(3.0)  # the last rank still starts (p-1) T_F late
+
+
+def test_split_backward_names_the_schedules_with_w(built: dict[Case, Schedule]) -> None:
+    # ZeRO and the planner decide by name; every rank of these schedules runs W actions
+    with_w = {case[0] for case, sched in built.items() if case[1] > 1 and all(
+        any(a.kind == Kind.W for a in rank) for rank in sched)}
+    without_w = {case[0] for case, sched in built.items() if all(a.kind != Kind.W for rank in sched for a in rank)}
+    assert with_w == SPLIT_BACKWARD and not without_w & SPLIT_BACKWARD
 
 
 def test_known_figures_for_p4_m8() -> None:

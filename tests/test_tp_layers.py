@@ -3,7 +3,8 @@
 One launch per world size runs every check: the parallel layers (forward output, input and weight
 gradients), the communication a block sends against Narayanan's counts, the activations it saves
 against Korthikanti's per-layer formula (adjusted for this model, term by term in
-meshtrain.tensor_parallel.measure.activation_terms), and checkpoints moving between TP and non-TP.
+meshtrain.tensor_parallel.measure.activation_terms), the pipeline's B/W split of the parallel layers,
+and checkpoints moving between TP and non-TP.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from torch import nn
 
 from dist_utils import spawn
 from meshtrain.accounting import CommStats, wire_factor
@@ -23,6 +25,7 @@ from meshtrain.config import ModelConfig, OptimizerConfig
 from meshtrain.data_parallel import DataParallel
 from meshtrain.model import build_model
 from meshtrain.optim import AdamW
+from meshtrain.pipeline.split_backward import WeightGradQueue, enable_split_backward
 from meshtrain.tensor_parallel import (LLAMA_PLAN, ColumnParallelLinear, RowParallelLinear, TensorParallelEngine,
                                        VocabParallelEmbedding, apply_tensor_parallel, vocab_parallel_cross_entropy)
 from meshtrain.tensor_parallel.comm import TPComm, all_gather_dim, gather_seq, scatter_seq
@@ -77,6 +80,26 @@ def _check_sequence_parallel_region(comm: TPComm) -> None:
     torch.testing.assert_close(out, ref, **TOL)
     out.backward(grad)
     torch.testing.assert_close(xt.grad, gx, **TOL)
+    torch.testing.assert_close(col.weight.grad, _chunk(gwc, comm, 0), **TOL)
+    torch.testing.assert_close(row.weight.grad, _chunk(gwr, comm, 1), **TOL)
+
+
+def _check_split_backward(comm: TPComm, sp: bool) -> None:
+    """The pipeline's B/W split: B leaves the parallel layers' weight gradients to W (which, under SP,
+    re-gathers the stored input shard) and the input gradient is complete without them."""
+    x, wc, wr, ref, grad, gx, gwc, gwr = _mlp_twin()
+    col, row = ColumnParallelLinear(wc, comm, sp, entry=True), RowParallelLinear(wr, comm, sp)
+    queue, deferred = WeightGradQueue(), []
+    assert enable_split_backward(nn.ModuleList([col, row]), queue) == 2
+    xt = _leaf(x)
+    out = row(F.gelu(col(scatter_seq(xt, comm) if sp else xt)))
+    queue.target = deferred  # as the executor does around a B
+    (gather_seq(out, comm) if sp else out).backward(grad)
+    queue.target = None
+    torch.testing.assert_close(xt.grad, gx, **TOL)
+    assert col.weight.grad is None and row.weight.grad is None and len(deferred) == 2
+    for weight_grad in deferred:  # W
+        weight_grad()
     torch.testing.assert_close(col.weight.grad, _chunk(gwc, comm, 0), **TOL)
     torch.testing.assert_close(row.weight.grad, _chunk(gwr, comm, 1), **TOL)
 
@@ -199,6 +222,7 @@ def _run_all(rank: int, world: int, tmp: str) -> None:
     _check_column_and_row(comm)
     _check_sequence_parallel_region(comm)
     for sp in (False, True):
+        _check_split_backward(comm, sp)
         _check_embedding(comm, sp)
         _check_block_comm(world, sp)
         _check_activations(world, sp)

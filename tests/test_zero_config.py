@@ -21,10 +21,21 @@ def test_offload_needs_a_zero_stage() -> None:
         validate(load_config(None, ["parallel.offload=true"]), 2)
 
 
-def test_zero_with_pipeline_is_refused_by_name() -> None:
-    with pytest.raises(ConfigError, match="parallel.zero_stage=1 with pp=2, tp=1 is not supported"):
-        validate(load_config(None, ["parallel.zero_stage=1", "parallel.pp=2", "parallel.dp_shard=1",
-                                    "training.global_batch=2"]), 2)
+def test_zero_composes_with_tp_or_pp_and_refuses_what_it_cannot() -> None:
+    for stage in (1, 2, 3):
+        assert validate(load_config(None, [f"parallel.zero_stage={stage}", "parallel.tp=2"]), 4).parallel.dp_shard == 2
+        assert validate(load_config(None, [f"parallel.zero_stage={stage}", "parallel.pp=2"]), 4).parallel.dp_shard == 2
+    assert validate(load_config(None, ["parallel.zero_stage=2", "parallel.pp=2", "parallel.pp_schedule=zb-h2"]), 4)
+    with pytest.raises(ConfigError, match="parallel.zero_stage=3 with parallel.pp_schedule=zb-h1 is not supported"):
+        validate(load_config(None, ["parallel.zero_stage=3", "parallel.pp=2", "parallel.pp_schedule=zb-h1"]), 4)
+    assert validate(load_config(None, ["parallel.zero_stage=3", "parallel.pp=2", "parallel.tp=2"]), 8).parallel.dp_shard == 2
+
+
+def test_zero2_under_a_zero_bubble_schedule_reduces_once() -> None:
+    pp = ["parallel.zero_stage=2", "parallel.pp=2", "model.n_layers=4", "training.micro_batch=1"]
+    once = _predict(4, *pp, "parallel.pp_schedule=zb-h1")
+    each = _predict(4, *pp, "parallel.pp_schedule=1f1b")
+    assert each["comm_reduce_scatter_bytes"] == 4 * once["comm_reduce_scatter_bytes"]  # 4 microbatches
 
 
 def test_every_stage_validates_with_hybrid_sharding() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 
 
@@ -36,6 +37,10 @@ class GradEngine(Protocol):
     def grad_norm(self) -> torch.Tensor:
         """The true global L2 norm of the gradient, counted once per parameter element."""
         ...
+
+    shard_group: dist.ProcessGroup | None
+    """The ranks among which optim_grads are disjoint pieces of one gradient (ZeRO's dp_shard group):
+    a norm sums their squares over it. None when every rank holds whole gradients."""
 
     def scale_grads(self, factor: float) -> None: ...
 

@@ -16,8 +16,8 @@ from meshtrain.config import Config
 from meshtrain.data_parallel import DataParallel
 from meshtrain.engine import GradEngine
 from meshtrain.model import Llama
-from meshtrain.pipeline.stage import StageChunks
-from meshtrain.tensor_parallel import LLAMA_PLAN, TensorParallelEngine, apply_tensor_parallel
+from meshtrain.pipeline.stage import StageChunks, stage_models
+from meshtrain.tensor_parallel import LLAMA_PLAN, TensorParallelEngine, apply_tensor_parallel_parts
 from meshtrain.topology import Topology
 from meshtrain.zero import build_zero_engine
 
@@ -26,7 +26,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def llama_parts(model: nn.Module) -> list[Llama]:
     """The Llama instances a rank holds: the whole model, or its pipeline stages."""
-    return list(model.chunks.values()) if isinstance(model, StageChunks) else [model]
+    return stage_models(model)
 
 
 def parallelize(model: nn.Module, topo: Topology, cfg: Config, stats: CommStats) -> GradEngine:
@@ -36,11 +36,15 @@ def parallelize(model: nn.Module, topo: Topology, cfg: Config, stats: CommStats)
     the model is built, because it decides which modules exist on this rank at all).
     """
     t, p = cfg.training, cfg.parallel
-    tp = apply_tensor_parallel(model, topo.group("tp"), LLAMA_PLAN, p.sequence_parallel, stats) if p.tp > 1 else None
+    # Each pipeline stage is rewritten on its own; it holds a subset of the plan's modules (strict=False).
+    tp = apply_tensor_parallel_parts(llama_parts(model), topo.group("tp"), LLAMA_PLAN, p.sequence_parallel, stats,
+                                     strict=not isinstance(model, StageChunks)) if p.tp > 1 else None
     for part in llama_parts(model):
         apply_activation_checkpointing(part.model.layers, t.activation_checkpointing, t.ac_every)
+    # ZeRO or plain DP owns this rank's (tp-local) parameters; TP's engine adds what tp changes on top
     if p.zero_stage:
-        return build_zero_engine(model, topo, p, stats, DTYPES[t.dtype], DTYPES[p.reduce_dtype])
-    engine = DataParallel(model, topo.group("dp"), stats, bucket_bytes=int(p.bucket_mb * 2**20),
-                          reduce_dtype=DTYPES[p.reduce_dtype])
+        engine = build_zero_engine(model, topo, p, stats, DTYPES[t.dtype], DTYPES[p.reduce_dtype])
+    else:
+        engine = DataParallel(model, topo.group("dp"), stats, bucket_bytes=int(p.bucket_mb * 2**20),
+                              reduce_dtype=DTYPES[p.reduce_dtype])
     return engine if tp is None else TensorParallelEngine(engine, model, tp)

@@ -51,6 +51,8 @@ class Trainer:
         else:
             self.model = build_model(cfg.model, env.device, seed=cfg.training.seed)
         self.engine = parallelize(self.model, self.topo, cfg, self.stats)
+        if self.pipeline is not None:
+            self.pipeline.split_weight_grads()  # after parallelize: TP has swapped the layers to split
         self.loss_fn = getattr(self.model, "loss_fn", cross_entropy_sum)  # a vocab-parallel head brings its own
         self.optim = AdamW(self.engine.optim_params(), cfg.optimizer, no_decay=self.engine.no_decay())
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
@@ -141,6 +143,9 @@ class Trainer:
     def _global_mean(self, loss_sum: torch.Tensor) -> float:
         if self.topo.group("pp") is not None:
             # Only the last stage computed a loss; the others contribute zero to a world-wide sum.
+            # Its tp ranks all hold the same (vocab-parallel) loss: count it once, from tp rank 0.
+            if self.topo.local_rank("tp"):
+                loss_sum = torch.zeros_like(loss_sum)
             dist.all_reduce(loss_sum)
         elif self.topo.group("dp") is not None:
             dist.all_reduce(loss_sum, group=self.topo.group("dp"))
@@ -203,7 +208,8 @@ class Trainer:
         return history
 
     def _write_pipeline_trace(self) -> None:
-        if self.pipeline is None or self.topo.local_rank("dp") or not self.pipeline.trace:
+        # One trace per stage: from the first data-parallel replica's first tp rank.
+        if self.pipeline is None or self.topo.local_rank("dp") or self.topo.local_rank("tp") or not self.pipeline.trace:
             return
         from meshtrain.pipeline.trace import write_trace
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 
 from meshtrain.config import Config, ConfigError
+from meshtrain.pipeline.schedules import SPLIT_BACKWARD
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "training.dtype": ("fp32", "bf16"),
@@ -75,8 +76,6 @@ def _check_model(cfg: Config) -> None:
     if p.sequence_parallel and cfg.training.seq_len % p.tp:
         raise ConfigError(f"training.seq_len={cfg.training.seq_len} must be divisible by parallel.tp={p.tp} with "
                           f"parallel.sequence_parallel=true; change seq_len or tp")
-    if p.tp > 1 and p.pp > 1:
-        raise ConfigError(f"parallel.tp={p.tp} with parallel.pp={p.pp} is not supported by this build yet; set tp=1 or pp=1")
     if cfg.training.seq_len > m.max_seq_len:
         raise ConfigError(f"training.seq_len={cfg.training.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower seq_len or raise max_seq_len")
     if p.pp * p.pp_chunks > m.n_layers:
@@ -113,9 +112,10 @@ def _check_zero(cfg: Config) -> None:
     if p.offload and p.zero_stage == 0:
         raise ConfigError("parallel.offload=true needs parallel.zero_stage >= 1 (it offloads the sharded optimizer state); "
                           "set zero_stage or offload=false")
-    if p.zero_stage and (p.pp > 1 or p.tp > 1):
-        raise ConfigError(f"parallel.zero_stage={p.zero_stage} with pp={p.pp}, tp={p.tp} is not supported by this build yet; "
-                          f"use zero_stage=0 or pp=tp=1")
+    if p.zero_stage == 3 and p.pp > 1 and p.pp_schedule in SPLIT_BACKWARD:
+        raise ConfigError(f"parallel.zero_stage=3 with parallel.pp_schedule={p.pp_schedule} is not supported: the "
+                          f"zero-bubble W step computes weight gradients after ZeRO-3 has freed the block's gathered "
+                          f"weights; use pp_schedule=1f1b, interleaved-1f1b or gpipe, or zero_stage<=2")
 
 
 def resolve_dp_shard(cfg: Config, world_size: int) -> int:

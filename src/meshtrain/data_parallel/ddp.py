@@ -118,6 +118,7 @@ class DataParallel:
         return optim_sd  # whole tensors, already keyed by parameter name
 
     collective_forward = False
+    shard_group = None  # every rank holds the whole summed gradient
 
     def step_metrics(self) -> dict[str, float]:
         return {}

@@ -21,7 +21,7 @@ from torch import nn
 from meshtrain.accounting import CommStats
 from meshtrain.pipeline.comm import exchange
 from meshtrain.pipeline.schedules import Action, Kind, Layout, group_steps
-from meshtrain.pipeline.split_backward import WeightGradQueue
+from meshtrain.pipeline.split_backward import WeightGradQueue, enable_split_backward
 
 Key = tuple[int, int]  # (virtual stage, microbatch)
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -48,8 +48,8 @@ class PipelineExecutor:
     layout: Layout
     group: dist.ProcessGroup
     stats: CommStats
-    loss_fn: LossFn
-    act_shape: tuple[int, ...]
+    loss_fn: LossFn  # unless the last stage brings its own `loss_fn` (a vocab-parallel head does)
+    act_shape: tuple[int, ...]  # of a stage output and its gradient: the recv buffers
     device: torch.device
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     queue: WeightGradQueue = field(default_factory=WeightGradQueue)
@@ -60,6 +60,15 @@ class PipelineExecutor:
         self.last = self.layout.num_stages - 1
         self.me = dist.get_rank(self.group)
         self.steps = group_steps(self.actions)
+
+    def split_weight_grads(self) -> int:
+        """Route the stages' linear layers through the B/W split when the schedule has W actions.
+
+        Call it once the layers are final: tensor parallelism replaces them with parallel layers.
+        Returns how many layers split their backward."""
+        if not any(a.kind == Kind.W for a in self.actions):
+            return 0
+        return sum(enable_split_backward(stage, self.queue) for stage in self.stages.values())
 
     def run(self, batch: StepInputs) -> torch.Tensor:
         """One optimizer step's forward and backward passes; returns this rank's summed token loss."""
@@ -122,7 +131,9 @@ class PipelineExecutor:
         with self.autocast():
             out = self.stages[stage](x)
         if stage == self.last:
-            loss = self.loss_fn(out, batch.targets[mb].to(self.device))
+            # Read at each call: tensor parallelism gives the stage its loss after the executor is built.
+            loss_fn = getattr(self.stages[stage], "loss_fn", self.loss_fn)
+            loss = loss_fn(out, batch.targets[mb].to(self.device))
             self.loss_sum += loss.detach().double().cpu()
             out = loss * batch.scale
         elif self.layout.rank_of(stage + 1) == self.me:

@@ -1,4 +1,8 @@
-"""Builds this rank's pipeline stages and the executor that runs its part of the schedule."""
+"""Builds this rank's pipeline stages and the executor that runs its part of the schedule.
+
+The stages come out as single-device modules; the trainer then parallelizes them (tensor parallelism swaps their
+layers) and then calls `executor.split_weight_grads()`, so the B/W split sees the final layers.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -10,8 +14,7 @@ from meshtrain.accounting import CommStats
 from meshtrain.config import Config
 from meshtrain.loss import cross_entropy_sum
 from meshtrain.pipeline.executor import PipelineExecutor
-from meshtrain.pipeline.schedules import SCHEDULES, Kind, Layout
-from meshtrain.pipeline.split_backward import WeightGradQueue, enable_split_backward
+from meshtrain.pipeline.schedules import SCHEDULES, Layout
 from meshtrain.pipeline.stage import StageChunks, build_stage, split_blocks, stage_ranges
 from meshtrain.topology import Topology
 
@@ -26,14 +29,12 @@ def build_pipeline(cfg: Config, topo: Topology, device: torch.device, stats: Com
     me = topo.local_rank("pp")
     mine = {s: build_stage(cfg.model, s, ranges[s], n_stages, device, t.seed)
             for s in range(n_stages) if layout.rank_of(s) == me}
-    queue = WeightGradQueue()
-    if any(a.kind == Kind.W for a in schedule[me]):
-        for stage in mine.values():
-            enable_split_backward(stage, queue)
+    # Under sequence parallelism the residual stream between stages is sequence-sharded: each tp rank
+    # sends its shard to the same tp rank of the next stage (the pp group pairs them), 1/tp of the bytes.
+    seq = t.seq_len // p.tp if p.sequence_parallel else t.seq_len
     executor = PipelineExecutor(stages=mine, actions=schedule[me], layout=layout, group=topo.group("pp"),
-                                stats=stats, loss_fn=cross_entropy_sum,
-                                act_shape=(t.micro_batch, t.seq_len, cfg.model.dim), device=device,
-                                autocast=autocast, queue=queue)
+                                stats=stats, loss_fn=cross_entropy_sum, act_shape=(t.micro_batch, seq, cfg.model.dim),
+                                device=device, autocast=autocast)
     return StageChunks(mine), executor
 
 

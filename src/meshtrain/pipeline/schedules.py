@@ -460,6 +460,9 @@ def interleaved_1f1b(pp: int, microbatches: int, chunks: int = 1) -> Schedule:
 
 SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "gpipe": gpipe, "1f1b": one_f_one_b, "interleaved-1f1b": interleaved_1f1b, "zb-h1": zb_h1, "zb-h2": zb_h2}
+# Schedules with W actions: their weight gradients are accumulated outside autograd (split_backward.py),
+# so no post-accumulate-grad hook sees them.
+SPLIT_BACKWARD = frozenset({"zb-h1", "zb-h2"})
 
 
 _COLUMNS = ("rank", "index", "kind", "stage", "microbatch", "peer")

@@ -101,5 +101,10 @@ class StageChunks(nn.Module):
             yield from chunk.named_parameters(prefix, recurse, remove_duplicate)
 
 
+def stage_models(model: nn.Module) -> list[nn.Module]:
+    """The Llama instances a rank holds: its pipeline stages, or the whole model."""
+    return list(model.chunks.values()) if isinstance(model, StageChunks) else [model]
+
+
 def norm_modules(model: nn.Module) -> list[RMSNorm]:
     return [m for m in model.modules() if isinstance(m, RMSNorm)]

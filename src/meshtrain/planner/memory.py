@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from meshtrain.planner.layout import Layout, RankParams, layers_per_rank
+from meshtrain.planner.layout import Layout, RankParams, deferred_weight_grads, layers_per_rank
 from meshtrain.planner.model_math import ModelShape
 
 MIB = 2**20
@@ -155,6 +155,8 @@ def rank_memory(shape: ModelShape, lay: Layout, mi: MemoryInputs, rp: RankParams
         # the block being computed and the prefetched next one, plus one block's unsharded grads
         out["zero3 gathered params"] = 2 * rp.unit * mi.dtypes.param
         out["zero3 unsharded grads"] = rp.unit * mi.dtypes.grad
+    if lay.zero == 2 and deferred_weight_grads(lay):
+        out["zero2 whole grads (zero-bubble)"] = rp.total * mi.dtypes.grad  # held until the step's one reduction
     if lay.grad_group > 1:
         # one bucket reducing while the next fills, never more than the gradients themselves
         out["comm buckets"] = min(2 * mi.bucket_mb * MIB, rp.total * mi.dtypes.grad)

@@ -8,7 +8,9 @@ exchange; p2p the bytes sent.
 Data-parallel traffic per optimizer step (psi = params on this rank, m = microbatches):
   ZeRO 0: all-reduce grads once (DDP's no_sync during accumulation).
   ZeRO 1: reduce-scatter grads once, all-gather params once after the update.
-  ZeRO 2: reduce-scatter grads every microbatch (grads are kept sharded), all-gather params once.
+  ZeRO 2: reduce-scatter grads every microbatch (grads are kept sharded), all-gather params once;
+          under a zero-bubble pipeline schedule once per step, like ZeRO 1 (its W step computes
+          weight gradients outside autograd, so meshtrain reduces them once, in finish()).
   ZeRO 3: all-gather params in every forward and every backward, reduce-scatter every microbatch.
   HSDP (dp_replicate > 1 with ZeRO): the grad shard is all-reduced across replicas once.
 With one microbatch these are the 2 psi, 2 psi and 3 psi of Rajbhandari et al. 2020.
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from meshtrain.planner.layout import Layout, RankParams, groups, layers_per_rank
+from meshtrain.planner.layout import Layout, RankParams, deferred_weight_grads, groups, layers_per_rank
 from meshtrain.planner.memory import MIB, StateDtypes
 from meshtrain.planner.model_math import ModelShape
 
@@ -100,7 +102,7 @@ def _dp_collectives(psi: float, lay: Layout, ti: TrafficInputs, unit: float, exp
         out.append(Collective(f"{tag}zero3 params", "all_gather", params, zero_group, m, "bwd_each", unit * ti.dtypes.param))
         out.append(Collective(f"{tag}zero3 grads", "reduce_scatter", grads, zero_group, m, "bwd_each", unit * ti.reduce_bytes))
     else:
-        per_micro = lay.zero == 2
+        per_micro = lay.zero == 2 and not deferred_weight_grads(lay)
         out.append(Collective(f"{tag}zero grads", "reduce_scatter", grads, zero_group, m if per_micro else 1,
                               "bwd_each" if per_micro else "bwd_last", bucket))
         out.append(Collective(f"{tag}zero params", "all_gather", params, zero_group, 1, "fwd_first", bucket))

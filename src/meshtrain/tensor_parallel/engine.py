@@ -1,23 +1,49 @@
-"""The GradEngine seen by the trainer when tensor parallelism is on: a data-parallel engine underneath,
-plus what tensor sharding changes about gradients and state.
+"""The GradEngine seen by the trainer when tensor parallelism is on: a data-parallel engine underneath
+(plain DP or ZeRO 1-3, over this rank's tp-local parameters), plus what tensor sharding changes
+about gradients and state.
 
-- Under SP, the norm weights' gradients are partial per sequence shard: finish() sums them.
+- Under SP, the norm weights' gradients are partial per sequence shard: finish() sums them over tp,
+  after the inner engine's reduction. Both are sums, so the order does not matter, only that each
+  happens once; summing afterwards works on whatever the inner engine holds (ZeRO: its shard, whose
+  layout is the same on every tp rank because their tp-local parameters have the same shapes).
 - The gradient norm adds the squared norms of sharded parameters over the tp group, and counts the
-  replicated ones (norm weights, equal on every tp rank) once.
+  replicated ones (norm weights, equal on every tp rank) once; under ZeRO each is first summed over
+  the dp_shard group, whose ranks hold disjoint pieces.
 - Weights and the optimizer's moments are saved as DTensors of their full shape under the Hugging
   Face names, so torch.distributed.checkpoint writes one full tensor per name, and loads it back at
-  any tp degree, or into a run without tensor parallelism (and the other way round).
+  any tp degree, ZeRO stage or shard count, or into a run without tensor parallelism (and the other
+  way round).
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from meshtrain.engine import GradEngine
 from meshtrain.tensor_parallel.plan import TensorParallel
+
+
+class FullShapeState:
+    """A sharded engine's Stateful checkpoint view (ZeRO's), with each tensor-parallel weight, or its
+    moments, shown to DCP as a DTensor of the full shape; other entries pass through."""
+
+    def __init__(self, inner: Stateful, as_full: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
+        self._inner, self._as_full = inner, as_full
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {key: self._as_full(key, value) for key, value in self._inner.state_dict().items()}
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        self._inner.load_state_dict({k: v.to_local() if isinstance(v, DTensor) else v for k, v in sd.items()})
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._inner[key]  # AdamW.load_state_dict reads the restored step count from here
 
 
 class TensorParallelEngine:
@@ -28,6 +54,13 @@ class TensorParallelEngine:
         self.inner, self.model, self.tp = inner, model, tp
         device = next(model.parameters()).device.type
         self.mesh = DeviceMesh.from_group(tp.group, device)
+        partial = {id(p) for p in tp.partial_grads}
+        self.partial_names = {n for n, p in model.named_parameters() if id(p) in partial}
+
+    @property
+    def shard_group(self) -> dist.ProcessGroup | None:
+        """The inner engine's data-parallel split; the tp split is this engine's own (grad_norm)."""
+        return self.inner.shard_group
 
     # ---- the GradEngine contract (meshtrain.engine) -------------------------------------------
     def optim_params(self) -> list[tuple[str, torch.Tensor]]:
@@ -41,22 +74,24 @@ class TensorParallelEngine:
 
     def finish(self) -> None:
         self.inner.finish()
-        self.tp.sum_partial_grads()
+        self.tp.sum_partial_grads([g for n, g in self._named_grads() if n in self.partial_names])
 
     def optim_grads(self) -> list[torch.Tensor]:
         return self.inner.optim_grads()
 
     def grad_norm(self) -> torch.Tensor:
-        sharded = torch.zeros((), dtype=torch.float64)
-        replicated = torch.zeros((), dtype=torch.float64)
-        for (name, _), grad in zip(self.inner.optim_params(), self.inner.optim_grads()):
-            sq = torch.linalg.vector_norm(grad, dtype=torch.float64).square().cpu()
-            if name in self.tp.shard_dims:
-                sharded += sq
-            else:
-                replicated += sq
+        sq = torch.zeros(2, dtype=torch.float64)  # [replicated over tp, sharded over tp]
+        for name, grad in self._named_grads():
+            sq[int(name in self.tp.shard_dims)] += torch.linalg.vector_norm(grad, dtype=torch.float64).square().cpu()
+        if self.inner.shard_group is not None:
+            dist.all_reduce(sq, group=self.inner.shard_group)
+        sharded = sq[1].clone()
         dist.all_reduce(sharded, group=self.tp.group)
-        return (sharded + replicated).sqrt().float()
+        return (sq[0] + sharded).sqrt().float()
+
+    def _named_grads(self) -> list[tuple[str, torch.Tensor]]:
+        """(parameter name, gradient or this rank's piece of it), in the same order on every tp rank."""
+        return [(name, grad) for (name, _), grad in zip(self.inner.optim_params(), self.inner.optim_grads())]
 
     def scale_grads(self, factor: float) -> None:
         self.inner.scale_grads(factor)
@@ -70,21 +105,30 @@ class TensorParallelEngine:
     def state_tensors(self) -> list[torch.Tensor]:
         return self.inner.state_tensors()
 
-    def model_state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: self._as_full(name, value) for name, value in self.inner.model_state_dict().items()}
+    def model_state_dict(self) -> dict[str, torch.Tensor] | Stateful:
+        return self._full_shape(self.inner.model_state_dict(), self._as_full)
 
-    def optim_state_dict(self, optim_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def optim_state_dict(self, optim_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | Stateful:
         """Keys are `exp_avg.<param name>` and the like: moments of a sharded weight are sharded alike."""
-        inner = self.inner.optim_state_dict(optim_sd)
-        return {key: self._as_full(key.partition(".")[2], value) for key, value in inner.items()}
+        return self._full_shape(self.inner.optim_state_dict(optim_sd),
+                                lambda key, value: self._as_full(key.partition(".")[2], value))
+
+    @staticmethod
+    def _full_shape(inner: dict[str, torch.Tensor] | Stateful,
+                    as_full: Callable[[str, torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor] | Stateful:
+        # ZeRO hands out a Stateful that gathers its shards only when DCP asks: convert then, not now.
+        if isinstance(inner, Stateful):
+            return FullShapeState(inner, as_full)
+        return {key: as_full(key, value) for key, value in inner.items()}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every weight whole, on every rank (collective): for sampling or exporting."""
-        return {n: v.full_tensor() if isinstance(v, DTensor) else v.detach()
-                for n, v in self.model_state_dict().items()}
+        sd = self.model_state_dict()
+        sd = sd.state_dict() if isinstance(sd, Stateful) else sd
+        return {n: v.full_tensor() if isinstance(v, DTensor) else v.detach() for n, v in sd.items()}
 
     def num_params(self) -> int:
-        return sum(v.numel() for v in self.model_state_dict().values())
+        return sum(p.numel() * (self.tp.size if n in self.tp.shard_dims else 1) for n, p in self.model.named_parameters())
 
     def step_metrics(self) -> dict[str, float]:
         """The tensor-parallel bytes one block sent this step (payload, all kinds), mean over blocks."""

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from meshtrain.pipeline.split_backward import WeightGradQueue, defer_weight_grad, split_linear
 from meshtrain.tensor_parallel.comm import (PendingGather, TPComm, all_reduce, copy_to_region, gather_last_dim,
                                             gather_seq_to_region, reduce_from_region,
                                             reduce_scatter_from_region)
@@ -71,34 +72,46 @@ class _ShardSavingLinear(torch.autograd.Function):
     """y = x_full @ w.T, saving the sequence shard of x_full rather than x_full itself."""
 
     @staticmethod
-    def forward(ctx, x_full: torch.Tensor, shard: torch.Tensor, weight: torch.Tensor,
-                regather: _Regather) -> torch.Tensor:
+    def forward(ctx, x_full: torch.Tensor, shard: torch.Tensor, weight: nn.Parameter, regather: _Regather,
+                queue: WeightGradQueue | None) -> torch.Tensor:
         ctx.save_for_backward(shard, weight)
-        ctx.regather = regather
+        ctx.regather, ctx.queue, ctx.weight = regather, queue, weight
         regather.users += 1
         with torch.autocast(x_full.device.type, enabled=False):
             return F.linear(x_full, weight.to(x_full.dtype))
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor | None, None, None]:
         shard, weight = ctx.saved_tensors
-        ctx.regather.start(shard)  # overlaps with the input gradient, which does not need it
+        regather = ctx.regather
+        deferred = ctx.queue is not None and ctx.queue.target is not None  # a zero-bubble B: W does it
+        if not deferred:
+            regather.start(shard)  # overlaps with the input gradient, which does not need it
         grad_x = grad @ weight.to(grad.dtype)
-        x_full = ctx.regather.get()
-        grad_w = grad.flatten(0, -2).t() @ x_full.flatten(0, -2).to(grad.dtype)
-        return grad_x, None, grad_w.to(weight.dtype), None
+
+        def weight_grad() -> torch.Tensor:
+            regather.start(shard)  # a no-op when already started, or done for another consumer
+            x_full = regather.get()
+            return (grad.flatten(0, -2).t() @ x_full.flatten(0, -2).to(grad.dtype)).to(weight.dtype)
+
+        if ctx.queue is None:
+            return grad_x, None, weight_grad(), None, None
+        # Split on: at once or in W, but outside autograd either way, as for the stages' nn.Linear.
+        defer_weight_grad(ctx.queue, ctx.weight, weight_grad)
+        return grad_x, None, None, None, None
 
 
-def region_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear, except on a gathered sequence-parallel input, where only the shard is saved.
+def region_linear(x: torch.Tensor, weight: nn.Parameter, queue: WeightGradQueue | None = None) -> torch.Tensor:
+    """F.linear, except on a gathered sequence-parallel input, where only the shard is saved; with a
+    `queue` (pipeline B/W split), the weight gradient of a backward inside a B waits for W.
 
     The shard rides on the gathered tensor as an attribute. A hook that replaces the tensor on its way
     to the linear drops it, and the linear then saves the whole input: correct, only larger.
     """
     saved = getattr(x, _SHARD_ATTR, None)
-    if saved is None:
-        return F.linear(x, weight)
-    return _ShardSavingLinear.apply(x, saved[0], weight, saved[1])
+    if saved is not None:
+        return _ShardSavingLinear.apply(x, saved[0], weight, saved[1], queue)
+    return F.linear(x, weight) if queue is None else split_linear(x, weight, queue)
 
 
 def _local_rows(full: torch.Tensor, dim: int, comm: TPComm) -> torch.Tensor:
@@ -118,11 +131,12 @@ class ColumnParallelLinear(nn.Module):
         self.comm, self.sequence_parallel, self.entry = comm, sequence_parallel, entry
         self.gather_in_eval = gather_in_eval
         self.weight = nn.Parameter(_local_rows(full_weight, 0, comm))
+        self.weight_grad_queue: WeightGradQueue | None = None  # set by the pipeline's B/W split
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.entry:
             x = enter_region(x, self.comm, self.sequence_parallel and self.training)
-        y = region_linear(x, self.weight)
+        y = region_linear(x, self.weight, self.weight_grad_queue)
         return gather_last_dim(y, self.comm) if self.gather_in_eval and not self.training else y
 
 
@@ -133,9 +147,10 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.comm, self.sequence_parallel = comm, sequence_parallel
         self.weight = nn.Parameter(_local_rows(full_weight, 1, comm))
+        self.weight_grad_queue: WeightGradQueue | None = None  # set by the pipeline's B/W split
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = F.linear(x, self.weight)
+        partial = region_linear(x, self.weight, self.weight_grad_queue)  # x is feature-split: never a shard
         if self.sequence_parallel and self.training:
             return reduce_scatter_from_region(partial, self.comm)
         return reduce_from_region(partial, self.comm)

@@ -84,10 +84,13 @@ class TensorParallel:
     def comm(self, stats: Recorder, scope: str) -> TPComm:
         return TPComm(self.group, _Tee(stats, self.scopes[scope]))
 
-    def sum_partial_grads(self) -> None:
+    def sum_partial_grads(self, grads: list[torch.Tensor] | None = None) -> None:
         """After the step's last backward: sum the SP norms' partial gradients, all in one all-reduce
-        (Megatron does the same), rather than one per norm per microbatch."""
-        grads = [p.grad for p in self.partial_grads if p.grad is not None]
+        (Megatron does the same), rather than one per norm per microbatch. `grads` are where the
+        gradients live once reduced, in the same order on every rank (ZeRO: pieces of its shards);
+        by default the norms' own `.grad`."""
+        if grads is None:
+            grads = [p.grad for p in self.partial_grads if p.grad is not None]
         if not grads or self.grad_comm is None:
             return
         summed = all_reduce(torch.cat([g.reshape(-1) for g in grads]), self.grad_comm)
@@ -112,16 +115,21 @@ class _RegionEntry:
 
 
 class _FullSequencePositions:
-    """Under SP the embedding returns a sequence shard, from which the model would size its RoPE
-    tables; attention sees the whole (gathered) sequence, so pass the whole sequence's positions."""
+    """Under SP the model's input reaches the blocks as a sequence shard, from which the model would
+    size its RoPE tables; attention sees the whole (gathered) sequence, so pass the whole sequence's
+    positions. The input is token ids (the embedding shards them), or, for a later pipeline stage
+    (`hidden_input`), the previous stage's residual stream, which arrives already sharded in training."""
 
-    def __init__(self, forward: Callable[..., torch.Tensor]) -> None:
-        self.forward = forward
+    def __init__(self, forward: Callable[..., torch.Tensor], module: nn.Module, hidden_input: bool,
+                 size: int) -> None:
+        self.forward, self.module, self.hidden_input, self.size = forward, module, hidden_input, size
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         if positions is None:
-            positions = torch.arange(tokens.shape[1], device=tokens.device)
-        return self.forward(tokens, positions)
+            # Eval mode runs plain TP (whole sequences), so only a training shard is scaled up.
+            sharded = self.hidden_input and self.module.training
+            positions = torch.arange(x.shape[1] * (self.size if sharded else 1), device=x.device)
+        return self.forward(x, positions)
 
 
 def match_plan(model: nn.Module, plan: dict[str, str], strict: bool = True) -> list[tuple[str, nn.Module, str]]:
@@ -185,11 +193,26 @@ def _apply_hook_style(name: str, module: nn.Module, style: str, tp: TensorParall
 def apply_tensor_parallel(model: nn.Module, tp_group: dist.ProcessGroup, plan: dict[str, str],
                           sequence_parallel: bool, stats: Recorder, strict: bool = True) -> TensorParallel:
     """Rewrite `model` in place into this rank's tensor-parallel part; return what was sharded."""
+    return apply_tensor_parallel_parts([model], tp_group, plan, sequence_parallel, stats, strict)
+
+
+def apply_tensor_parallel_parts(parts: list[nn.Module], tp_group: dist.ProcessGroup, plan: dict[str, str],
+                                sequence_parallel: bool, stats: Recorder, strict: bool = True) -> TensorParallel:
+    """`apply_tensor_parallel` over several disjoint parts of one model (a rank's pipeline stages),
+    recorded in one TensorParallel. A stage holds a subset of the modules, so pass strict=False there:
+    the embedding's, final norm's and head's entries then match nothing on most stages."""
     tp = TensorParallel(tp_group, sequence_parallel, dist.get_world_size(tp_group), dist.get_rank(tp_group))
     tp.grad_comm = tp.comm(stats, "partial grads")
+    for part in parts:
+        _rewrite(part, tp, plan, stats, strict)
+    return tp
+
+
+def _rewrite(model: nn.Module, tp: TensorParallel, plan: dict[str, str], stats: Recorder, strict: bool) -> None:
     new_params: dict[int, nn.Parameter] = {}  # id(full weight) -> its shard: tied weights stay tied
     dims: dict[int, int] = {}
-    for name, module, style in match_plan(model, plan, strict):
+    hits = match_plan(model, plan, strict)
+    for name, module, style in hits:
         comm = tp.comm(stats, scope_of(name))
         if style not in SHARD_DIM:
             _apply_hook_style(name, module, style, tp, comm)
@@ -203,7 +226,7 @@ def apply_tensor_parallel(model: nn.Module, tp_group: dist.ProcessGroup, plan: d
         if style == "vocab_head":
             model.loss_fn = VocabParallelLoss(tp.comm(stats, "loss"))
         _swap(model, name, new)
-    tp.shard_dims = {n: dims[id(p)] for n, p in model.named_parameters() if id(p) in dims}
-    if sequence_parallel:
-        model.forward = _FullSequencePositions(model.forward)
-    return tp
+    tp.shard_dims.update({n: dims[id(p)] for n, p in model.named_parameters() if id(p) in dims})
+    if tp.sequence_parallel:
+        hidden_input = all(style != "vocab_embedding" for _, _, style in hits)
+        model.forward = _FullSequencePositions(model.forward, model, hidden_input, tp.size)

@@ -166,6 +166,10 @@ class ZeroBase:
     def no_decay(self) -> set[str]:
         return {n for u in self.units for n, s in zip(u.layout.names, u.layout.shapes) if len(s) < 2}
 
+    @property
+    def shard_group(self) -> dist.ProcessGroup | None:
+        return self.groups.shard
+
     def grad_norm(self) -> torch.Tensor:
         # Padding is zero in every shard, and each element lives in exactly one shard of the group.
         sq = torch.stack([u.grad.double().square().sum() for u in self.units]).sum().to(self.device)

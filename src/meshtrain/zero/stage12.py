@@ -17,6 +17,14 @@ nothing and whole gradients accumulate in the buckets, one reduce-scatter per op
 Stage 2 reduces every micro-step and accumulates into its fp32 shard, because holding whole
 gradients across micro-steps would undo the very saving that defines it; DeepSpeed does the same
 (its engine refuses no_sync under gradient partitioning), and so does the planner's traffic model.
+
+Pipeline stages: buckets never span two of a rank's stages (interleaved schedules run their
+backwards at different times), so a bucket is complete after one microbatch's backward of its
+stage, and stage 2 reduces per microbatch as above. Zero-bubble schedules are the exception
+(`reduce_each_micro=False`): their W accumulates the linear weights' gradients outside autograd,
+where no hook sees them, so stage 2 then keeps whole gradients over the step, as stage 1 does, and
+reduces them once in finish() (torchtitan's FSDP + pipelining does the same; DeepSpeed refuses ZeRO-2
+with pipelining). Between steps it still holds only the gradient shard.
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ from torch import nn
 from meshtrain.accounting import CommStats
 from meshtrain.metrics import human_bytes
 from meshtrain.data_parallel.ddp import split_buckets
+from meshtrain.pipeline.stage import stage_models
 from meshtrain.zero.base import ShardGroups, Unit, ZeroBase
 from meshtrain.zero.comm import all_gather, gather_uncounted
 from meshtrain.zero.flat import FlatUnit
@@ -33,14 +42,16 @@ from meshtrain.zero.flat import FlatUnit
 
 class Zero12(ZeroBase):
     def __init__(self, module: nn.Module, stage: int, groups: ShardGroups, stats: CommStats, bucket_bytes: int,
-                 reduce_dtype: torch.dtype = torch.float32, offload: bool = False) -> None:
+                 reduce_dtype: torch.dtype = torch.float32, offload: bool = False, reduce_each_micro: bool = True) -> None:
         if stage not in (1, 2):
             raise ValueError(f"Zero12 runs ZeRO stage 1 or 2, not {stage}")
-        params = [p for p in module.parameters() if p.requires_grad]
-        super().__init__(groups, stats, reduce_dtype, offload, params[0].device)
-        self.stage = stage
+        super().__init__(groups, stats, reduce_dtype, offload, next(module.parameters()).device)
+        self.stage, self.reduce_each_micro = stage, reduce_each_micro
         names = {id(p): n for n, p in module.named_parameters()}
-        for i, bucket in enumerate(split_buckets(list(reversed(params)), bucket_bytes)):
+        buckets = [bucket for part in reversed(stage_models(module))  # backward reaches the last stage first
+                   for bucket in split_buckets([p for p in reversed(list(part.parameters())) if p.requires_grad],
+                                               bucket_bytes)]
+        for i, bucket in enumerate(buckets):
             lay = FlatUnit(f"zero.unit{i}", [(names[id(p)], p) for p in bucket], groups.size, groups.rank)
             self.units.append(self._build_unit(lay))
         self.register_grad_hooks()
@@ -63,7 +74,7 @@ class Zero12(ZeroBase):
         return unit
 
     def counting(self) -> bool:
-        return self.sync or self.stage == 2
+        return self.sync or (self.stage == 2 and self.reduce_each_micro)
 
     def unit_grads_ready(self, unit: Unit) -> None:
         lay = unit.layout
@@ -118,7 +129,7 @@ class Zero12(ZeroBase):
 
     def traffic(self) -> str:
         psi4 = human_bytes(4 * self.num_params())
-        when = "once" if self.stage == 1 else "per micro-step"
+        when = "per micro-step" if self.stage == 2 and self.reduce_each_micro else "once"
         return (f"reduce-scatter {psi4} {when} in {str(self.reduce_dtype).removeprefix('torch.')}, "
                 f"all-gather {psi4} once")
 

@@ -18,6 +18,13 @@ units are gathered at a time (the one computing and the one prefetched), and at 
 are in flight. Gradients are reduced every micro-step, accumulating into the fp32 shard, since whole
 gradients of all units would be the very memory ZeRO-3 is for: the set_sync hint is not needed.
 
+Pipeline stages: each of a rank's stages (a Llama holding some blocks, the embedding on the first,
+norm and head on the last) is cut into units the same way, unit names keeping the global block
+index. Prefetching stays within a stage: the unit a stage computes next may be a different stage's
+only much later. Each microbatch's backward of a stage produces every gradient of its units, so
+units are reduced per microbatch as above. Zero-bubble schedules are refused by validation: their W
+produces the linear weights' gradients outside autograd, after the unit was already freed.
+
 Mixed precision: with bf16 compute the shards stay fp32 (they are the master weights) and the
 gather moves bf16, as FSDP2's param_dtype does; gradients are reduced in parallel.reduce_dtype.
 """
@@ -33,6 +40,7 @@ from torch import nn
 
 from meshtrain.accounting import CommStats
 from meshtrain.metrics import human_bytes
+from meshtrain.pipeline.stage import stage_models
 from meshtrain.zero.base import ShardGroups, Unit, ZeroBase
 from meshtrain.zero.comm import all_gather
 from meshtrain.zero.flat import FlatUnit, named_unique
@@ -59,6 +67,13 @@ class UnitSpec:
     """Its forward hook frees the unit and hooks the output for backward."""
     order: tuple[int, int]
     """Positions of first and last in the model's forward: they order gathers and prefetches."""
+
+
+def following(specs: list[UnitSpec], start: int, position: int, reverse: bool) -> dict[int, int]:
+    """Unit index -> the unit its pass reaches next (forward: by first module; backward, reverse=True:
+    by last module, latest first), over `specs` numbered from `start`."""
+    order = sorted(range(len(specs)), key=lambda i: specs[i].order[position], reverse=reverse)
+    return {start + a: start + b for a, b in zip(order, order[1:])}
 
 
 def block_specs(model: nn.Module) -> list[UnitSpec]:
@@ -91,20 +106,27 @@ class Zero3(ZeroBase):
         super().__init__(groups, stats, reduce_dtype, offload, next(model.parameters()).device)
         self.param_dtype, self.prefetch = param_dtype, prefetch
         self.live_bytes = self.peak_bytes = 0
+        self.next_fwd: dict[int, int] = {}
+        self.next_bwd: dict[int, int] = {}
+        for part in stage_models(model):
+            self._add_units(part)
+        self.register_grad_hooks()
+
+    def _add_units(self, part: nn.Module) -> None:
+        """Units of one Llama (the model, or one pipeline stage), hooked, prefetching among themselves."""
         seen: set[int] = set()
-        specs = []
-        for spec in block_specs(model):
+        specs, start = [], len(self.units)
+        for spec in block_specs(part):
             named = named_unique(spec.modules, seen)
             if named:  # a module whose weights another unit already owns (tying) needs no unit
                 specs.append(spec)
-                self.units.append(self._build_unit(FlatUnit(spec.name, named, groups.size, groups.rank), len(specs) - 1))
-        # forward visits units by first module, backward by last module, latest first
-        self.fwd = sorted(range(len(specs)), key=lambda i: specs[i].order[0])
-        self.bwd = sorted(range(len(specs)), key=lambda i: -specs[i].order[1])
-        for i, spec in enumerate(specs):
+                lay = FlatUnit(spec.name, named, self.groups.size, self.groups.rank)
+                self.units.append(self._build_unit(lay, len(self.units)))
+        self.next_fwd.update(following(specs, start, 0, reverse=False))
+        self.next_bwd.update(following(specs, start, 1, reverse=True))
+        for i, spec in enumerate(specs, start):
             spec.first.register_forward_pre_hook(partial(self._pre_forward, i))
             spec.last.register_forward_hook(partial(self._post_forward, i))
-        self.register_grad_hooks()
 
     def _build_unit(self, lay: FlatUnit, index: int) -> GatherUnit:
         full = lay.flatten([p.detach() for p in lay.params], torch.float32, self.device)
@@ -155,15 +177,14 @@ class Zero3(ZeroBase):
         self.live_bytes -= unit.layout.padded * unit.full.element_size()
         unit.state = "free"
 
-    def _prefetch(self, order: list[int], i: int) -> None:
-        at = order.index(i)
-        if self.prefetch and at + 1 < len(order):
-            self._start_gather(order[at + 1])
+    def _prefetch(self, after: dict[int, int], i: int) -> None:
+        if self.prefetch and i in after:
+            self._start_gather(after[i])
 
     # ---- hooks ------------------------------------------------------------------------------------
     def _pre_forward(self, i: int, module: nn.Module, args: Any) -> None:
         self._unshard(i)
-        self._prefetch(self.fwd, i)
+        self._prefetch(self.next_fwd, i)
 
     def _post_forward(self, i: int, module: nn.Module, args: Any, output: Any) -> None:
         if isinstance(output, torch.Tensor) and output.requires_grad:
@@ -172,7 +193,7 @@ class Zero3(ZeroBase):
 
     def _pre_backward(self, i: int, grad: torch.Tensor) -> None:
         self._unshard(i)
-        self._prefetch(self.bwd, i)
+        self._prefetch(self.next_bwd, i)
 
     def counting(self) -> bool:
         return True  # every micro-step's gradients are reduced (see the module docstring)
