@@ -136,8 +136,10 @@ class DataParallel:
             bucket.buffer.zero_()
 
     def grad_norm(self) -> torch.Tensor:
-        # Every rank holds the same summed gradients, so the local norm is the global one.
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b.buffer) for b in self.buckets]))
+        # Every rank holds the same summed gradients, so the local norm is the global one. Accumulated
+        # in float64: an fp32 sum of squares drifts ~1e-5 relative, the size of our equivalence bounds.
+        norms = [torch.linalg.vector_norm(b.buffer, dtype=torch.float64) for b in self.buckets]
+        return torch.linalg.vector_norm(torch.stack(norms))
 
     def scale_grads(self, factor: float) -> None:
         for bucket in self.buckets:
