@@ -20,11 +20,16 @@ BASE = ("training.steps=5", *MODEL)
 
 LAYOUTS = {  # name: (nproc, stage, micro-steps, overrides)
     "z1-dp2": (2, 1, 1, ["training.micro_batch=4"]),
+    "z1-dp2-accum2": (2, 1, 2, ["training.micro_batch=2"]),
+    "z1-dp4": (4, 1, 1, ["training.micro_batch=2"]),
     "z1-dp4-accum2": (4, 1, 2, ["training.micro_batch=1"]),
     "z2-dp2": (2, 2, 1, ["training.micro_batch=4"]),
+    "z2-dp4": (4, 2, 1, ["training.micro_batch=2"]),
     "z2-dp4-accum2": (4, 2, 2, ["training.micro_batch=1"]),
     "z2-dp2-offload-accum2": (2, 2, 2, ["training.micro_batch=2", "parallel.offload=true"]),
+    "z3-dp2": (2, 3, 1, ["training.micro_batch=4"]),
     "z3-dp2-accum2": (2, 3, 2, ["training.micro_batch=2"]),
+    "z3-dp4-accum2": (4, 3, 2, ["training.micro_batch=1"]),
     "z3-dp4-recompute": (4, 3, 1, ["training.micro_batch=2", "training.activation_checkpointing=full"]),
     "z3-hsdp-2x2": (4, 3, 1, ["training.micro_batch=2", "parallel.dp_replicate=2"]),
 }
