@@ -68,3 +68,18 @@ def test_tp_communication_is_fully_exposed() -> None:
     assert times["tp/ep comm (exposed)"] == pytest.approx(4.0)
     # the bubble grows with the comm per microbatch: (p-1)(t_f + t_b) = 1 * ((1 + 1) + (2 + 1)) = 5
     assert times["pipeline bubble"] == pytest.approx(5.0)
+
+
+def test_bubble_and_in_flight_come_from_the_simulator_when_m_is_known() -> None:
+    from meshtrain.planner.memory import in_flight_microbatches
+    from meshtrain.pipeline.schedules import SCHEDULES
+    from meshtrain.pipeline.simulator import Costs, simulate
+
+    # ZB-H2 with T_F = T_B = T_W: the closed form's zero holds per rank only; the makespan keeps
+    # (p-1) T_F while the last rank waits for its first forward, and the simulator says so.
+    assert bubble_time("zb-h2", 4, 1, 1.0, 2.0, 1.0) == 0.0
+    assert bubble_time("zb-h2", 4, 1, 1.0, 2.0, 1.0, m=8) == 3.0
+    # where the closed form's assumptions hold, both agree (ZB-H1, T_W <= T_F, m >= p)
+    assert bubble_time("zb-h1", 4, 1, 2.0, 3.0, 1.0, m=8) == bubble_time("zb-h1", 4, 1, 2.0, 3.0, 1.0) == 9.0
+    peaks = simulate(SCHEDULES["interleaved-1f1b"](4, 8, 2), Costs()).peak_activations
+    assert [in_flight_microbatches("interleaved-1f1b", 4, 2, 8, r) for r in range(4)] == list(peaks)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from meshtrain.planner.layout import Layout, RankParams, deferred_weight_grads, layers_per_rank
 from meshtrain.planner.model_math import ModelShape
+from meshtrain.planner.pipeline_sim import simulated_in_flight
 
 MIB = 2**20
 
@@ -111,6 +112,9 @@ def in_flight_microbatches(schedule: str, p: int, v: int, m: int, rank: int) -> 
     """
     if p == 1:
         return 1.0
+    simulated = simulated_in_flight(schedule, p, v, m, rank)
+    if simulated is not None:  # the executor's own action lists, counted by the simulator
+        return simulated
     if schedule == "gpipe":
         held = float(m)
     elif schedule == "interleaved-1f1b":

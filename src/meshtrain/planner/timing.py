@@ -11,6 +11,7 @@ from meshtrain.planner.model_math import (ModelShape, active_layer_matmul_params
                                           layer_forward_flops_per_token)
 from meshtrain.planner.presets import ClusterSpec
 from meshtrain.planner.traffic import Collective
+from meshtrain.planner.pipeline_sim import simulated_bubble
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,9 @@ def microbatch_compute(shape: ModelShape, lay: Layout, seq_len: int, attention: 
                         attention_fwd=attn / flops_per_s, recompute=redo / flops_per_s)
 
 
-def bubble_time(schedule: str, p: int, v: int, t_f: float, t_b: float, t_w: float) -> float:
-    """Idle time per step of the pipeline's closed form; swap in the simulator later.
+def bubble_time(schedule: str, p: int, v: int, t_f: float, t_b: float, t_w: float, m: int | None = None) -> float:
+    """Idle time per step: simulated when the microbatch count m is given and the schedule is small
+    enough (planner/pipeline_sim.py), else the closed form below.
 
     GPipe and 1F1B: (p-1)(t_f + t_b) (Narayanan et al. 2021); interleaved divides it by v.
     Zero bubble (Qi et al. 2023) with t_b = B + W: ZB-H1 (p-1)(t_f + t_b - 2W), ZB-H2
@@ -54,6 +56,9 @@ def bubble_time(schedule: str, p: int, v: int, t_f: float, t_b: float, t_w: floa
     """
     if p <= 1:
         return 0.0
+    simulated = simulated_bubble(schedule, p, v, m, t_f, t_b, t_w) if m else None
+    if simulated is not None:
+        return simulated
     if schedule == "interleaved-1f1b":
         return (p - 1) * (t_f + t_b) / v
     if schedule == "zb-h1":
@@ -113,7 +118,7 @@ def step_breakdown(mc: MicroCompute, colls: list[Collective], lay: Layout, clust
         "recompute": m * mc.recompute,
         "tp/ep comm (exposed)": m * (tp_f + tp_b),
         "cp comm (exposed)": m * (cp_f + cp_b),
-        "pipeline bubble": bubble_time(lay.schedule, lay.pp, lay.v, t_f, t_b, mc.wgrad),
+        "pipeline bubble": bubble_time(lay.schedule, lay.pp, lay.v, t_f, t_b, mc.wgrad, m),
         "pp p2p": 0.0,
         "dp/zero comm (exposed)": (_hidden(total["bwd_last"], mc.bwd, tail["bwd_last"])
                                    + _hidden(total["fwd_first"], mc.fwd, tail["fwd_first"])
