@@ -68,7 +68,7 @@ def predict_run(cfg: Config, world_size: int) -> dict[str, Any]:
     sizes = groups(lay, gpus_per_node=1)
     payload: dict[str, float] = defaultdict(float)
     wire = 0.0
-    for c in step_collectives(shape, lay, ti, rp):
+    for c in step_collectives(shape, lay, ti, rp, ends=(True, lay.pp == 1)):
         if c.kind == "p2p" and c.group == "pp":
             continue  # the model's figure is a middle stage's; rank 0's is below
         payload[c.kind] += c.calls * c.payload

@@ -55,20 +55,55 @@ class TrafficInputs:
     bucket_mb: float
 
 
-def _activation_collectives(shape: ModelShape, lay: Layout, ti: TrafficInputs) -> list[Collective]:
+def _tp_collectives(shape: ModelShape, lay: Layout, ti: TrafficInputs, layers: float, tokens: float, hidden: float,
+                    redo: int, ends: tuple[bool, bool]) -> list[Collective]:
+    """Megatron TP traffic of a rank holding `layers` blocks, plus the embedding / head it holds.
+
+    Per block and microbatch, two regions (attention, MLP), each one collective forward and one
+    backward: all-reduces, or under SP an all-gather / reduce-scatter pair each way. The embedding
+    adds one forward, the head one backward. Under SP each column-parallel region (and the head)
+    keeps only its sequence shard and gathers it again in backward for the weight gradient, and the
+    norms' partial weight gradients are all-reduced once per step. The vocab-parallel loss reduces
+    three fp32 values per token (max, sum of exponentials, target logit). Full recomputation replays
+    each block's forward only as far as backward needs it (torch's checkpoint stops early): through
+    the attention exit and the MLP's entry, not the MLP's exit.
+    """
+    if lay.tp == 1:
+        return []
+    first, last = ends
+    m = ti.microbatches
+    fwd, bwd = (2 * layers + first) * m, (2 * layers + last) * m
+    out: list[Collective] = []
+    if lay.sp:
+        regions = (2 * layers + last) * m
+        out += [Collective("tp all_gather", "all_gather", hidden, "tp", fwd - first * m + last * m, "exposed_fwd"),
+                Collective("tp reduce_scatter", "reduce_scatter", hidden, "tp", fwd, "exposed_fwd"),
+                Collective("tp all_gather", "all_gather", hidden, "tp", bwd - last * m + first * m, "exposed_bwd"),
+                Collective("tp reduce_scatter", "reduce_scatter", hidden, "tp", bwd, "exposed_bwd"),
+                Collective("tp sp regather", "all_gather", hidden, "tp", regions, "exposed_bwd")]
+        norms = (2 * layers + last) * shape.hidden * ti.dtypes.grad
+        out.append(Collective("tp sp norm grads", "all_reduce", norms, "tp", 1, "bwd_last"))
+    else:
+        out += [Collective("tp all_reduce", "all_reduce", hidden, "tp", fwd, "exposed_fwd"),
+                Collective("tp all_reduce", "all_reduce", hidden, "tp", bwd, "exposed_bwd")]
+    if redo > 1:
+        replay = [("all_gather", 2), ("reduce_scatter", 1)] if lay.sp else [("all_reduce", 1)]
+        out += [Collective(f"tp recompute {kind}", kind, hidden, "tp", per_block * layers * m, "exposed_bwd")
+                for kind, per_block in replay]
+    if last:
+        out.append(Collective("tp vocab loss", "all_reduce", 3 * tokens * 4, "tp", m, "exposed_fwd"))
+    return out
+
+
+def _activation_collectives(shape: ModelShape, lay: Layout, ti: TrafficInputs,
+                            ends: tuple[bool, bool] = (True, True)) -> list[Collective]:
     """TP, CP, EP and PP traffic, all proportional to one microbatch's activations."""
     m, layers = ti.microbatches, layers_per_rank(shape, lay)
     tokens = lay.micro_batch * ti.seq_len / lay.cp
     hidden = tokens * shape.hidden * ti.act_bytes
     redo = 2 if lay.recompute == "full" else 1  # full recompute replays the forward's traffic in backward
     out: list[Collective] = []
-    if lay.tp > 1:
-        # two per block (after attention, after MLP) plus the vocab-parallel embedding / head
-        n = (2 * layers + 1) * m
-        kinds = ("all_gather", "reduce_scatter") if lay.sp else ("all_reduce",)
-        for kind in kinds:
-            out.append(Collective(f"tp {kind}", kind, hidden, "tp", n, "exposed_fwd"))
-            out.append(Collective(f"tp {kind}", kind, hidden, "tp", n * redo, "exposed_bwd"))
+    out += _tp_collectives(shape, lay, ti, layers, tokens, hidden, redo, ends)
     if lay.cp > 1:
         kv_block = tokens * 2 * shape.kv_dim * ti.act_bytes / lay.tp
         n = (lay.cp - 1) * layers * m
@@ -111,9 +146,13 @@ def _dp_collectives(psi: float, lay: Layout, ti: TrafficInputs, unit: float, exp
     return out
 
 
-def step_collectives(shape: ModelShape, lay: Layout, ti: TrafficInputs, rp: RankParams) -> list[Collective]:
-    """All traffic of one optimizer step on a rank holding `rp` (loss and grad-norm scalars excluded)."""
-    out = _activation_collectives(shape, lay, ti)
+def step_collectives(shape: ModelShape, lay: Layout, ti: TrafficInputs, rp: RankParams,
+                     ends: tuple[bool, bool] = (True, True)) -> list[Collective]:
+    """All traffic of one optimizer step on a rank holding `rp` (grad-norm scalars excluded).
+
+    `ends` says whether the rank holds the embedding and the head (first and last pipeline stage).
+    """
+    out = _activation_collectives(shape, lay, ti, ends)
     if lay.grad_group > 1:
         out += _dp_collectives(rp.dense, lay, ti, rp.unit_dense, expert=False)
         if rp.expert and lay.grad_group // lay.ep > 1:
