@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, loss_parallel, parallelize_module
 
-from common import bench_model_config, spawn, timed_rounds
+from common import bench_model_config, bench_parser, spawn, timed_rounds
 from meshtrain.accounting import CommStats, wire_factor
 from meshtrain.config import OptimizerConfig
 from meshtrain.model import build_model
@@ -179,12 +179,8 @@ def _report(secs: dict[str, float], tokens: int, block: dict[str, float], wire: 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__, steps=5)
     p.add_argument("--world", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
     p.add_argument("--sp", action="store_true", help="sequence parallelism on both sides")
     args = p.parse_args()
     spawn(worker, args.world, args)

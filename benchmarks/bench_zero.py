@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.distributed.fsdp import fully_shard
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from common import bench_model_config, spawn, timed_rounds
+from common import bench_model_config, bench_parser, spawn, timed_rounds
 from meshtrain.accounting import CommStats, tensor_bytes, wire_factor
 from meshtrain.config import OptimizerConfig
 from meshtrain.data_parallel import DataParallel
@@ -157,12 +157,8 @@ def _rss_alone(rank: int, world: int, args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__, steps=3)
     p.add_argument("--world", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
     p.add_argument("--only", nargs="*", help="contenders to run (default: all)")
     p.add_argument("--rss-each", action="store_true", help="also measure each contender's peak RSS alone")
     args = p.parse_args()
