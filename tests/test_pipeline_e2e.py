@@ -1,6 +1,7 @@
 """Pipeline parallelism through the CLI: composition with DP, and checkpoints that cross layouts."""
 from __future__ import annotations
 
+import csv
 import shutil
 from pathlib import Path
 
@@ -50,3 +51,23 @@ def test_checkpoints_cross_between_pipelined_and_plain_runs(tmp_path: Path) -> N
     assert [r["step"] for r in a] == [r["step"] for r in b] == [4, 5, 6]
     assert rel_diff([r["loss"] for r in a], [r["loss"] for r in plain[3:]]) < 1e-5
     assert rel_diff([r["loss"] for r in b], [r["loss"] for r in plain[3:]]) < 1e-5
+
+
+def test_training_with_a_custom_schedule_from_csv(reference: list[dict], tmp_path: Path) -> None:
+    """A user's schedule: the compute rows of an exported ZB-H1, reordered file-wise, sends inferred."""
+    exported = tmp_path / "zb.csv"
+    assert cli("schedule", "--pp", "2", "--microbatches", "4", "--schedule", "zb-h1", "--csv-out", str(exported),
+               timeout=60).returncode == 0
+    rows = [r for r in csv.DictReader(exported.open()) if not r["kind"].startswith(("SEND", "RECV"))]
+    custom = tmp_path / "mine.csv"
+    with custom.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for rank in ("0", "1"):
+            for index, row in enumerate(r for r in rows if r["rank"] == rank):
+                writer.writerow({**row, "index": index})
+    got = train(tmp_path / "run", 2, *BASE, "parallel.pp=2", f"parallel.pp_schedule={custom}")
+    assert rel_diff([r["loss"] for r in got], [r["loss"] for r in reference]) < 1e-5
+    wrong = cli("train", "--config", "configs/tiny.toml", "--nproc", "2", "--set", "parallel.pp=2",
+                "--set", f"parallel.pp_schedule={custom}", "--set", "training.micro_batch=1", timeout=60)
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1 and "microbatches" in wrong.stderr

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 
 from meshtrain.config import Config, ConfigError
-from meshtrain.pipeline.schedules import SPLIT_BACKWARD
+from meshtrain.pipeline.schedules import ScheduleError, build_schedule, is_custom, splits_backward, validate_schedule
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "training.dtype": ("fp32", "bf16"),
@@ -42,6 +42,8 @@ def _get(cfg: Config, dotted: str):
 
 def _check_fields(cfg: Config) -> None:
     for key, options in CHOICES.items():
+        if key == "parallel.pp_schedule" and is_custom(cfg.parallel.pp_schedule):
+            continue  # a user's schedule file, checked against the layout in _check_custom_schedule
         if _get(cfg, key) not in options:
             raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {', '.join(options)}")
     for key in POSITIVE:
@@ -87,7 +89,9 @@ def _check_pipeline(cfg: Config) -> None:
     p, m, t = cfg.parallel, cfg.model, cfg.training
     if p.pp == 1:
         return
-    if p.pp_chunks > 1 and p.pp_schedule != "interleaved-1f1b":
+    if is_custom(p.pp_schedule):
+        _check_custom_schedule(cfg)
+    elif p.pp_chunks > 1 and p.pp_schedule != "interleaved-1f1b":
         raise ConfigError(f"parallel.pp_chunks={p.pp_chunks} needs parallel.pp_schedule=interleaved-1f1b "
                           f"(got {p.pp_schedule!r}); set pp_chunks=1 or switch the schedule")
     if p.pp_schedule == "interleaved-1f1b" and t.grad_accum % p.pp:
@@ -107,12 +111,26 @@ def _check_pipeline(cfg: Config) -> None:
                               f"positive block counts summing to model.n_layers={m.n_layers}")
 
 
+def _check_custom_schedule(cfg: Config) -> None:
+    p, t = cfg.parallel, cfg.training
+    where = f"parallel.pp_schedule={p.pp_schedule!r}"
+    try:
+        schedule, layout = build_schedule(p.pp_schedule, p.pp, t.grad_accum, p.pp_chunks)
+        found = 1 + max(a.microbatch for actions in schedule for a in actions)
+        if (layout.pp, layout.chunks, found) != (p.pp, p.pp_chunks, t.grad_accum):
+            raise ScheduleError(f"it has pp={layout.pp}, {layout.chunks} chunks and {found} microbatches but the run has "
+                                f"parallel.pp={p.pp}, parallel.pp_chunks={p.pp_chunks}, training.grad_accum={t.grad_accum}")
+        validate_schedule(schedule, p.pp, p.pp_chunks, t.grad_accum, layout)
+    except (OSError, ValueError) as e:  # ScheduleError is a ValueError
+        raise ConfigError(f"{where}: {e}") from None
+
+
 def _check_zero(cfg: Config) -> None:
     p = cfg.parallel
     if p.offload and p.zero_stage == 0:
         raise ConfigError("parallel.offload=true needs parallel.zero_stage >= 1 (it offloads the sharded optimizer state); "
                           "set zero_stage or offload=false")
-    if p.zero_stage == 3 and p.pp > 1 and p.pp_schedule in SPLIT_BACKWARD:
+    if p.zero_stage == 3 and p.pp > 1 and splits_backward(p.pp_schedule):
         raise ConfigError(f"parallel.zero_stage=3 with parallel.pp_schedule={p.pp_schedule} is not supported: the "
                           f"zero-bubble W step computes weight gradients after ZeRO-3 has freed the block's gathered "
                           f"weights; use pp_schedule=1f1b, interleaved-1f1b or gpipe, or zero_stage<=2")

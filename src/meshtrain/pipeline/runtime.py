@@ -14,7 +14,7 @@ from meshtrain.accounting import CommStats
 from meshtrain.config import Config
 from meshtrain.loss import cross_entropy_sum
 from meshtrain.pipeline.executor import PipelineExecutor
-from meshtrain.pipeline.schedules import SCHEDULES, Layout
+from meshtrain.pipeline.schedules import build_schedule
 from meshtrain.pipeline.stage import StageChunks, build_stage, split_blocks, stage_ranges
 from meshtrain.topology import Topology
 
@@ -24,8 +24,7 @@ def build_pipeline(cfg: Config, topo: Topology, device: torch.device, stats: Com
     p, t = cfg.parallel, cfg.training
     n_stages = p.pp * p.pp_chunks
     ranges = stage_ranges(split_blocks(cfg.model, n_stages, p.pp_split))
-    schedule = SCHEDULES[p.pp_schedule](p.pp, t.grad_accum, p.pp_chunks)
-    layout = Layout.looped(p.pp, p.pp_chunks)
+    schedule, layout = build_schedule(p.pp_schedule, p.pp, t.grad_accum, p.pp_chunks)
     me = topo.local_rank("pp")
     mine = {s: build_stage(cfg.model, s, ranges[s], n_stages, device, t.seed)
             for s in range(n_stages) if layout.rank_of(s) == me}

@@ -465,6 +465,29 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {
 SPLIT_BACKWARD = frozenset({"zb-h1", "zb-h2"})
 
 
+def is_custom(name: str) -> bool:
+    """A schedule named by a CSV file path rather than a built-in name."""
+    return name.endswith(".csv")
+
+
+def build_schedule(name: str, pp: int, microbatches: int, chunks: int = 1) -> tuple[Schedule, Layout]:
+    """A built-in schedule, or a user's CSV (send/recv actions added when it lists only computes)."""
+    if not is_custom(name):
+        return SCHEDULES[name](pp, microbatches, chunks), Layout.looped(pp, chunks)
+    schedule = from_csv(name)
+    layout = Layout.infer(schedule)
+    if not any(a.kind.is_comm for actions in schedule for a in actions):
+        schedule = add_comms(schedule, layout)
+    return schedule, layout
+
+
+def splits_backward(name: str) -> bool:
+    """Whether the schedule computes weight gradients in separate W actions."""
+    if is_custom(name):
+        return any(a.kind == Kind.W for actions in from_csv(name) for a in actions)
+    return name in SPLIT_BACKWARD
+
+
 _COLUMNS = ("rank", "index", "kind", "stage", "microbatch", "peer")
 
 

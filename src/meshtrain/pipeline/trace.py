@@ -12,7 +12,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from meshtrain.pipeline.schedules import SCHEDULES, Kind
+from meshtrain.pipeline.schedules import Kind, build_schedule
 from meshtrain.pipeline.simulator import Costs, SimResult, from_trace, simulate
 
 Record = tuple[str, int, int, float, float]
@@ -51,7 +51,7 @@ def compare(run_dir: Path) -> tuple[SimResult, SimResult, dict[str, Any]]:
     meta, records = load_trace(run_dir)
     measured = from_trace(records, chunks=meta["chunks"])
     costs = measured_costs(records, meta["chunks"])
-    schedule = SCHEDULES[meta["schedule"]](meta["pp"], meta["microbatches"], meta["chunks"])
+    schedule, _ = build_schedule(meta["schedule"], meta["pp"], meta["microbatches"], meta["chunks"])
     if all(a.kind != Kind.W for rank in schedule for a in rank):
         costs = Costs(f=costs.f, b=costs.b + costs.w, w=0.0)
     return measured, simulate(schedule, costs), meta

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from meshtrain.pipeline.schedules import SPLIT_BACKWARD
+from meshtrain.pipeline.schedules import splits_backward
 from meshtrain.planner.model_math import ModelShape, layer_params
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2")
@@ -90,7 +90,7 @@ def groups(lay: Layout, gpus_per_node: int) -> dict[str, Group]:
 def deferred_weight_grads(lay: Layout) -> bool:
     """Whether the pipeline schedule computes weight gradients in a separate W step, outside autograd:
     ZeRO-2 then keeps whole gradients over the step and reduces them once (meshtrain.zero.stage12)."""
-    return lay.pp > 1 and lay.schedule in SPLIT_BACKWARD
+    return lay.pp > 1 and splits_backward(lay.schedule)
 
 
 def layers_per_rank(shape: ModelShape, lay: Layout) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from meshtrain.pipeline.schedules import SCHEDULES
+from meshtrain.pipeline.schedules import SCHEDULES, build_schedule, is_custom
 from meshtrain.pipeline.simulator import Costs, simulate
 
 # Compute actions (about 3 per stage and microbatch) beyond which the closed forms are used instead:
@@ -19,14 +19,14 @@ MAX_ACTIONS = 4096
 
 
 def _simulable(schedule: str, p: int, v: int, m: int) -> bool:
-    if schedule not in SCHEDULES or p < 2 or 3 * p * v * m > MAX_ACTIONS:
+    if p < 2 or 3 * p * v * m > MAX_ACTIONS or not (schedule in SCHEDULES or is_custom(schedule)):
         return False
     return schedule != "interleaved-1f1b" or m % p == 0
 
 
 @lru_cache(maxsize=1024)
 def _run(schedule: str, p: int, v: int, m: int, b: float, w: float) -> tuple[float, tuple[float, ...]]:
-    result = simulate(SCHEDULES[schedule](p, m, v), Costs(f=1.0, b=b, w=w))
+    result = simulate(build_schedule(schedule, p, m, v)[0], Costs(f=1.0, b=b, w=w))
     return result.bubble_time, result.peak_activations
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from meshtrain.accounting import CommStats
 from meshtrain.config import ParallelConfig
-from meshtrain.pipeline.schedules import SPLIT_BACKWARD
+from meshtrain.pipeline.schedules import splits_backward
 from meshtrain.topology import Topology
 from meshtrain.zero.base import ShardGroups, ZeroBase
 from meshtrain.zero.stage3 import Zero3
@@ -28,6 +28,6 @@ def build_zero_engine(model: nn.Module, topo: Topology, p: ParallelConfig, stats
     if p.zero_stage == 3:
         return Zero3(model, groups, stats, param_dtype=param_dtype, reduce_dtype=reduce_dtype, offload=p.offload,
                      prefetch=p.prefetch)
-    deferred_weight_grads = p.pp > 1 and p.pp_schedule in SPLIT_BACKWARD
+    deferred_weight_grads = p.pp > 1 and splits_backward(p.pp_schedule)
     return Zero12(model, p.zero_stage, groups, stats, int(p.bucket_mb * 2**20), reduce_dtype, p.offload,
                   reduce_each_micro=not deferred_weight_grads)
