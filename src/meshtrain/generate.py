@@ -1,6 +1,7 @@
 """Sampling text from a trained model: `meshtrain generate --run-dir DIR --prompt "..."`."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,5 +43,8 @@ def load_for_generation(run_dir: Path) -> tuple[Llama, Tokenizer, int]:
         raise ConfigError(f"no complete checkpoint under {run_dir / 'checkpoints'}; train with checkpoint.interval > 0")
     model = build_model(cfg.model, "cpu", seed=cfg.training.seed)
     state = {"model": dict(model.named_parameters())}
-    meta = ckpt.load(path, state, load_rng=False)
+    with warnings.catch_warnings():
+        # DCP warns that it loads without a process group: exactly what a one-process sampler wants.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        meta = ckpt.load(path, state, load_rng=False)
     return model, build_tokenizer(cfg.data.tokenizer), int(meta["step"])
