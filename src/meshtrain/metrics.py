@@ -11,23 +11,9 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from meshtrain.config import ModelConfig
 
 # Dense bf16 peak per GPU, from the vendors' datasheets (no sparsity).
 GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the matmuls plus 12*L*d*s for attention scores and values.
-
-    N excludes the input embedding (a lookup, not a matmul) but includes lm_head. The attention term
-    counts the full s x s score matrix as Kaplan/Narayanan do, though causal masking could skip half.
-    """
-    d, hd, layers = cfg.dim, cfg.head_dim, cfg.n_layers
-    kv = cfg.n_kv_heads * hd
-    per_layer = d * d * 2 + 2 * d * kv + 3 * d * cfg.hidden_dim
-    n_matmul = layers * per_layer + cfg.vocab_size * d
-    return 6.0 * n_matmul + 12.0 * layers * d * seq_len
 
 
 def detect_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:

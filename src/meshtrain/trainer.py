@@ -7,7 +7,6 @@ the gradient of the global mean loss, whatever the layout: the basis of the equi
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -24,12 +23,12 @@ from meshtrain.distributed import DistEnv
 from meshtrain.faults import maybe_fail
 from meshtrain.logs import get_logger
 from meshtrain.loss import cross_entropy_sum
-from meshtrain.metrics import (MetricsWriter, ProgressBar, detect_peak_tflops, flops_per_token,
-                               human_bytes, peak_rss_bytes)
+from meshtrain.metrics import MetricsWriter, ProgressBar, detect_peak_tflops, human_bytes, peak_rss_bytes
 from meshtrain.model import build_model, count_params
 from meshtrain.optim import AdamW, lr_at
 from meshtrain.parallelize import DTYPES, parallelize
 from meshtrain.pipeline.executor import StepInputs
+from meshtrain.planner.model_math import flops_per_token
 from meshtrain.topology import Degrees, Topology
 
 
@@ -230,6 +229,3 @@ class Trainer:
         if every and (self.step % every == 0 or self.step == self.cfg.training.steps):
             self.save()
 
-
-def history_losses(path: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in path.read_text().splitlines() if line.strip()]

@@ -6,7 +6,7 @@ import difflib
 import sys
 from typing import Any
 
-from meshtrain.pipeline.schedules import SCHEDULES, Layout, Schedule, add_comms, from_csv, to_csv, validate_schedule
+from meshtrain.pipeline.schedules import SCHEDULES, Layout, Schedule, build_schedule, to_csv, validate_schedule
 from meshtrain.pipeline.simulator import Costs, Prediction, SimResult, closed_form, simulate
 
 _DESCRIPTION = """\
@@ -80,10 +80,7 @@ def _load(args: argparse.Namespace) -> tuple[Schedule, str | None, int, int]:
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ValueError(f"unknown schedule {name!r}; {hint}choices: {', '.join(SCHEDULES)}")
     if args.csv_in:
-        schedule = from_csv(args.csv_in)
-        layout = Layout.infer(schedule)
-        if not any(a.kind.is_comm for actions in schedule for a in actions):
-            schedule = add_comms(schedule, layout)
+        schedule, layout = build_schedule(args.csv_in, 0, 0)
         microbatches = 1 + max(a.microbatch for actions in schedule for a in actions)
         for flag, given, found in (("--pp", args.pp, layout.pp), ("--microbatches", args.microbatches, microbatches)):
             if given is not None and given != found:

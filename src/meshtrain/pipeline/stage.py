@@ -15,7 +15,7 @@ from torch import nn
 
 from meshtrain.config import ModelConfig
 from meshtrain.model import Llama
-from meshtrain.model.llama import Block, RMSNorm
+from meshtrain.model.llama import Block
 
 
 def block_costs(cfg: ModelConfig) -> list[float]:
@@ -105,6 +105,3 @@ def stage_models(model: nn.Module) -> list[nn.Module]:
     """The Llama instances a rank holds: its pipeline stages, or the whole model."""
     return list(model.chunks.values()) if isinstance(model, StageChunks) else [model]
 
-
-def norm_modules(model: nn.Module) -> list[RMSNorm]:
-    return [m for m in model.modules() if isinstance(m, RMSNorm)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from meshtrain.accounting import wire_factor
 from meshtrain.planner.layout import Group
 from meshtrain.planner.presets import ClusterSpec
 
@@ -18,13 +19,11 @@ RING_KINDS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "p2p")
 
 def _ring(kind: str, n: int) -> tuple[float, int]:
     """(bytes sent per payload byte, latency steps) of a collective over n ranks."""
-    if kind == "all_reduce":
-        return 2 * (n - 1) / n, 2 * (n - 1)
-    if kind in ("reduce_scatter", "all_gather", "all_to_all"):
-        return (n - 1) / n, n - 1
-    if kind == "p2p":
-        return 1.0, 1
-    raise ValueError(f"unknown collective kind {kind!r}; expected one of {', '.join(RING_KINDS)}")
+    if kind not in RING_KINDS:
+        raise ValueError(f"unknown collective kind {kind!r}; expected one of {', '.join(RING_KINDS)}")
+    # bytes from the runtime's own convention (accounting.py), so predictions and metrics agree by construction
+    steps = {"all_reduce": 2 * (n - 1), "p2p": 1}.get(kind, n - 1)
+    return wire_factor(kind, n), steps
 
 
 def wire_bytes(kind: str, payload: float, n: int) -> float:
