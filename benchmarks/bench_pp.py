@@ -16,13 +16,14 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 from common import bench_model_config, bench_parser, spawn, timed_rounds
 from meshtrain.accounting import CommStats
 from meshtrain.config import OptimizerConfig
+from meshtrain.core.runner import Batch
 from meshtrain.loss import cross_entropy_sum
 from meshtrain.optim import AdamW
-from meshtrain.pipeline.executor import PipelineExecutor, StepInputs
+from meshtrain.pipeline.executor import PipelineExecutor
 from meshtrain.pipeline.schedules import SCHEDULES, Layout
-from meshtrain.pipeline.simulator import from_trace, simulate
 from meshtrain.pipeline.stage import build_stage, split_blocks, stage_ranges
-from meshtrain.pipeline.trace import measured_costs
+from meshtrain.tools.simulator import from_trace, simulate
+from meshtrain.tools.trace import measured_costs
 
 
 def _optimizer_step(stage: torch.nn.Module) -> callable:
@@ -48,14 +49,15 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> None:
     torch_stage = build_stage(cfg, rank, ranges[rank], world, torch.device("cpu"), seed=0)
     schedule = SCHEDULES["1f1b"](world, m)
     ex = PipelineExecutor({rank: ours_stage}, schedule[rank], Layout.looped(world), dist.group.WORLD, CommStats(),
-                          cross_entropy_sum, (mb, seq, cfg.dim), torch.device("cpu"))
+                          cross_entropy_sum, (mb, seq, cfg.dim), torch.device("cpu"), scale=scale)
+    batches = [Batch(x, y) for x, y in zip(tokens, targets)]
     ours_opt, torch_opt = _optimizer_step(ours_stage), _optimizer_step(torch_stage)
     pipe = Schedule1F1B(PipelineStage(torch_stage, rank, world, torch.device("cpu")), n_microbatches=m,
                         loss_fn=lambda out, y: cross_entropy_sum(out, y) * scale, scale_grads=False)
     full_x, full_y = torch.cat(tokens), torch.cat(targets)
 
     def ours() -> None:
-        ex.run(StepInputs(tokens, targets, scale))
+        ex.run(batches)
         ours_opt()
 
     def theirs() -> None:

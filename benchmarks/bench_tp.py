@@ -9,7 +9,6 @@ ratio, and the bytes one block hands to collectives per microbatch against Naray
 from __future__ import annotations
 
 import argparse
-import functools
 import warnings
 from collections.abc import Callable
 
@@ -28,7 +27,7 @@ from meshtrain.config import OptimizerConfig
 from meshtrain.model import build_model
 from meshtrain.optim import AdamW
 from meshtrain.tensor_parallel import LLAMA_PLAN, apply_tensor_parallel
-from meshtrain.tensor_parallel.measure import block_comm_theory
+from meshtrain.tools.tp_measure import block_comm_theory
 
 DTENSOR_PLAN = {
     "model.embed_tokens": RowwiseParallel(input_layouts=Replicate()),
@@ -74,8 +73,6 @@ def dtensor_model(world: int, sp: bool, seq: int) -> nn.Module:
             "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
         })
     parallelize_module(model, mesh, plan, src_data_rank=None)
-    if sp:  # the sharded stream would size RoPE by its shard, as for ours (see tensor_parallel/plan.py)
-        model.forward = functools.partial(model.forward, positions=torch.arange(seq))
     for block in model.model.layers.values():
         block.self_attn.n_heads //= world
         block.self_attn.n_kv_heads //= world
@@ -99,8 +96,10 @@ def step_fn(model: nn.Module, loss_of: Callable[[torch.Tensor, torch.Tensor], to
     params = list(model.parameters())
     optim = AdamW([(str(i), _local(p)) for i, p in enumerate(params)], OptimizerConfig())
 
+    positions = torch.arange(x.shape[1])  # both models get them, as the step runner passes them
+
     def step() -> None:
-        (loss_of(model(x), y) / tokens).backward()
+        (loss_of(model(x, positions), y) / tokens).backward()
         optim.step([_local_grad(p) for p in params], 1e-4)
         for p in params:
             p.grad = None
@@ -119,10 +118,12 @@ def _with_loss_parallel(step: Callable[[], None]) -> Callable[[], None]:
     return run
 
 
-def _check_same_loss(ours: nn.Module, theirs: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+def _check_same_loss(ours: nn.Module, ours_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                     theirs: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     """Both sides compute the same model: otherwise the timings compare different work."""
     with torch.no_grad(), loss_parallel():
-        a, b = ours.loss_fn(ours(x), y), dtensor_loss(theirs(x), y)
+        positions = torch.arange(x.shape[1])
+        a, b = ours_loss(ours(x, positions), y), dtensor_loss(theirs(x, positions), y)
     b = b.full_tensor() if isinstance(b, DTensor) else b
     if not torch.allclose(a, b, rtol=1e-5):
         raise RuntimeError(f"the two models disagree: loss {float(a)} vs {float(b)}")
@@ -140,11 +141,13 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> None:
     stats = CountingStats()
     tp = apply_tensor_parallel(ours, dist.group.WORLD, LLAMA_PLAN, args.sp, stats)
     theirs = dtensor_model(world, args.sp, args.seq)
-    _check_same_loss(ours, theirs, x, y)
+    if tp.loss_fn is None:
+        raise RuntimeError("tensor parallelism found no head to shard")
+    _check_same_loss(ours, tp.loss_fn, theirs, x, y)
     for scope in tp.scopes.values():
         scope.snapshot_and_reset()
     stats.calls = 0
-    contenders = {"meshtrain TP": step_fn(ours, ours.loss_fn, x, y, tokens),
+    contenders = {"meshtrain TP": step_fn(ours, tp.loss_fn, x, y, tokens),
                   "torch DTensor TP": _with_loss_parallel(step_fn(theirs, dtensor_loss, x, y, tokens))}
     secs = timed_rounds(contenders, args.rounds, args.steps)
     calls = 2 + args.rounds * args.steps

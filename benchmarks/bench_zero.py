@@ -40,7 +40,7 @@ class CollectiveBytes(TorchDispatchMode):
         super().__init__()
         self.bytes = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's signature
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
         if "c10d." in name and ("allgather" in name or "reduce_scatter" in name):
             full = args[0] if "allgather" in name else args[1]

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from meshtrain.config import ModelConfig, load_config  # noqa: E402
+from meshtrain.config import ModelConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,19 +1,34 @@
-"""Run a function on N real gloo processes (for layer-level tests that need no CLI)."""
+"""Real gloo processes for tests: run a function on N ranks, or train many runs in one pool of ranks.
+
+Starting processes costs more than training a tiny model (torch's import alone takes about 2 s per
+process here), so the equivalence matrix trains its layouts in one pool: the same `Trainer`, the same
+build path and real collectives as `meshtrain train`, with a fresh process group per run. Only the
+launcher is skipped; the end-to-end tests drive it through the CLI.
+"""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
+TIMEOUT = timedelta(seconds=120)  # a hung collective fails the test instead of stalling the suite
 
 
 def _entry(rank: int, fn: Callable[..., None], world: int, store_path: str, args: tuple[Any, ...]) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
     store = dist.FileStore(store_path, world)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=TIMEOUT)
     fn(rank, world, *args)  # an exception propagates to mp.spawn, which reports it in the parent
     dist.destroy_process_group()
     # gloo can abort in interpreter teardown ("terminate called without an active exception");
@@ -25,3 +40,54 @@ def spawn(fn: Callable[..., None], world: int, *args: Any) -> None:
     """fn(rank, world, *args) on `world` processes; an exception on any rank fails the caller."""
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_entry, args=(fn, world, os.path.join(tmp, "store"), args), nprocs=world, join=True)
+
+
+@dataclass
+class Run:
+    """One training run: `nproc` ranks, tiny.toml (or `config`) with these overrides, into `run_dir`."""
+
+    run_dir: Path
+    nproc: int
+    overrides: list[str] = field(default_factory=list)
+    config: Path = TINY
+
+
+def _train_runs(rank: int, runs: list[Run], stores: str, count_comms: bool) -> None:
+    from comm_counter import CommCounter
+    from meshtrain.config import load_config
+    from meshtrain.distributed import DistEnv
+    from meshtrain.trainer import Trainer
+    from meshtrain.validate import validate
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    for i, run in enumerate(runs):
+        if rank >= run.nproc:
+            continue  # this run needs fewer ranks than the pool has
+        cfg = validate(load_config(run.config, [*run.overrides, f"logging.run_dir={run.run_dir}",
+                                                "logging.progress=false"]), run.nproc)
+        store = dist.FileStore(os.path.join(stores, f"run{i}"), run.nproc)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=run.nproc, timeout=TIMEOUT)
+        trainer = Trainer(cfg, DistEnv(rank, run.nproc, rank, torch.device("cpu"), "gloo", 0))
+        counter = CommCounter().install() if count_comms else None
+        trainer.fit()
+        if counter is not None:
+            counter.uninstall()
+            counter.save(run.run_dir / f"comm_counted.rank{rank}.json")
+        dist.destroy_process_group()
+    os._exit(0)
+
+
+def train_runs(runs: list[Run], count_comms: bool = False) -> list[list[dict]]:
+    """Train `runs` in order, in one pool of as many processes as the largest needs; return each run's
+    metrics.jsonl records (rank 0's; every rank's are in metrics.rank{R}.jsonl). With `count_comms`,
+    each rank also writes what tests/comm_counter.py saw it send during training (comm_counted.rank{R}.json)."""
+    world = max(run.nproc for run in runs)
+    with tempfile.TemporaryDirectory() as stores:
+        mp.spawn(_train_runs, args=(runs, stores, count_comms), nprocs=world, join=True)
+    return [read_metrics(run.run_dir) for run in runs]
+
+
+def read_metrics(run_dir: Path, rank: int | None = None) -> list[dict]:
+    name = "metrics.jsonl" if rank is None else f"metrics.rank{rank}.jsonl"
+    return [json.loads(line) for line in (run_dir / name).read_text().splitlines() if line.strip()]

@@ -16,7 +16,7 @@ METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_mo
 
 def test_train_30_steps_loss_falls_then_generate(tmp_path: Path) -> None:
     recs = train(tmp_path, 2, "training.steps=30", "checkpoint.interval=15")
-    assert len(recs) == 30 and METRIC_KEYS <= set(recs[0])
+    assert len(recs) == 30 and set(recs[0]) >= METRIC_KEYS
     first, last = sum(r["loss"] for r in recs[:5]) / 5, sum(r["loss"] for r in recs[-5:]) / 5
     assert last < first - 0.2
     assert (tmp_path / "config.toml").read_text().count("dp_shard = 2") == 1

@@ -3,16 +3,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
-from meshtrain.pipeline import cli
-from meshtrain.pipeline.schedules import (SCHEDULES, SPLIT_BACKWARD, Action, Kind, Layout, ScheduleError, add_comms,
-                                          check_deadlock, Schedule, from_csv, group_steps, stage_to_rank, to_csv,
-                                          validate_schedule)
-from meshtrain.pipeline.simulator import Costs, closed_form, from_trace, simulate
+from meshtrain.pipeline.schedules import (
+    SCHEDULES,
+    SPLIT_BACKWARD,
+    Action,
+    Kind,
+    Layout,
+    Schedule,
+    ScheduleError,
+    add_comms,
+    from_csv,
+    group_steps,
+    stage_to_rank,
+    to_csv,
+)
+from meshtrain.tools import schedule_cli as cli
+from meshtrain.tools.schedule_check import check_deadlock, validate_schedule
+from meshtrain.tools.simulator import Costs, closed_form, from_trace, simulate
 
 UNIFORM, PAPER = Costs(1, 1, 1), Costs(2, 2, 1)
 Case = tuple[str, int, int, int]  # schedule name, pp, chunks, microbatches
@@ -251,7 +263,7 @@ def test_from_trace_reproduces_simulation() -> None:
 
 
 def test_plot_writes_png_and_svg(tmp_path: Path) -> None:
-    from meshtrain.pipeline.plot import plot_schedule
+    from meshtrain.tools.plot import plot_schedule
 
     result = simulate(SCHEDULES["interleaved-1f1b"](2, 4, 2))
     for suffix in (".png", ".svg"):

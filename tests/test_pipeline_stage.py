@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 
 from meshtrain.config import ModelConfig
+from meshtrain.core.weight_grads import DeferredLinear, WeightGradQueue, split_weight_grads
 from meshtrain.loss import cross_entropy_sum
 from meshtrain.model import build_model
-from meshtrain.pipeline.split_backward import WeightGradQueue, enable_split_backward
 from meshtrain.pipeline.stage import balanced_split, block_costs, build_stage, split_blocks, stage_ranges
 
 CFG = ModelConfig(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16)
@@ -41,7 +41,9 @@ def test_stages_compose_to_the_full_model() -> None:
 def test_split_backward_b_then_w_equals_whole_backward() -> None:
     ref, split = build_model(CFG, seed=1), build_model(CFG, seed=1)
     queue = WeightGradQueue()
-    assert enable_split_backward(split, queue) == 4 * 7 + 1
+    assert split_weight_grads(split, queue) == 4 * 7 + 1
+    assert isinstance(split.lm_head, DeferredLinear)  # swapped as a module; nothing replaces a forward
+    assert [n for n, _ in split.named_parameters()] == [n for n, _ in ref.named_parameters()]
     x, y = torch.randint(0, 64, (2, 12)), torch.randint(0, 64, (2, 12))
     cross_entropy_sum(ref(x), y).backward()
     deferred: list = []

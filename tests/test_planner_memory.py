@@ -3,8 +3,14 @@ from __future__ import annotations
 
 import pytest
 
-from meshtrain.planner.memory import (FP32, MIXED, StateDtypes, in_flight_microbatches, layer_activation_bytes,
-                                      model_state_bytes)
+from meshtrain.planner.memory import (
+    FP32,
+    MIXED,
+    StateDtypes,
+    in_flight_microbatches,
+    layer_activation_bytes,
+    model_state_bytes,
+)
 from meshtrain.planner.presets import MODELS
 
 PSI, N = 7.5e9, 64  # the ZeRO paper's Figure 1 example

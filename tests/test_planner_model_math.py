@@ -4,9 +4,16 @@ from __future__ import annotations
 import pytest
 
 from meshtrain.config import ModelConfig
+from meshtrain.model.math import (
+    ModelShape,
+    forward_flops_per_token,
+    iteration_flops,
+    matmul_params,
+    narayanan_flops,
+    param_count,
+    utilization,
+)
 from meshtrain.planner import flops_per_token
-from meshtrain.planner.model_math import (ModelShape, forward_flops_per_token, iteration_flops, matmul_params,
-                                          narayanan_flops, param_count, utilization)
 from meshtrain.planner.presets import MODELS
 
 TINY = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, ffn_dim=0, max_seq_len=128)

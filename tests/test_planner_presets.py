@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from meshtrain.config import ConfigError
-from meshtrain.planner.model_math import param_count
+from meshtrain.model.math import param_count
 from meshtrain.planner.presets import CLUSTERS, MODELS, load_cluster, load_model
 
 

@@ -18,7 +18,7 @@ def test_search_returns_only_fitting_layouts_ranked() -> None:
     assert result.ranked and result.considered > len(result.ranked)
     for plan in result.ranked:
         assert plan.fits and plan.memory_total <= SMALL_NODES.usable_bytes
-        assert plan.layout.world == 16
+        assert plan.layout.world_size == 16
         assert plan.layout.tp <= SMALL_NODES.gpus_per_node
         assert 8 % plan.layout.tp == 0 and 32 % plan.layout.tp == 0
     times = [p.step_time for p in result.ranked]

@@ -71,9 +71,9 @@ def test_tp_communication_is_fully_exposed() -> None:
 
 
 def test_bubble_and_in_flight_come_from_the_simulator_when_m_is_known() -> None:
-    from meshtrain.planner.memory import in_flight_microbatches
     from meshtrain.pipeline.schedules import SCHEDULES
-    from meshtrain.pipeline.simulator import Costs, simulate
+    from meshtrain.planner.memory import in_flight_microbatches
+    from meshtrain.tools.simulator import Costs, simulate
 
     # ZB-H2 with T_F = T_B = T_W: the closed form's zero holds per rank only; the makespan keeps
     # (p-1) T_F while the last rank waits for its first forward, and the simulator says so.

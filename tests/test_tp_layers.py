@@ -3,7 +3,7 @@
 One launch per world size runs every check: the parallel layers (forward output, input and weight
 gradients), the communication a block sends against Narayanan's counts, the activations it saves
 against Korthikanti's per-layer formula (adjusted for this model, term by term in
-meshtrain.tensor_parallel.measure.activation_terms), the pipeline's B/W split of the parallel layers,
+meshtrain.tools.tp_measure.activation_terms), the pipeline's B/W split of the parallel layers,
 and checkpoints moving between TP and non-TP.
 """
 from __future__ import annotations
@@ -22,14 +22,21 @@ from dist_utils import spawn
 from meshtrain.accounting import CommStats, wire_factor
 from meshtrain.activation_checkpoint import apply_activation_checkpointing
 from meshtrain.config import ModelConfig, OptimizerConfig
+from meshtrain.core.weight_grads import WeightGradQueue, split_weight_grads
 from meshtrain.data_parallel import DataParallel
 from meshtrain.model import build_model
 from meshtrain.optim import AdamW
-from meshtrain.pipeline.split_backward import WeightGradQueue, enable_split_backward
-from meshtrain.tensor_parallel import (LLAMA_PLAN, ColumnParallelLinear, RowParallelLinear, TensorParallelEngine,
-                                       VocabParallelEmbedding, apply_tensor_parallel, vocab_parallel_cross_entropy)
+from meshtrain.tensor_parallel import (
+    LLAMA_PLAN,
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TensorParallelEngine,
+    VocabParallelEmbedding,
+    apply_tensor_parallel,
+    vocab_parallel_cross_entropy,
+)
 from meshtrain.tensor_parallel.comm import TPComm, all_gather_dim, gather_seq, scatter_seq
-from meshtrain.tensor_parallel.measure import activation_terms, block_comm_theory, saved_bytes_per_block
+from meshtrain.tools.tp_measure import activation_terms, block_comm_theory, saved_bytes_per_block
 
 pytestmark = pytest.mark.dist
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=256, max_seq_len=64)
@@ -87,10 +94,10 @@ def _check_sequence_parallel_region(comm: TPComm) -> None:
 def _check_split_backward(comm: TPComm, sp: bool) -> None:
     """The pipeline's B/W split: B leaves the parallel layers' weight gradients to W (which, under SP,
     re-gathers the stored input shard) and the input gradient is complete without them."""
-    x, wc, wr, ref, grad, gx, gwc, gwr = _mlp_twin()
+    x, wc, wr, _, grad, gx, gwc, gwr = _mlp_twin()
     col, row = ColumnParallelLinear(wc, comm, sp, entry=True), RowParallelLinear(wr, comm, sp)
     queue, deferred = WeightGradQueue(), []
-    assert enable_split_backward(nn.ModuleList([col, row]), queue) == 2
+    assert split_weight_grads(nn.ModuleList([col, row]), queue) == 2
     xt = _leaf(x)
     out = row(F.gelu(col(scatter_seq(xt, comm) if sp else xt)))
     queue.target = deferred  # as the executor does around a B
@@ -143,7 +150,7 @@ def _check_block_comm(world: int, sp: bool) -> None:
     """Narayanan et al.: 2 all-reduces of b*s*h forward, 2 backward; SP: AG/RS pairs + re-gathers."""
     model, tp, _ = _tp_model(sp)
     data = torch.randint(0, CFG.vocab_size, (B, S + 1))
-    model.loss_fn(model(data[:, :-1]), data[:, 1:]).backward()
+    tp.loss_fn(model(data[:, :-1], torch.arange(S)), data[:, 1:]).backward()
     theory = block_comm_theory(B, S, CFG.dim, 4, sp)
     for block in ("layers.0", "layers.1"):
         got = tp.scopes[block]
@@ -162,7 +169,7 @@ def _check_block_comm(world: int, sp: bool) -> None:
 def _check_activations(world: int, sp: bool) -> None:
     model, _, _ = _tp_model(sp)
     data = torch.randint(0, CFG.vocab_size, (B, S))
-    per_block = saved_bytes_per_block(model, model.model.layers, lambda: model(data))
+    per_block = saved_bytes_per_block(model, model.model.layers, lambda: model(data, torch.arange(S)))
     # the last block: the first one also holds the RoPE tables that SP indexes by position
     measured = per_block[str(CFG.n_layers - 1)]
     formula = B * S * sum(activation_terms(CFG, world, sp).values())
@@ -180,7 +187,7 @@ def _check_tied_model_with_recompute(rank: int, world: int) -> None:
     tp = apply_tensor_parallel(model, dist.group.WORLD, LLAMA_PLAN, True, CommStats())
     apply_activation_checkpointing(model.model.layers, "full", 1)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    model.loss_fn(model(data[:, :-1]), data[:, 1:]).backward()
+    tp.loss_fn(model(data[:, :-1], torch.arange(S)), data[:, 1:]).backward()
     tp.sum_partial_grads()
     for name, p in model.named_parameters():
         want = dict(ref.named_parameters())[name].grad

@@ -12,9 +12,8 @@ from dist_utils import spawn
 from meshtrain.accounting import CommStats
 from meshtrain.config import ModelConfig
 from meshtrain.model import build_model
-from meshtrain.zero import ShardGroups, Zero3, Zero12
+from meshtrain.zero import FlatUnit, ShardGroups, Zero3, Zero12
 from meshtrain.zero.comm import all_gather, reduce_scatter
-from meshtrain.zero.flat import FlatUnit
 
 pytestmark = pytest.mark.dist
 # on 3 ranks the embedding (2560 elements) and the norm + head unit (2600) need padding

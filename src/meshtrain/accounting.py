@@ -60,3 +60,11 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
         seen.add(key)
         total += t.untyped_storage().nbytes()
     return total
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -92,11 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_train(sub)
     add_generate(sub)
     add_config_help(sub)
-    for module in ("meshtrain.planner.cli", "meshtrain.pipeline.cli"):
-        try:
-            __import__(module, fromlist=["add_parser"]).add_parser(sub)
-        except ImportError:
-            pass  # that subsystem is not part of this build
+    from meshtrain.planner.cli import add_parser as add_plan
+    from meshtrain.tools.schedule_cli import add_parser as add_schedule
+
+    add_plan(sub)
+    add_schedule(sub)
     return parser
 
 

@@ -10,11 +10,14 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import itertools
 import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
+
+from meshtrain.degrees import Degrees
 
 
 class ConfigError(ValueError):
@@ -89,6 +92,13 @@ class ParallelConfig:
     """With zero_stage >= 1: keep the fp32 master shards and Adam moments on the host and step there (ZeRO-Offload)."""
     prefetch: bool = True
     """With zero_stage = 3: gather the next unit's parameters while the current one computes, in forward and backward."""
+
+    @property
+    def degrees(self) -> Degrees:
+        """The layout's degrees (dp_shard must be resolved: meshtrain.validate.validate does it)."""
+        if self.dp_shard < 1:
+            raise ValueError("resolve parallel.dp_shard (meshtrain.validate.validate) before asking for the degrees")
+        return Degrees(self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp, self.ep)
 
 
 @dataclass
@@ -197,8 +207,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTIONS: dict[str, type] = {f.name: f.type for f in fields(Config)}  # type: ignore[misc]
-SECTIONS = {name: get_type_hints(Config)[name] for name in SECTIONS}
+SECTIONS: dict[str, type] = {f.name: get_type_hints(Config)[f.name] for f in fields(Config)}
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -206,10 +215,10 @@ def field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}
-    for stmt, nxt in zip(body, body[1:]):
-        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
-            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                docs[stmt.target.id] = str(nxt.value.value)
+    for stmt, nxt in itertools.pairwise(body):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)):
+            docs[stmt.target.id] = str(nxt.value.value)
     return docs
 
 

@@ -11,6 +11,10 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from meshtrain.accounting import human_bytes
+
+__all__ = ["GPU_PEAK_TFLOPS", "MetricsWriter", "ProgressBar", "detect_peak_tflops", "human_bytes", "peak_rss_bytes"]
+
 
 # Dense bf16 peak per GPU, from the vendors' datasheets (no sparsity).
 GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
@@ -39,25 +43,22 @@ def peak_rss_bytes() -> int:
 
 
 class MetricsWriter:
-    """Appends one JSON object per optimizer step; only rank 0 holds a file."""
+    """Appends one JSON object per optimizer step to each of `paths` (rank 0: metrics.jsonl and its
+    own metrics.rank0.jsonl; every other rank: its metrics.rank{R}.jsonl, which holds that rank's
+    own memory and communication figures)."""
 
-    def __init__(self, path: Path | None, truncate: bool) -> None:
-        self.path = path
-        if path is not None and truncate:
-            path.write_text("")
+    def __init__(self, paths: list[Path], truncate: bool) -> None:
+        self.paths = paths
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if truncate:
+                path.write_text("")
 
     def write(self, record: dict[str, Any]) -> None:
-        if self.path is not None:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
+        line = json.dumps(record) + "\n"
+        for path in self.paths:
+            with path.open("a") as f:
+                f.write(line)
 
 
 class ProgressBar:

@@ -1,65 +1,15 @@
-"""The layout of ranks: parallel degrees mapped to named DeviceMesh axes, passed explicitly.
-
-Axes, outermost first: pp, dp_replicate, dp_shard, cp, tp. Tensor parallelism is innermost so its
-chatty collectives stay among neighbouring ranks (one node); pipeline stages are outermost because
-they only exchange point-to-point activations. Expert parallelism adds no ranks: it borrows the
-dp_shard x cp ranks, as in torchtitan.
+"""The layout of ranks: parallel degrees (meshtrain.degrees) mapped to named DeviceMesh axes, passed
+explicitly. Each parallelism asks the Topology for the group of its own axis; none is global.
 """
 from __future__ import annotations
-
-import math
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from meshtrain.config import ParallelConfig
+from meshtrain.degrees import AXES, Degrees
 
-AXES: tuple[str, ...] = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
-
-
-@dataclass(frozen=True)
-class Degrees:
-    """Pure arithmetic over the layout; needs no processes (the tests and the planner use it)."""
-
-    pp: int = 1
-    dp_replicate: int = 1
-    dp_shard: int = 1
-    cp: int = 1
-    tp: int = 1
-    ep: int = 1
-
-    @classmethod
-    def from_config(cls, p: ParallelConfig) -> "Degrees":
-        if p.dp_shard < 1:
-            raise ValueError("resolve parallel.dp_shard (meshtrain.validate.validate) before building a topology")
-        return cls(p.pp, p.dp_replicate, p.dp_shard, p.cp, p.tp, p.ep)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(getattr(self, a) for a in AXES)
-
-    @property
-    def world_size(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def dp(self) -> int:
-        return self.dp_replicate * self.dp_shard
-
-    def coords(self, rank: int) -> dict[str, int]:
-        """This rank's index along each axis (row-major, the same order DeviceMesh uses)."""
-        out: dict[str, int] = {}
-        for axis, size in zip(reversed(AXES), reversed(self.shape)):
-            out[axis] = rank % size
-            rank //= size
-        return {a: out[a] for a in AXES}
-
-    def dp_rank(self, rank: int) -> int:
-        c = self.coords(rank)
-        return c["dp_replicate"] * self.dp_shard + c["dp_shard"]
-
+__all__ = ["AXES", "Degrees", "Topology"]
 
 class Topology:
     """Degrees plus the live DeviceMesh. Each parallelism asks it for the group of its own axis."""
@@ -73,7 +23,7 @@ class Topology:
         self._dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp") if degrees.dp > 1 else None
 
     @classmethod
-    def build(cls, degrees: Degrees, device: torch.device) -> "Topology":
+    def build(cls, degrees: Degrees, device: torch.device) -> Topology:
         if degrees.world_size != dist.get_world_size():
             raise ValueError(f"layout {degrees.shape} needs {degrees.world_size} ranks, have {dist.get_world_size()}")
         mesh = init_device_mesh(device.type, degrees.shape, mesh_dim_names=AXES)

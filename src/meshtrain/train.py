@@ -49,11 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     env = init_distributed(cfg.training.device)
     trainer = Trainer(cfg, env)
     trainer.fit()
-    # ZeRO-3's forward gathers parameters collectively: then every rank samples along (the same tokens).
-    if cfg.logging.sample_prompt and trainer.pipeline is None and (env.rank == 0 or trainer.engine.collective_forward):
+    # A forward with collectives (ZeRO-3's gathers, TP) needs every rank: then all sample along (the same tokens).
+    sampler = trainer.parallel.sampler
+    if cfg.logging.sample_prompt and sampler is not None and (env.rank == 0 or trainer.engine.collective_forward):
         from meshtrain.generate import sample_text
 
-        text = sample_text(trainer.model, trainer.tokenizer, cfg.logging.sample_prompt, cfg.logging.sample_tokens,
+        text = sample_text(sampler, trainer.tokenizer, cfg.logging.sample_prompt, cfg.logging.sample_tokens,
                            env.device, seed=cfg.training.seed)
         if env.rank == 0:
             trainer.console.print("[bold]sample[/bold] " + repr(text)[:400], highlight=False)

@@ -1,35 +1,35 @@
 """The training loop: one `Trainer` per rank, built from a validated Config and a DistEnv.
 
+It knows no parallelism by name: the build path (meshtrain.build) hands it the model parts, the
+gradient engine and a step runner, and every step goes through those three.
+
 Loss convention: each micro-batch's summed token cross-entropy is divided by the number of tokens in
 the whole global batch. Summing those gradients over micro-steps and ranks therefore yields exactly
 the gradient of the global mean loss, whatever the layout: the basis of the equivalence tests.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from rich.console import Console
 
 from meshtrain import checkpoint as ckpt
-from meshtrain.accounting import CommStats, tensor_bytes
+from meshtrain.accounting import CommStats, human_bytes, tensor_bytes
+from meshtrain.build import DTYPES, build_parallel
 from meshtrain.config import Config
+from meshtrain.core.runner import Batch
 from meshtrain.data import BatchSampler, build_dataset, build_tokenizer
 from meshtrain.distributed import DistEnv
 from meshtrain.faults import maybe_fail
 from meshtrain.logs import get_logger
-from meshtrain.loss import cross_entropy_sum
-from meshtrain.metrics import MetricsWriter, ProgressBar, detect_peak_tflops, human_bytes, peak_rss_bytes
-from meshtrain.model import build_model, count_params
+from meshtrain.metrics import MetricsWriter, ProgressBar, detect_peak_tflops, peak_rss_bytes
+from meshtrain.model import count_params
+from meshtrain.model.math import flops_per_token
 from meshtrain.optim import AdamW, lr_at
-from meshtrain.parallelize import DTYPES, parallelize
-from meshtrain.pipeline.executor import StepInputs
-from meshtrain.planner.model_math import flops_per_token
-from meshtrain.topology import Degrees, Topology
+from meshtrain.topology import Topology
 
 
 class Trainer:
@@ -40,19 +40,10 @@ class Trainer:
         self.log = get_logger(env.rank, env.world_size, self.console if env.rank == 0 else None)
         if cfg.training.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.topo = Topology.build(Degrees.from_config(cfg.parallel), env.device)
+        self.topo = Topology.build(cfg.parallel.degrees, env.device)
         self.stats = CommStats()
-        self.pipeline = None
-        if cfg.parallel.pp > 1:
-            from meshtrain.pipeline.runtime import build_pipeline
-
-            self.model, self.pipeline = build_pipeline(cfg, self.topo, env.device, self.stats, self.autocast)
-        else:
-            self.model = build_model(cfg.model, env.device, seed=cfg.training.seed)
-        self.engine = parallelize(self.model, self.topo, cfg, self.stats)
-        if self.pipeline is not None:
-            self.pipeline.split_weight_grads()  # after parallelize: TP has swapped the layers to split
-        self.loss_fn = getattr(self.model, "loss_fn", cross_entropy_sum)  # a vocab-parallel head brings its own
+        self.parallel = build_parallel(cfg, self.topo, env.device, self.stats)
+        self.engine, self.runner = self.parallel.engine, self.parallel.runner
         self.optim = AdamW(self.engine.optim_params(), cfg.optimizer, no_decay=self.engine.no_decay())
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         self.dataset = build_dataset(cfg.data, self.tokenizer, cfg.training.seq_len, cfg.training.seed)
@@ -90,65 +81,26 @@ class Trainer:
         return tensor_bytes(self.engine.state_tensors() + self.optim.state_tensors())
 
     # ---- one optimizer step -------------------------------------------------------------------
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg.training.dtype == "bf16":
-            return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def forward_backward(self, indices) -> torch.Tensor:
-        """All micro-steps of one optimizer step; returns this rank's summed token loss."""
-        if self.pipeline is not None:
-            batches = [self.dataset.batch(idx) for idx in indices]
-            self.engine.set_sync(False)  # the pipeline's gradients are reduced once, in finish()
-            return self.pipeline.run(StepInputs([x for x, _ in batches], [y for _, y in batches],
-                                                1.0 / self.global_tokens))
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for micro, idx in enumerate(indices):
-            inputs, targets = (x.to(self.env.device) for x in self.dataset.batch(idx))
-            self.engine.set_sync(micro == len(indices) - 1)
-            with self.autocast():
-                logits = self.model(inputs)
-            loss = self.loss_fn(logits, targets)
-            (loss / self.global_tokens).backward()
-            loss_sum += loss.detach().double().cpu()
-        return loss_sum
-
-    def grad_norm(self) -> float:
-        norm = self.engine.grad_norm()
-        pp_group = self.topo.group("pp")
-        if pp_group is not None:  # stages own disjoint parameters: add their squared norms
-            sq = norm.double().square()
-            dist.all_reduce(sq, group=pp_group)
-            norm = sq.sqrt()
-        return float(norm)
+    def batches(self, step: int) -> list[Batch]:
+        """This rank's micro-batches of optimizer step `step`."""
+        return [Batch(*self.dataset.batch(idx)) for idx in self.sampler.rank_indices(step)]
 
     def train_step(self) -> dict[str, Any]:
         t = self.cfg.training
         start = time.perf_counter()
-        loss_sum = self.forward_backward(self.sampler.rank_indices(self.step))
+        loss_sum = self.runner.run(self.batches(self.step))
         self.engine.finish()
-        grad_norm = self.grad_norm()
+        grad_norm = float(self.engine.grad_norm())
         if t.grad_clip and grad_norm > t.grad_clip:
             self.engine.scale_grads(t.grad_clip / (grad_norm + 1e-6))
         lr = lr_at(self.step, t)
         self.optim.step(self.engine.optim_grads(), lr)
         self.engine.after_step()
         self.engine.zero_grad()
-        loss_mean = self._global_mean(loss_sum)
+        loss_mean = self.parallel.reduce_loss(loss_sum) / self.global_tokens
         elapsed = time.perf_counter() - start
         self.step += 1
         return self._record(loss_mean, lr, grad_norm, elapsed)
-
-    def _global_mean(self, loss_sum: torch.Tensor) -> float:
-        if self.topo.group("pp") is not None:
-            # Only the last stage computed a loss; the others contribute zero to a world-wide sum.
-            # Its tp ranks all hold the same (vocab-parallel) loss: count it once, from tp rank 0.
-            if self.topo.local_rank("tp"):
-                loss_sum = torch.zeros_like(loss_sum)
-            dist.all_reduce(loss_sum)
-        elif self.topo.group("dp") is not None:
-            dist.all_reduce(loss_sum, group=self.topo.group("dp"))
-        return float(loss_sum) / self.global_tokens
 
     def _record(self, loss: float, lr: float, grad_norm: float, elapsed: float) -> dict[str, Any]:
         tps = self.global_tokens / elapsed
@@ -160,8 +112,7 @@ class Trainer:
         }
         if self.env.device.type == "cuda":
             rec["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(self.env.device)
-        if self.pipeline is not None:
-            rec["pp_peak_inflight"] = self.pipeline.peak_inflight
+        rec.update(self.runner.metrics())
         rec.update(self.engine.step_metrics())
         rec.update(self.stats.snapshot_and_reset())
         return rec
@@ -170,23 +121,19 @@ class Trainer:
     def summary(self) -> str:
         n_params = count_params(self.cfg.model)
         c = self.cfg
-        split = ""
-        if self.pipeline is not None:
-            from meshtrain.pipeline.runtime import describe_split
-
-            split = f" | {c.parallel.pp_schedule} over {describe_split(c)}"
+        runner = self.runner.describe()
         return (f"model {n_params / 1e6:.2f}M params ({c.model.n_layers} layers, dim {c.model.dim}) | layout "
                 f"{self.topo.describe()} on {self.env.world_size} x {self.env.device.type} ({self.env.backend}) | "
                 f"batch {c.training.global_batch} x {c.training.seq_len} tokens = {c.training.micro_batch} micro x "
                 f"{c.training.grad_accum} accum x {self.topo.size('dp')} dp | model states "
-                f"{human_bytes(self.model_state_bytes())}/rank | data {len(self.dataset):,} sequences{split}")
+                f"{human_bytes(self.model_state_bytes())}/rank | data {len(self.dataset):,} sequences"
+                + (f" | {runner}" if runner else ""))
 
     def fit(self) -> list[dict[str, Any]]:
         self.maybe_resume()
         is_root = self.env.rank == 0
-        if is_root:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        writer = MetricsWriter(self.run_dir / "metrics.jsonl" if is_root else None, truncate=self.step == 0)
+        own = self.run_dir / f"metrics.rank{self.env.rank}.jsonl"
+        writer = MetricsWriter([self.run_dir / "metrics.jsonl", own] if is_root else [own], truncate=self.step == 0)
         self.log.info(self.summary())
         self.log.info(self.engine.describe())
         bar = ProgressBar(self.console, self.cfg.training.steps, self.step,
@@ -203,19 +150,8 @@ class Trainer:
                 maybe_fail("after_step", self.step)
         finally:
             bar.close()
-        self._write_pipeline_trace()
+        self.runner.close()
         return history
-
-    def _write_pipeline_trace(self) -> None:
-        # One trace per stage: from the first data-parallel replica's first tp rank.
-        if self.pipeline is None or self.topo.local_rank("dp") or self.topo.local_rank("tp") or not self.pipeline.trace:
-            return
-        from meshtrain.pipeline.trace import write_trace
-
-        p = self.cfg.parallel
-        meta = {"schedule": p.pp_schedule, "pp": p.pp, "chunks": p.pp_chunks,
-                "microbatches": self.cfg.training.grad_accum}
-        write_trace(self.run_dir, self.topo.local_rank("pp"), meta, self.pipeline.trace)
 
     def _log_step(self, rec: dict[str, Any]) -> None:
         if rec["step"] % self.cfg.logging.log_interval == 0 or rec["step"] == self.cfg.training.steps:

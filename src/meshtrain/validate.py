@@ -6,27 +6,27 @@ Each check raises `ConfigError` with one line: the fields, their values and what
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 from meshtrain.config import Config, ConfigError
-from meshtrain.pipeline.schedules import ScheduleError, build_schedule, is_custom, splits_backward, validate_schedule
+from meshtrain.pipeline.schedules import SCHEDULES, ScheduleError, build_schedule, is_custom, splits_backward
+from meshtrain.tools.schedule_check import validate_schedule
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "training.dtype": ("fp32", "bf16"),
     "training.lr_schedule": ("cosine", "wsd", "constant"),
     "training.activation_checkpointing": ("none", "full"),
     "training.device": ("auto", "cpu", "cuda"),
-    "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2"),
+    "parallel.pp_schedule": tuple(SCHEDULES),
     "parallel.reduce_dtype": ("fp32", "bf16"),
     "optimizer.name": ("adamw",),
     "data.source": ("stdlib", "files", "synthetic"),
     "checkpoint.resume": ("auto", "never"),
 }
 
-# Degrees this build can run, and the issue that brings the rest. Widened as features land.
-SUPPORTED_MAX = {"tp": 1024, "pp": 64, "cp": 1, "ep": 1}
-SUPPORTED_ZERO = (0, 1, 2, 3)
-PENDING = {"tp": "tensor parallelism", "pp": "pipeline parallelism", "cp": "context parallelism",
-           "ep": "expert parallelism"}
+# Degrees this build can run, and the feature that brings the rest. Widened as features land.
+SUPPORTED_MAX = {"cp": 1, "ep": 1}
+PENDING = {"cp": "context parallelism", "ep": "expert parallelism"}
 
 POSITIVE = ("model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.vocab_size",
             "model.max_seq_len", "training.steps", "training.global_batch", "training.micro_batch",
@@ -35,7 +35,7 @@ POSITIVE = ("model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads", 
             "checkpoint.keep", "logging.log_interval")
 
 
-def _get(cfg: Config, dotted: str):
+def _get(cfg: Config, dotted: str) -> Any:
     section, key = dotted.split(".")
     return getattr(getattr(cfg, section), key)
 
@@ -150,7 +150,7 @@ def resolve_dp_shard(cfg: Config, world_size: int) -> int:
 
 def _check_layout(cfg: Config, world_size: int) -> None:
     p, t = cfg.parallel, cfg.training
-    product = p.dp_replicate * p.dp_shard * p.cp * p.tp * p.pp
+    product = p.degrees.world_size
     if product != world_size:
         raise ConfigError(
             f"parallel.dp_replicate*dp_shard*cp*tp*pp = {p.dp_replicate}*{p.dp_shard}*{p.cp}*{p.tp}*{p.pp} = {product} "
@@ -160,11 +160,9 @@ def _check_layout(cfg: Config, world_size: int) -> None:
     for name, limit in SUPPORTED_MAX.items():
         if getattr(p, name) > limit:
             raise ConfigError(f"parallel.{name}={getattr(p, name)} is not supported by this build yet ({PENDING[name]}); set parallel.{name}=1")
-    if p.zero_stage not in SUPPORTED_ZERO:
-        raise ConfigError(f"parallel.zero_stage={p.zero_stage} is not supported by this build yet; use one of {SUPPORTED_ZERO}")
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1; set sequence_parallel=false or raise tp")
-    dp = p.dp_replicate * p.dp_shard
+    dp = p.degrees.dp
     if t.grad_accum == -1:
         if t.global_batch % (t.micro_batch * dp):
             raise ConfigError(

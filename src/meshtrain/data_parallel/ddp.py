@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from meshtrain.accounting import CommStats
+from meshtrain.core.parts import as_parts, backward_order, split_buckets
 from meshtrain.data_parallel.comm import all_reduce_async
 
 
@@ -32,9 +33,10 @@ class Bucket:
 
 @dataclass
 class DataParallel:
-    """Owns the gradients of `module` and keeps them summed across `group` (None: one rank)."""
+    """Owns the gradients of `module` (a model, or the list of a rank's pipeline stages) and keeps
+    them summed across `group` (None: one rank)."""
 
-    module: nn.Module
+    module: nn.Module | list[nn.Module]
     group: dist.ProcessGroup | None
     stats: CommStats
     bucket_bytes: int = 25 * 2**20
@@ -43,10 +45,11 @@ class DataParallel:
     sync: bool = True
 
     def __post_init__(self) -> None:
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        self._names = {id(p): n for n, p in self.module.named_parameters()}
+        self.parts = as_parts(self.module)
+        ordered = [p for part in backward_order(self.parts) for p in part]
+        self._names = {id(p): n for part in self.parts for n, p in part.named_parameters()}
         self._owner: dict[nn.Parameter, Bucket] = {}
-        for group in split_buckets(list(reversed(params)), self.bucket_bytes):
+        for group in split_buckets(ordered, self.bucket_bytes):
             buf = torch.zeros(sum(p.numel() for p in group), dtype=torch.float32, device=group[0].device)
             bucket = Bucket(group, buf)
             offset = 0
@@ -56,7 +59,7 @@ class DataParallel:
                 self._owner[p] = bucket
             self.buckets.append(bucket)
         if self.group is not None:
-            for p in params:
+            for p in ordered:
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
 
     @property
@@ -112,7 +115,7 @@ class DataParallel:
         return self.params + [b.buffer for b in self.buckets]
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.module.named_parameters())
+        return {n: p for part in self.parts for n, p in part.named_parameters()}
 
     def optim_state_dict(self, optim_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return optim_sd  # whole tensors, already keyed by parameter name
@@ -145,15 +148,3 @@ class DataParallel:
         for bucket in self.buckets:
             bucket.buffer.mul_(factor)
 
-
-def split_buckets(params: list[nn.Parameter], limit: int) -> list[list[nn.Parameter]]:
-    """Consecutive groups of at most `limit` fp32 bytes (a larger parameter gets a group of its own)."""
-    groups: list[list[nn.Parameter]] = [[]]
-    size = 0
-    for p in params:
-        if groups[-1] and size + p.numel() * 4 > limit:
-            groups.append([])
-            size = 0
-        groups[-1].append(p)
-        size += p.numel() * 4
-    return groups

@@ -12,6 +12,7 @@ import zlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from meshtrain.config import ModelConfig
 
@@ -76,6 +77,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    recompute = False
+    """Recompute this block's activations in backward instead of saving them (activation
+    checkpointing: meshtrain.activation_checkpoint turns it on from outside)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -84,6 +89,13 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # Inside the module call: hooks on the block (ZeRO-3's gather and free) run once around the
+        # checkpoint, not again during the recomputation in backward.
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, cos, sin, use_reentrant=False)
+        return self._forward(x, cos, sin)
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -114,7 +126,8 @@ class Llama(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         h = self.model.embed_tokens(tokens) if self.model.embed_tokens is not None else tokens
         s = h.shape[1]
-        # Explicit positions let a sequence shard (context parallelism) rotate by its global offsets.
+        # Explicit positions: a rank that holds a shard of the sequence (sequence parallelism between
+        # regions, context parallelism) cannot infer them from its input; the step runner passes them.
         cos = self.rope_cos[:s] if positions is None else self.rope_cos[positions]
         sin = self.rope_sin[:s] if positions is None else self.rope_sin[positions]
         for block in self.model.layers.values():

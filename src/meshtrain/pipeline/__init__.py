@@ -1,5 +1,12 @@
-"""Pipeline parallelism: schedules as data, a symbolic simulator, Gantt plots and the `schedule` CLI.
+"""Pipeline parallelism: schedules as per-rank action lists, stages cut from the single-device model,
+and one executor that runs any rank's list over point-to-point sends.
 
-Nothing here starts processes or touches torch.distributed; the executor that runs a schedule over
-real ranks follows the execution contract documented in `meshtrain.pipeline.schedules`.
+- schedules.py  the data model, the execution contract, the built-in schedules (gpipe, 1f1b,
+                interleaved-1f1b, zb-h1, zb-h2), send/recv placement and CSV input/output
+- stage.py      how blocks are split into stages, and building one stage on the meta device
+- executor.py   runs a rank's actions (the pipelined StepRunner), with the B/W split for W actions
+- comm.py       the counted point-to-point exchange
+
+The same action lists feed the checker, the simulator, the plots and the trace comparison, which
+live in meshtrain.tools (schedule_check, simulator, plot, trace, schedule_cli).
 """

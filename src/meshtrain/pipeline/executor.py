@@ -5,26 +5,36 @@ of consecutive comm actions as one `batch_isend_irecv` and waits for it, and nev
 action wait for a peer. Per (stage, microbatch) it keeps only what the schedule still needs: the
 stage input (whose gradient B sends back), the output until its backward, and nothing after. A sent
 activation's storage is released at once: backward needs the output's autograd node, not its values.
+
+It is this rank's step runner (meshtrain.core.runner.StepRunner) when the model is pipelined: the
+trainer hands it the step's micro-batches like any other runner. Gradients are reduced once per
+step, after the last microbatch (the engine's set_sync(False) for the whole step, then finish()).
+With `trace_path` set it records every compute action's (kind, stage, microbatch, start, end) and,
+at close(), writes the last step's to that file; meshtrain.tools.trace reads it back.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from meshtrain.accounting import CommStats
+from meshtrain.core.engine import GradEngine
+from meshtrain.core.runner import Autocast, Batch, LossFn, with_positions
+from meshtrain.core.weight_grads import WeightGradQueue
 from meshtrain.pipeline.comm import exchange
-from meshtrain.pipeline.schedules import Action, Kind, Layout, group_steps
-from meshtrain.pipeline.split_backward import WeightGradQueue, enable_split_backward
+from meshtrain.pipeline.schedules import Action, Kind, Layout, TraceRecord, group_steps
 
 Key = tuple[int, int]  # (virtual stage, microbatch)
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _backward(output: torch.Tensor, grad: torch.Tensor | None) -> None:
@@ -35,25 +45,24 @@ def _backward(output: torch.Tensor, grad: torch.Tensor | None) -> None:
 
 
 @dataclass
-class StepInputs:
-    tokens: list[torch.Tensor]   # per microbatch, (micro_batch, seq) ids: stage 0's input
-    targets: list[torch.Tensor]  # per microbatch: the last stage's labels
-    scale: float                 # 1 / tokens in the global batch: the loss convention of trainer.py
-
-
-@dataclass
 class PipelineExecutor:
     stages: dict[int, nn.Module]
     actions: list[Action]
     layout: Layout
     group: dist.ProcessGroup
     stats: CommStats
-    loss_fn: LossFn  # unless the last stage brings its own `loss_fn` (a vocab-parallel head does)
+    loss_fn: LossFn  # the last stage's: cross-entropy, or the vocab-parallel one under tensor parallelism
     act_shape: tuple[int, ...]  # of a stage output and its gradient: the recv buffers
     device: torch.device
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    autocast: Autocast = contextlib.nullcontext
+    scale: float = 1.0  # 1 / tokens in the global batch: the loss convention of meshtrain.core.runner
+    engine: GradEngine | None = None  # told to hold its reduction until finish(): once per step
+    trace_path: Path | None = None
+    trace_meta: dict[str, Any] = field(default_factory=dict)
+    summary: str = ""
     queue: WeightGradQueue = field(default_factory=WeightGradQueue)
-    trace: list[tuple[str, int, int, float, float]] = field(default_factory=list)
+    """Where the stages' layers put deferred weight gradients (meshtrain.core.weight_grads.split_weight_grads)."""
+    trace: list[TraceRecord] = field(default_factory=list)
     peak_inflight: float = 0.0
 
     def __post_init__(self) -> None:
@@ -61,17 +70,12 @@ class PipelineExecutor:
         self.me = dist.get_rank(self.group)
         self.steps = group_steps(self.actions)
 
-    def split_weight_grads(self) -> int:
-        """Route the stages' linear layers through the B/W split when the schedule has W actions.
-
-        Call it once the layers are final: tensor parallelism replaces them with parallel layers.
-        Returns how many layers split their backward."""
-        if not any(a.kind == Kind.W for a in self.actions):
-            return 0
-        return sum(enable_split_backward(stage, self.queue) for stage in self.stages.values())
-
-    def run(self, batch: StepInputs) -> torch.Tensor:
+    # ---- the StepRunner contract (meshtrain.core.runner) ----------------------------------------
+    def run(self, batches: list[Batch]) -> torch.Tensor:
         """One optimizer step's forward and backward passes; returns this rank's summed token loss."""
+        if self.engine is not None:
+            self.engine.set_sync(False)  # the pipeline's gradients are reduced once, in finish()
+        self.batches = [with_positions(b, self.device) for b in batches]
         self.inputs: dict[Key, torch.Tensor] = {}
         self.outputs: dict[Key, torch.Tensor] = {}
         self.grads: dict[Key, torch.Tensor] = {}
@@ -86,12 +90,23 @@ class PipelineExecutor:
             else:
                 # perf_counter is the host's monotonic clock, so ranks' traces line up.
                 start = time.perf_counter()
-                self._compute(acts[0], batch)
+                self._compute(acts[0])
                 self.trace.append((acts[0].kind.value, acts[0].stage, acts[0].microbatch, start,
                                    time.perf_counter()))
         if self.inputs or self.outputs or self.grads or self.outbox or any(self.deferred.values()):
             raise RuntimeError("pipeline schedule left work undone: it does not cover every microbatch")
         return self.loss_sum
+
+    def metrics(self) -> dict[str, float]:
+        return {"pp_peak_inflight": self.peak_inflight}
+
+    def describe(self) -> str:
+        return self.summary
+
+    def close(self) -> None:
+        if self.trace_path is not None and self.trace:
+            self.trace_path.parent.mkdir(parents=True, exist_ok=True)
+            self.trace_path.write_text(json.dumps({**self.trace_meta, "records": self.trace}))
 
     # ---- communication ------------------------------------------------------------------------
     def _communicate(self, acts: list[Action]) -> None:
@@ -113,10 +128,10 @@ class PipelineExecutor:
             tensor.untyped_storage().resize_(0)  # sent: only the autograd node is still needed
 
     # ---- compute ----------------------------------------------------------------------------
-    def _compute(self, a: Action, batch: StepInputs) -> None:
+    def _compute(self, a: Action) -> None:
         key = (a.stage, a.microbatch)
         if a.kind == Kind.F:
-            self._forward(key, batch)
+            self._forward(key)
         elif a.kind in (Kind.B, Kind.BW):
             self._backward(key, split=a.kind == Kind.B)
         elif a.kind == Kind.W:
@@ -125,17 +140,16 @@ class PipelineExecutor:
         else:
             raise ValueError(f"unknown pipeline action {a}")
 
-    def _forward(self, key: Key, batch: StepInputs) -> None:
+    def _forward(self, key: Key) -> None:
         stage, mb = key
-        x = batch.tokens[mb].to(self.device) if stage == 0 else self.inputs[key]
+        batch = self.batches[mb]
+        x = batch.tokens if stage == 0 else self.inputs[key]
         with self.autocast():
-            out = self.stages[stage](x)
+            out = self.stages[stage](x, batch.positions)
         if stage == self.last:
-            # Read at each call: tensor parallelism gives the stage its loss after the executor is built.
-            loss_fn = getattr(self.stages[stage], "loss_fn", self.loss_fn)
-            loss = loss_fn(out, batch.targets[mb].to(self.device))
+            loss = self.loss_fn(out, batch.targets)
             self.loss_sum += loss.detach().double().cpu()
-            out = loss * batch.scale
+            out = loss * self.scale
         elif self.layout.rank_of(stage + 1) == self.me:
             self.inputs[(stage + 1, mb)] = out.detach().requires_grad_()
         else:

@@ -8,10 +8,7 @@ materialised and initialised, with the same name-keyed init as the full model.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
-from torch import nn
 
 from meshtrain.config import ModelConfig
 from meshtrain.model import Llama
@@ -60,6 +57,10 @@ def split_blocks(cfg: ModelConfig, stages: int, how: str) -> list[int]:
     return [int(x) for x in how.split(",")]
 
 
+def describe_split(ranges: list[range]) -> str:
+    return " | ".join(f"stage {s}: blocks {r.start}-{r.stop - 1}" for s, r in enumerate(ranges))
+
+
 def stage_ranges(sizes: list[int]) -> list[range]:
     out, start = [], 0
     for size in sizes:
@@ -83,25 +84,3 @@ def build_stage(cfg: ModelConfig, stage: int, blocks: range, n_stages: int, devi
     model.to_empty(device=device)
     model.init_weights(seed)
     return model
-
-
-class StageChunks(nn.Module):
-    """The virtual stages one rank holds; parameter names are the single-device model's."""
-
-    def __init__(self, chunks: dict[int, Llama]) -> None:
-        super().__init__()
-        self.chunks = nn.ModuleDict({str(s): c for s, c in sorted(chunks.items())})
-
-    def stage(self, s: int) -> Llama:
-        return self.chunks[str(s)]
-
-    def named_parameters(self, prefix: str = "", recurse: bool = True,
-                         remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
-        for chunk in self.chunks.values():
-            yield from chunk.named_parameters(prefix, recurse, remove_duplicate)
-
-
-def stage_models(model: nn.Module) -> list[nn.Module]:
-    """The Llama instances a rank holds: its pipeline stages, or the whole model."""
-    return list(model.chunks.values()) if isinstance(model, StageChunks) else [model]
-

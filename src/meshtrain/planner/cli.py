@@ -10,17 +10,18 @@ import dataclasses
 import json
 import math
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from rich.console import Console
 
 from meshtrain.config import Config, ConfigError, load_config
+from meshtrain.model.math import from_model_config, param_count
+from meshtrain.pipeline.schedules import SCHEDULES
 from meshtrain.planner import report
 from meshtrain.planner.errors import PlanError
 from meshtrain.planner.evaluate import Workload, evaluate
 from meshtrain.planner.memory import FP32
-from meshtrain.planner.layout import SCHEDULES
-from meshtrain.planner.model_math import from_model_config, param_count
 from meshtrain.planner.predict import config_layout, predict_run
 from meshtrain.planner.presets import CLUSTERS, MODELS, ClusterSpec, did_you_mean, load_cluster, load_model
 from meshtrain.planner.search import SearchOptions, SearchResult, explain, search

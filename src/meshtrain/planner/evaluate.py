@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from meshtrain.model.math import ModelShape, iteration_flops, utilization
 from meshtrain.planner.errors import PlanError
 from meshtrain.planner.layout import Layout, RankParams, rank_params
 from meshtrain.planner.memory import FP32, MIXED, MemoryInputs, StateDtypes, device_total, rank_memory
-from meshtrain.planner.model_math import ModelShape, iteration_flops, utilization
 from meshtrain.planner.presets import ClusterSpec
 from meshtrain.planner.timing import StepInputs, microbatch_compute, step_breakdown
 from meshtrain.planner.traffic import TrafficInputs, step_collectives
@@ -87,7 +87,7 @@ def traffic_inputs(ws: Workload, lay: Layout) -> TrafficInputs:
 
 def evaluate(ws: Workload, lay: Layout, memory_only: bool = False) -> Plan:
     """Memory always; time, throughput and utilization unless `memory_only` (used to prune)."""
-    mem, rp = plan_memory(ws, lay)
+    mem, _ = plan_memory(ws, lay)
     total = device_total(mem)
     fits = total <= ws.cluster.usable_bytes
     if memory_only:

@@ -1,5 +1,7 @@
 """A parallel layout, where its groups sit on the cluster, and which parameters each rank holds.
 
+The degrees and their arithmetic (world size, dp) are meshtrain.degrees.Degrees, which Layout extends.
+
 Ranks are laid out like torchtitan's device mesh, outermost to innermost:
 pp, dp_replicate, dp_shard, cp, tp. A group of `size` ranks spaced `stride` apart stays inside
 one node when size*stride <= gpus_per_node, so tp is always the first to get NVLink.
@@ -9,37 +11,33 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from meshtrain.degrees import Degrees
+from meshtrain.model.math import ModelShape, layer_params
 from meshtrain.pipeline.schedules import splits_backward
-from meshtrain.planner.model_math import ModelShape, layer_params
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2")
+__all__ = ["Group", "Layout", "RankParams", "groups", "layers_per_rank", "rank_params"]
 
 
-@dataclass(frozen=True, order=True)
-class Layout:
-    """One way to run the model; field order is also the tie-break order of the search."""
+KNOBS = ("tp", "pp", "v", "schedule", "cp", "dp_replicate", "dp_shard", "ep", "zero", "micro_batch", "recompute", "sp",
+         "offload")
+"""Every field of a Layout, in the order the search breaks ties and explanations list them."""
 
-    tp: int = 1
-    pp: int = 1
+
+@dataclass(frozen=True)
+class Layout(Degrees):
+    """One way to run the model: the degrees (meshtrain.degrees) plus what the planner varies on top."""
+
     v: int = 1
     schedule: str = "1f1b"
-    cp: int = 1
-    dp_replicate: int = 1
-    dp_shard: int = 1
-    ep: int = 1
     zero: int = 0
     micro_batch: int = 1
     recompute: str = "none"
     sp: bool = False
     offload: bool = False
 
-    @property
-    def dp(self) -> int:
-        return self.dp_replicate * self.dp_shard
-
-    @property
-    def world(self) -> int:
-        return self.dp * self.cp * self.tp * self.pp
+    def sort_key(self) -> tuple[int | str | bool, ...]:
+        """The search's tie-break order: the knobs in KNOBS order (smaller model parallelism first)."""
+        return tuple(getattr(self, k) for k in KNOBS)
 
     @property
     def zero_group(self) -> int:
@@ -83,7 +81,7 @@ def groups(lay: Layout, gpus_per_node: int) -> dict[str, Group]:
         "expert_grad": _group(lay.grad_group // lay.ep, lay.tp * lay.ep, gpus_per_node),
         "replicate": _group(lay.dp_replicate, inner_dp * lay.dp_shard, gpus_per_node),
         "grad": _group(lay.grad_group, lay.tp, gpus_per_node),
-        "pp": _group(lay.pp, lay.world // lay.pp, gpus_per_node),
+        "pp": _group(lay.pp, lay.world_size // lay.pp, gpus_per_node),
     }
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from meshtrain.model.math import ModelShape
 from meshtrain.planner.layout import Layout, RankParams, deferred_weight_grads, layers_per_rank
-from meshtrain.planner.model_math import ModelShape
 from meshtrain.planner.pipeline_sim import simulated_in_flight
 
 MIB = 2**20

@@ -2,7 +2,7 @@
 
 The closed forms (timing.bubble_time, memory.in_flight_microbatches) hold only under their
 assumptions; ZB-H2's makespan bubble, for one, is (p-1)T_F rather than 0 when T_F = T_B = T_W. So
-where a schedule is small enough to simulate, the planner uses meshtrain.pipeline.simulator: the
+where a schedule is small enough to simulate, the planner uses meshtrain.tools.simulator: the
 same action lists the executor runs. With zero communication latency a timeline scales linearly
 with its costs, so results are cached on the cost ratios and rescaled.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from meshtrain.pipeline.schedules import SCHEDULES, build_schedule, is_custom
-from meshtrain.pipeline.simulator import Costs, simulate
+from meshtrain.tools.simulator import Costs, simulate
 
 # Compute actions (about 3 per stage and microbatch) beyond which the closed forms are used instead:
 # a 16-stage, 64-microbatch schedule simulates in ~50 ms; a search meets many distinct shapes.

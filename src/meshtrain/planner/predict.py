@@ -16,10 +16,10 @@ from collections import defaultdict
 from typing import Any
 
 from meshtrain.config import Config
+from meshtrain.model.math import from_model_config, param_count, shape_flops_per_token
 from meshtrain.planner.comm import wire_bytes
 from meshtrain.planner.layout import Layout, groups, rank_params
 from meshtrain.planner.memory import FP32, MemoryInputs, StateDtypes, model_state_bytes, rank_memory
-from meshtrain.planner.model_math import from_model_config, param_count, shape_flops_per_token
 from meshtrain.planner.traffic import TrafficInputs, step_collectives
 from meshtrain.validate import validate
 

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from meshtrain.config import ModelConfig, load_config
+from meshtrain.model.math import ModelShape, from_model_config
 from meshtrain.planner.errors import PlanError
-from meshtrain.planner.model_math import ModelShape, from_model_config
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class ClusterSpec:
     def usable_bytes(self) -> float:
         return self.memory_gib * 2**30 * self.usable_memory_fraction
 
-    def check(self) -> "ClusterSpec":
+    def check(self) -> ClusterSpec:
         for key in ("peak_tflops", "memory_gib", "gpus_per_node", "intra_bw_gbs", "inter_bw_gbs",
                     "hbm_bw_gbs", "pcie_bw_gbs", "host_bw_gbs"):
             if getattr(self, key) <= 0:

@@ -1,12 +1,12 @@
 """Enumerate the layouts a cluster can run, keep those that fit, rank them by step time."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 from meshtrain.planner.errors import PlanError
 from meshtrain.planner.evaluate import Plan, Workload, evaluate
-from meshtrain.planner.layout import Layout
+from meshtrain.planner.layout import KNOBS, Layout
 from meshtrain.planner.report import fmt_seconds
 
 
@@ -29,7 +29,7 @@ class SearchOptions:
 @dataclass(frozen=True)
 class SearchResult:
     ranked: list[Plan]
-    """Layouts that fit, fastest first; ties go to the smaller Layout (field order)."""
+    """Layouts that fit, fastest first; ties go to the smaller Layout (Layout.sort_key)."""
     considered: int
     smallest: Plan | None
     """The layout needing the least memory, to explain an empty result."""
@@ -100,9 +100,9 @@ def enumerate_layouts(ws: Workload, opts: SearchOptions) -> Iterator[Layout]:
                                              sp=tp > 1, offload=off)
 
 
-def _rank_key(plan: Plan) -> tuple[float, Layout]:
+def _rank_key(plan: Plan) -> tuple[float, tuple[int | str | bool, ...]]:
     # nine significant digits absorb float noise so that ties fall to the layout order
-    return float(f"{plan.step_time:.9g}"), plan.layout
+    return float(f"{plan.step_time:.9g}"), plan.layout.sort_key()
 
 
 def search(ws: Workload, opts: SearchOptions | None = None) -> SearchResult:
@@ -128,8 +128,7 @@ def _same_time(a: Plan, b: Plan) -> bool:
 
 
 def _knobs(a: Layout, b: Layout) -> str:
-    return ", ".join(f"{f.name} {getattr(a, f.name)} vs {getattr(b, f.name)}"
-                     for f in fields(Layout) if getattr(a, f.name) != getattr(b, f.name))
+    return ", ".join(f"{k} {getattr(a, k)} vs {getattr(b, k)}" for k in KNOBS if getattr(a, k) != getattr(b, k))
 
 
 def explain(ranked: list[Plan]) -> str:

@@ -1,17 +1,23 @@
 """Step time: compute at a settable fraction of peak, collectives from the alpha-beta model
-with per-strategy overlap, and the pipeline bubble from the schedule's closed form."""
+with per-strategy overlap, and the pipeline bubble from the simulator or the schedule's closed form."""
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
 
+from meshtrain.model.math import (
+    ModelShape,
+    active_layer_matmul_params,
+    attention_core_flops_per_token,
+    layer_forward_flops_per_token,
+)
+from meshtrain.pipeline.schedules import SCHEDULES
 from meshtrain.planner.comm import collective_time
 from meshtrain.planner.layout import Layout, groups, layers_per_rank
-from meshtrain.planner.model_math import (ModelShape, active_layer_matmul_params, attention_core_flops_per_token,
-                                          layer_forward_flops_per_token)
+from meshtrain.planner.pipeline_sim import simulated_bubble
 from meshtrain.planner.presets import ClusterSpec
 from meshtrain.planner.traffic import Collective
-from meshtrain.planner.pipeline_sim import simulated_bubble
+from meshtrain.tools.simulator import Costs, closed_form
 
 
 @dataclass(frozen=True)
@@ -48,24 +54,21 @@ def microbatch_compute(shape: ModelShape, lay: Layout, seq_len: int, attention: 
 
 def bubble_time(schedule: str, p: int, v: int, t_f: float, t_b: float, t_w: float, m: int | None = None) -> float:
     """Idle time per step: simulated when the microbatch count m is given and the schedule is small
-    enough (planner/pipeline_sim.py), else the closed form below.
+    enough (planner/pipeline_sim.py), else the papers' closed form (meshtrain.tools.simulator.closed_form,
+    the one copy of them), floored at 0. `t_b` is the whole backward, B + W.
 
     GPipe and 1F1B: (p-1)(t_f + t_b) (Narayanan et al. 2021); interleaved divides it by v.
-    Zero bubble (Qi et al. 2023) with t_b = B + W: ZB-H1 (p-1)(t_f + t_b - 2W), ZB-H2
-    (p-1)(t_f + t_b - 3W), floored at 0.
+    Zero bubble (Qi et al. 2023): ZB-H1 (p-1)(t_f + t_b - 2W), ZB-H2 (p-1)(t_f + t_b - 3W).
     """
     if p <= 1:
         return 0.0
     simulated = simulated_bubble(schedule, p, v, m, t_f, t_b, t_w) if m else None
     if simulated is not None:
         return simulated
-    if schedule == "interleaved-1f1b":
-        return (p - 1) * (t_f + t_b) / v
-    if schedule == "zb-h1":
-        return (p - 1) * max(0.0, t_f + t_b - 2 * t_w)
-    if schedule == "zb-h2":
-        return (p - 1) * max(0.0, t_f + t_b - 3 * t_w)
-    return (p - 1) * (t_f + t_b)
+    # a custom schedule too large to simulate gets the flush schedules' bound
+    name = schedule if schedule in SCHEDULES else "1f1b"
+    costs = Costs(f=t_f, b=max(0.0, t_b - t_w), w=t_w)
+    return max(0.0, closed_form(name, p, m or p, v, costs).bubble_time)
 
 
 def _phase_costs(colls: list[Collective], lay: Layout, cluster: ClusterSpec) -> tuple[dict[str, float], dict[str, float]]:

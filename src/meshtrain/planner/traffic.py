@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from meshtrain.model.math import ModelShape
 from meshtrain.planner.layout import Layout, RankParams, deferred_weight_grads, groups, layers_per_rank
 from meshtrain.planner.memory import MIB, StateDtypes
-from meshtrain.planner.model_math import ModelShape
 
 # Phases say what a collective overlaps with (see timing.py):
 #   exposed_fwd / exposed_bwd: on the critical path of every microbatch (TP, EP; no async TP)

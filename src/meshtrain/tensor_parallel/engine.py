@@ -25,7 +25,8 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from meshtrain.engine import GradEngine
+from meshtrain.core.engine import EngineDecorator, GradEngine
+from meshtrain.core.parts import as_parts
 from meshtrain.tensor_parallel.plan import TensorParallel
 
 
@@ -46,38 +47,22 @@ class FullShapeState:
         return self._inner[key]  # AdamW.load_state_dict reads the restored step count from here
 
 
-class TensorParallelEngine:
+class TensorParallelEngine(EngineDecorator):
     # Every forward runs collectives over the tp group: all ranks must call the model together.
     collective_forward = True
 
-    def __init__(self, inner: GradEngine, model: nn.Module, tp: TensorParallel) -> None:
-        self.inner, self.model, self.tp = inner, model, tp
-        device = next(model.parameters()).device.type
+    def __init__(self, inner: GradEngine, model: nn.Module | list[nn.Module], tp: TensorParallel) -> None:
+        super().__init__(inner)
+        self.parts, self.tp = as_parts(model), tp
+        device = next(self.parts[0].parameters()).device.type
         self.mesh = DeviceMesh.from_group(tp.group, device)
         partial = {id(p) for p in tp.partial_grads}
-        self.partial_names = {n for n, p in model.named_parameters() if id(p) in partial}
+        self.partial_names = {n for part in self.parts for n, p in part.named_parameters() if id(p) in partial}
 
-    @property
-    def shard_group(self) -> dist.ProcessGroup | None:
-        """The inner engine's data-parallel split; the tp split is this engine's own (grad_norm)."""
-        return self.inner.shard_group
-
-    # ---- the GradEngine contract (meshtrain.engine) -------------------------------------------
-    def optim_params(self) -> list[tuple[str, torch.Tensor]]:
-        return self.inner.optim_params()
-
-    def no_decay(self) -> set[str]:
-        return self.inner.no_decay()
-
-    def set_sync(self, sync: bool) -> None:
-        self.inner.set_sync(sync)
-
+    # ---- what tensor parallelism changes in the GradEngine contract (meshtrain.core.engine) -----
     def finish(self) -> None:
         self.inner.finish()
         self.tp.sum_partial_grads([g for n, g in self._named_grads() if n in self.partial_names])
-
-    def optim_grads(self) -> list[torch.Tensor]:
-        return self.inner.optim_grads()
 
     def grad_norm(self) -> torch.Tensor:
         sq = torch.zeros(2, dtype=torch.float64)  # [replicated over tp, sharded over tp]
@@ -92,18 +77,6 @@ class TensorParallelEngine:
     def _named_grads(self) -> list[tuple[str, torch.Tensor]]:
         """(parameter name, gradient or this rank's piece of it), in the same order on every tp rank."""
         return [(name, grad) for (name, _), grad in zip(self.inner.optim_params(), self.inner.optim_grads())]
-
-    def scale_grads(self, factor: float) -> None:
-        self.inner.scale_grads(factor)
-
-    def after_step(self) -> None:
-        self.inner.after_step()
-
-    def zero_grad(self) -> None:
-        self.inner.zero_grad()
-
-    def state_tensors(self) -> list[torch.Tensor]:
-        return self.inner.state_tensors()
 
     def model_state_dict(self) -> dict[str, torch.Tensor] | Stateful:
         return self._full_shape(self.inner.model_state_dict(), self._as_full)
@@ -128,7 +101,8 @@ class TensorParallelEngine:
         return {n: v.full_tensor() if isinstance(v, DTensor) else v.detach() for n, v in sd.items()}
 
     def num_params(self) -> int:
-        return sum(p.numel() * (self.tp.size if n in self.tp.shard_dims else 1) for n, p in self.model.named_parameters())
+        return sum(p.numel() * (self.tp.size if n in self.tp.shard_dims else 1)
+                   for part in self.parts for n, p in part.named_parameters())
 
     def step_metrics(self) -> dict[str, float]:
         """The tensor-parallel bytes one block sent this step (payload, all kinds), mean over blocks."""

@@ -19,10 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meshtrain.pipeline.split_backward import WeightGradQueue, defer_weight_grad, split_linear
-from meshtrain.tensor_parallel.comm import (PendingGather, TPComm, all_reduce, copy_to_region, gather_last_dim,
-                                            gather_seq_to_region, reduce_from_region,
-                                            reduce_scatter_from_region)
+from meshtrain.core.weight_grads import WeightGradQueue, defer_weight_grad, split_linear
+from meshtrain.tensor_parallel.comm import (
+    PendingGather,
+    TPComm,
+    all_reduce,
+    copy_to_region,
+    gather_last_dim,
+    gather_seq_to_region,
+    reduce_from_region,
+    reduce_scatter_from_region,
+)
 
 _SHARD_ATTR = "_tp_sequence_shard"
 
@@ -131,7 +138,11 @@ class ColumnParallelLinear(nn.Module):
         self.comm, self.sequence_parallel, self.entry = comm, sequence_parallel, entry
         self.gather_in_eval = gather_in_eval
         self.weight = nn.Parameter(_local_rows(full_weight, 0, comm))
-        self.weight_grad_queue: WeightGradQueue | None = None  # set by the pipeline's B/W split
+        self.weight_grad_queue: WeightGradQueue | None = None
+
+    def defer_weight_grads(self, queue: WeightGradQueue) -> None:
+        """The B/W split (meshtrain.core.weight_grads): weight gradients of a B wait for W."""
+        self.weight_grad_queue = queue
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.entry:
@@ -147,7 +158,11 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.comm, self.sequence_parallel = comm, sequence_parallel
         self.weight = nn.Parameter(_local_rows(full_weight, 1, comm))
-        self.weight_grad_queue: WeightGradQueue | None = None  # set by the pipeline's B/W split
+        self.weight_grad_queue: WeightGradQueue | None = None
+
+    def defer_weight_grads(self, queue: WeightGradQueue) -> None:
+        """The B/W split (meshtrain.core.weight_grads): weight gradients of a B wait for W."""
+        self.weight_grad_queue = queue
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         partial = region_linear(x, self.weight, self.weight_grad_queue)  # x is feature-split: never a shard
@@ -210,7 +225,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, co
 
 
 class VocabParallelLoss:
-    """The model's `loss_fn` under tensor parallelism: (local logits, targets) -> summed loss."""
+    """The loss under tensor parallelism (TensorParallel.loss_fn): (local logits, targets) -> summed loss."""
 
     def __init__(self, comm: TPComm) -> None:
         self.comm = comm

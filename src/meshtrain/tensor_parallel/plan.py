@@ -3,7 +3,14 @@
 A plan maps module-name patterns (fnmatch, `*` for a block index) to a style. The model file knows
 nothing of this: modules are swapped in place, keeping their names, so checkpoints and the optimizer
 see the same parameter names as a single-device run. New weights are slices of the module's current
-(full, deterministically initialised) weights, so every layout starts from the same model.
+(full, deterministically initialised) weights, so every layout starts from the same model. What
+changes beyond the modules (the loss function, which weights are sharded, the traffic) comes back
+in the returned `TensorParallel`; nothing is attached to the model.
+
+Sequence parallelism shards the residual stream along the sequence, so a block can no longer infer
+token positions from its input's length: the step runner always passes the model the positions of
+the whole sequence (meshtrain.core.runner.with_positions), which is what attention sees after the
+region's all-gather.
 
 Styles:
   vocab_embedding   rows of the vocabulary split; partial lookups summed (or reduce-scattered, SP)
@@ -11,8 +18,8 @@ Styles:
   region            a region entry (the MLP's gate and up share it)
   colwise           output features split; no communication of its own (the region entered)
   rowwise           input features split; the region's exit (all-reduce, or reduce-scatter under SP)
-  vocab_head        colwise with its own entry; the model gets a vocab-parallel `loss_fn` (whole
-                    logits in eval mode)
+  vocab_head        colwise with its own entry; TensorParallel.loss_fn becomes the vocab-parallel
+                    cross-entropy over its sharded logits (whole logits in eval mode)
   sequence_sharded  a norm that sees only a sequence shard under SP: its weight gradient is partial,
                     summed over the group once per step (TensorParallel.sum_partial_grads)
 """
@@ -20,7 +27,6 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
@@ -30,9 +36,15 @@ import torch.distributed as dist
 from torch import nn
 
 from meshtrain.accounting import CommStats
+from meshtrain.core.runner import LossFn
 from meshtrain.tensor_parallel.comm import Recorder, TPComm, all_reduce
-from meshtrain.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                              VocabParallelLoss, enter_region)
+from meshtrain.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    VocabParallelLoss,
+    enter_region,
+)
 
 LLAMA_PLAN: dict[str, str] = {
     "model.embed_tokens": "vocab_embedding",
@@ -80,6 +92,8 @@ class TensorParallel:
     partial_grads: list[nn.Parameter] = field(default_factory=list)
     """Replicated weights whose gradient each rank computes from its sequence shard only (SP norms)."""
     grad_comm: TPComm | None = None
+    loss_fn: LossFn | None = None
+    """The vocab-parallel cross-entropy over the head's sharded logits; None when no part holds the head."""
 
     def comm(self, stats: Recorder, scope: str) -> TPComm:
         return TPComm(self.group, _Tee(stats, self.scopes[scope]))
@@ -112,24 +126,6 @@ class _RegionEntry:
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         return (enter_region(args[0], self.comm, self.sequence_parallel and module.training), *args[1:])
-
-
-class _FullSequencePositions:
-    """Under SP the model's input reaches the blocks as a sequence shard, from which the model would
-    size its RoPE tables; attention sees the whole (gathered) sequence, so pass the whole sequence's
-    positions. The input is token ids (the embedding shards them), or, for a later pipeline stage
-    (`hidden_input`), the previous stage's residual stream, which arrives already sharded in training."""
-
-    def __init__(self, forward: Callable[..., torch.Tensor], module: nn.Module, hidden_input: bool,
-                 size: int) -> None:
-        self.forward, self.module, self.hidden_input, self.size = forward, module, hidden_input, size
-
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        if positions is None:
-            # Eval mode runs plain TP (whole sequences), so only a training shard is scaled up.
-            sharded = self.hidden_input and self.module.training
-            positions = torch.arange(x.shape[1] * (self.size if sharded else 1), device=x.device)
-        return self.forward(x, positions)
 
 
 def match_plan(model: nn.Module, plan: dict[str, str], strict: bool = True) -> list[tuple[str, nn.Module, str]]:
@@ -224,9 +220,6 @@ def _rewrite(model: nn.Module, tp: TensorParallel, plan: dict[str, str], stats: 
         new_params[id(full)] = new.weight
         dims[id(new.weight)] = SHARD_DIM[style]
         if style == "vocab_head":
-            model.loss_fn = VocabParallelLoss(tp.comm(stats, "loss"))
+            tp.loss_fn = VocabParallelLoss(tp.comm(stats, "loss"))
         _swap(model, name, new)
     tp.shard_dims.update({n: dims[id(p)] for n, p in model.named_parameters() if id(p) in dims})
-    if tp.sequence_parallel:
-        hidden_input = all(style != "vocab_embedding" for _, _, style in hits)
-        model.forward = _FullSequencePositions(model.forward, model, hidden_input, tp.size)

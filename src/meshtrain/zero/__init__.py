@@ -1,9 +1,14 @@
 """ZeRO stages 1-3 over the dp_shard axis, replicated across dp_replicate (HSDP), with CPU offload.
 
-`model` is whatever this rank holds after the earlier steps of parallelize(): with tensor
-parallelism its tp-local parameters (the dp_shard group is the ranks of the same tp coordinate, so
-they shard identical shapes), with pipelining its stages (StageChunks; the group is the ranks of the
-same stage).
+- base.py     flat padded units, fp32 master and gradient shards, their reduction, checkpoint views
+- stage12.py  ZeRO-1 and ZeRO-2: whole parameters, sharded optimizer state (and gradients)
+- stage3.py   ZeRO-3: parameters gathered per unit just before use, prefetched, freed after
+- comm.py     the counted collectives (reduce-scatter, all-gather, the replicas' all-reduce)
+
+The engine takes whatever parts this rank holds once the earlier steps of the build path have run
+(meshtrain.build): with tensor parallelism their tp-local parameters (the dp_shard group is the
+ranks of the same tp coordinate, so they shard identical shapes), with pipelining one part per stage
+(the group is the ranks of the same stages).
 """
 from __future__ import annotations
 
@@ -11,23 +16,21 @@ import torch
 from torch import nn
 
 from meshtrain.accounting import CommStats
-from meshtrain.config import ParallelConfig
-from meshtrain.pipeline.schedules import splits_backward
-from meshtrain.topology import Topology
-from meshtrain.zero.base import ShardGroups, ZeroBase
+from meshtrain.zero.base import FlatUnit, ShardGroups, ZeroBase
 from meshtrain.zero.stage3 import Zero3
 from meshtrain.zero.stage12 import Zero12
 
-__all__ = ["ShardGroups", "Zero12", "Zero3", "ZeroBase", "build_zero_engine"]
+__all__ = ["FlatUnit", "ShardGroups", "Zero3", "Zero12", "ZeroBase", "build_zero_engine"]
 
 
-def build_zero_engine(model: nn.Module, topo: Topology, p: ParallelConfig, stats: CommStats,
-                      param_dtype: torch.dtype, reduce_dtype: torch.dtype) -> ZeroBase:
-    """The engine for p.zero_stage (1-3); `param_dtype` is what ZeRO-3 gathers and computes in."""
-    groups = ShardGroups(topo.group("dp_shard"), topo.group("dp_replicate"))
-    if p.zero_stage == 3:
-        return Zero3(model, groups, stats, param_dtype=param_dtype, reduce_dtype=reduce_dtype, offload=p.offload,
-                     prefetch=p.prefetch)
-    deferred_weight_grads = p.pp > 1 and splits_backward(p.pp_schedule)
-    return Zero12(model, p.zero_stage, groups, stats, int(p.bucket_mb * 2**20), reduce_dtype, p.offload,
+def build_zero_engine(parts: list[nn.Module], stage: int, groups: ShardGroups, stats: CommStats, *,
+                      param_dtype: torch.dtype, reduce_dtype: torch.dtype, bucket_bytes: int, offload: bool,
+                      prefetch: bool, deferred_weight_grads: bool) -> ZeroBase:
+    """The engine for ZeRO `stage` (1-3). `param_dtype` is what ZeRO-3 gathers and computes in.
+    `deferred_weight_grads`: some weight gradients are accumulated outside autograd, after backward
+    (a zero-bubble pipeline's W), where no hook sees them, so ZeRO-2 must reduce once, in finish()."""
+    if stage == 3:
+        return Zero3(parts, groups, stats, param_dtype=param_dtype, reduce_dtype=reduce_dtype, offload=offload,
+                     prefetch=prefetch)
+    return Zero12(parts, stage, groups, stats, bucket_bytes, reduce_dtype, offload,
                   reduce_each_micro=not deferred_weight_grads)

@@ -1,5 +1,13 @@
-"""What ZeRO 1, 2 and 3 share: fp32 master and gradient shards per flat unit, their reduction, and
-the optimizer-facing half of the GradEngine contract (meshtrain.engine).
+"""What ZeRO 1, 2 and 3 share: flat units (the layout that is sharded), fp32 master and gradient
+shards per unit, their reduction, the optimizer-facing half of the GradEngine contract
+(meshtrain.core.engine), and the checkpoint views that gather shards into full tensors by name.
+
+Flat units: a unit's parameters sit end to end in one flat buffer, padded at the end to a multiple
+of the shard-group size N, so that every rank owns one equal, contiguous slice (its shard) and the
+single-tensor collectives can move it. A parameter may straddle two shards; the part of it inside
+this rank's shard is a `Piece`. The optimizer steps pieces named after their parameter, so its state
+is keyed by parameter name whatever the unit layout: that is what lets a checkpoint written with one
+stage or shard count load into another.
 
 Every stage ends a backward with the same thing: for each unit, this rank's fp32 shard of the summed
 gradient (`Unit.grad`), next to its fp32 master shard (`Unit.master`). The optimizer steps the
@@ -8,18 +16,157 @@ parameters and gradients live in between, which the subclasses own.
 """
 from __future__ import annotations
 
+import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from meshtrain.accounting import CommStats, tensor_bytes
-from meshtrain.metrics import human_bytes
+from meshtrain.accounting import CommStats, human_bytes, tensor_bytes
 from meshtrain.zero.comm import all_reduce, gather_uncounted, reduce_scatter
-from meshtrain.zero.flat import FlatUnit
-from meshtrain.zero.state import ModelState, OptimState
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The elements [param_start, param_start + numel) of a flattened parameter, at `start` in a shard."""
+
+    name: str
+    start: int
+    param_start: int
+    numel: int
+
+
+class FlatUnit:
+    """Where each parameter of a unit lives in the padded flat buffer, and which part this rank owns."""
+
+    def __init__(self, name: str, named: list[tuple[str, nn.Parameter]], world: int, rank: int) -> None:
+        if not named:
+            raise ValueError(f"flat unit {name} has no parameters")
+        self.name = name
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.shapes = [p.shape for p in self.params]
+        self.numels = [p.numel() for p in self.params]
+        self.offsets = list(itertools.accumulate([0] + self.numels[:-1]))
+        self.numel = sum(self.numels)
+        self.world, self.rank = world, rank
+        self.shard_size = -(-self.numel // world)
+        self.padded = self.shard_size * world
+        self.lo = rank * self.shard_size
+        self.pieces = self._pieces()
+
+    def _pieces(self) -> list[Piece]:
+        hi = self.lo + self.shard_size
+        out = []
+        for name, off, n in zip(self.names, self.offsets, self.numels):
+            a, b = max(off, self.lo), min(off + n, hi)
+            if a < b:
+                out.append(Piece(name, a - self.lo, a - off, b - a))
+        return out
+
+    @property
+    def shard(self) -> slice:
+        return slice(self.lo, self.lo + self.shard_size)
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Each parameter's view into a full (padded) flat buffer."""
+        return [flat[o:o + n].view(s) for o, n, s in zip(self.offsets, self.numels, self.shapes)]
+
+    def piece_views(self, shard: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """(parameter name, view) of every piece of a shard-sized tensor; padding belongs to no piece."""
+        return [(p.name, shard[p.start:p.start + p.numel]) for p in self.pieces]
+
+    def flatten(self, tensors: list[torch.Tensor | None], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A new padded flat buffer holding `tensors` end to end; None (no gradient) and padding are zeros."""
+        out = torch.empty(self.padded, dtype=dtype, device=device)
+        views = self.views(out)
+        pairs = [(v, t) for v, t in zip(views, tensors) if t is not None]
+        if pairs:
+            torch._foreach_copy_([v for v, _ in pairs], [t for _, t in pairs])
+        for v, t in zip(views, tensors):
+            if t is None:
+                v.zero_()
+        out[self.numel:].zero_()
+        return out
+
+    def real_bytes(self, element_size: int) -> int:
+        """Unpadded bytes of the whole unit: what its collectives are charged."""
+        return self.numel * element_size
+
+
+def named_unique(modules: list[tuple[str, nn.Module]], seen: set[int]) -> list[tuple[str, nn.Parameter]]:
+    """Trainable parameters of (prefix, module) pairs not yet in `seen` (tied weights once), with full names."""
+    out = []
+    for prefix, module in modules:
+        for name, p in module.named_parameters(prefix=prefix):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append((name, p))
+    return out
+
+
+# ---- checkpoint views ----------------------------------------------------------------------------
+# torch.distributed.checkpoint (DCP) treats an object with `state_dict()` and `load_state_dict()` as
+# Stateful: it saves what `state_dict()` returns, and on load it fills those tensors in place and hands
+# them back through `load_state_dict()`. Both views answer `state_dict()` with full, unsharded tensors
+# gathered from the shard group, shaped like the parameters, exactly what plain data parallelism
+# saves. Every rank of the group then holds the same tensors and DCP writes each once. On load, each
+# rank copies back only the elements of its own shard. A checkpoint therefore moves freely between
+# ZeRO stages, shard counts and plain DP, at the price of one full copy of the model (and of the Adam
+# moments, while saving) per rank: fine for the models a CPU trains, and the place to switch to
+# DTensor-sharded saves for large ones.
+
+KINDS = ("exp_avg", "exp_avg_sq")
+
+
+class ModelState:
+    """Stateful: the model's parameters, gathered to full tensors for a save, scattered back on load."""
+
+    def __init__(self, gather: Callable[[], dict[str, torch.Tensor]],
+                 scatter: Callable[[dict[str, torch.Tensor]], None]) -> None:
+        self._gather, self._scatter = gather, scatter
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._gather()
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        self._scatter(sd)
+
+
+class OptimState(dict):
+    """The optimizer's own state dict (per-piece moments, 'steps'), which DCP sees, through the
+    Stateful methods, as full per-parameter moments. It stays a dict so that AdamW.load_state_dict
+    can read the restored step count from it."""
+
+    def __init__(self, local: dict[str, torch.Tensor], units: list[FlatUnit], group: dist.ProcessGroup | None,
+                 device: torch.device) -> None:
+        super().__init__(local)
+        self._units, self._group, self._device = units, group, device
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {"steps": self["steps"]}
+        for unit in self._units:
+            for kind in KINDS:
+                shard = torch.zeros(unit.shard_size, dtype=torch.float32, device=self._device)
+                for name, view in unit.piece_views(shard):
+                    view.copy_(self[f"{kind}.{name}"])
+                full = torch.empty(unit.padded, dtype=torch.float32, device=self._device)
+                gather_uncounted(full, shard, self._group)
+                out.update((f"{kind}.{n}", v.clone()) for n, v in zip(unit.names, unit.views(full)))
+        return out
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        for unit in self._units:
+            for piece in unit.pieces:
+                for kind in KINDS:
+                    flat = sd[f"{kind}.{piece.name}"].reshape(-1)
+                    self[f"{kind}.{piece.name}"].copy_(flat[piece.param_start:piece.param_start + piece.numel])
+        self["steps"] = sd["steps"]
+
 
 # Reductions in flight before the oldest is waited for: enough to overlap one unit's reduction with
 # the next unit's backward, few enough that unsharded gradients never pile up.

@@ -31,26 +31,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from meshtrain.accounting import CommStats
-from meshtrain.metrics import human_bytes
-from meshtrain.data_parallel.ddp import split_buckets
-from meshtrain.pipeline.stage import stage_models
-from meshtrain.zero.base import ShardGroups, Unit, ZeroBase
+from meshtrain.accounting import CommStats, human_bytes
+from meshtrain.core.parts import as_parts, backward_order, split_buckets
+from meshtrain.zero.base import FlatUnit, ShardGroups, Unit, ZeroBase
 from meshtrain.zero.comm import all_gather, gather_uncounted
-from meshtrain.zero.flat import FlatUnit
 
 
 class Zero12(ZeroBase):
-    def __init__(self, module: nn.Module, stage: int, groups: ShardGroups, stats: CommStats, bucket_bytes: int,
-                 reduce_dtype: torch.dtype = torch.float32, offload: bool = False, reduce_each_micro: bool = True) -> None:
+    def __init__(self, module: nn.Module | list[nn.Module], stage: int, groups: ShardGroups, stats: CommStats,
+                 bucket_bytes: int, reduce_dtype: torch.dtype = torch.float32, offload: bool = False,
+                 reduce_each_micro: bool = True) -> None:
         if stage not in (1, 2):
             raise ValueError(f"Zero12 runs ZeRO stage 1 or 2, not {stage}")
-        super().__init__(groups, stats, reduce_dtype, offload, next(module.parameters()).device)
+        parts = as_parts(module)
+        super().__init__(groups, stats, reduce_dtype, offload, next(parts[0].parameters()).device)
         self.stage, self.reduce_each_micro = stage, reduce_each_micro
-        names = {id(p): n for n, p in module.named_parameters()}
-        buckets = [bucket for part in reversed(stage_models(module))  # backward reaches the last stage first
-                   for bucket in split_buckets([p for p in reversed(list(part.parameters())) if p.requires_grad],
-                                               bucket_bytes)]
+        names = {id(p): n for part in parts for n, p in part.named_parameters()}
+        # buckets never span two of a rank's stages; backward reaches the last stage first
+        buckets = [bucket for params in backward_order(parts) for bucket in split_buckets(params, bucket_bytes)]
         for i, bucket in enumerate(buckets):
             lay = FlatUnit(f"zero.unit{i}", [(names[id(p)], p) for p in bucket], groups.size, groups.rank)
             self.units.append(self._build_unit(lay))

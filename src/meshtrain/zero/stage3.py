@@ -38,12 +38,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from meshtrain.accounting import CommStats
-from meshtrain.metrics import human_bytes
-from meshtrain.pipeline.stage import stage_models
-from meshtrain.zero.base import ShardGroups, Unit, ZeroBase
+from meshtrain.accounting import CommStats, human_bytes
+from meshtrain.core.parts import as_parts
+from meshtrain.zero.base import FlatUnit, ShardGroups, Unit, ZeroBase, named_unique
 from meshtrain.zero.comm import all_gather
-from meshtrain.zero.flat import FlatUnit, named_unique
 
 
 @dataclass(eq=False)
@@ -101,14 +99,16 @@ class Zero3(ZeroBase):
     stage = 3
     collective_forward = True
 
-    def __init__(self, model: nn.Module, groups: ShardGroups, stats: CommStats, param_dtype: torch.dtype = torch.float32,
-                 reduce_dtype: torch.dtype = torch.float32, offload: bool = False, prefetch: bool = True) -> None:
-        super().__init__(groups, stats, reduce_dtype, offload, next(model.parameters()).device)
+    def __init__(self, model: nn.Module | list[nn.Module], groups: ShardGroups, stats: CommStats,
+                 param_dtype: torch.dtype = torch.float32, reduce_dtype: torch.dtype = torch.float32,
+                 offload: bool = False, prefetch: bool = True) -> None:
+        parts = as_parts(model)
+        super().__init__(groups, stats, reduce_dtype, offload, next(parts[0].parameters()).device)
         self.param_dtype, self.prefetch = param_dtype, prefetch
         self.live_bytes = self.peak_bytes = 0
         self.next_fwd: dict[int, int] = {}
         self.next_bwd: dict[int, int] = {}
-        for part in stage_models(model):
+        for part in parts:
             self._add_units(part)
         self.register_grad_hooks()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from meshtrain.pipeline.schedules import Kind
-from meshtrain.pipeline.simulator import SimResult
+from meshtrain.tools.simulator import SimResult
 
 # Forward, input-gradient, weight-gradient and fused backward must read apart at a glance.
 _BASE = {Kind.F: (0.22, 0.47, 0.80), Kind.B: (0.93, 0.55, 0.16), Kind.W: (0.30, 0.66, 0.35),

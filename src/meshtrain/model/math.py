@@ -1,5 +1,8 @@
 """Parameter counts and FLOPs of the Llama-style (dense or MoE) and GPT-style models.
 
+One source for model arithmetic: the trainer's MFU and the planner's predictions both use it, and
+neither imports the other.
+
 FLOP conventions (used everywhere in the planner and documented in docs/planner.md):
 * A multiply-add is 2 FLOPs and only matrix multiplies count. Norms, activation functions,
   softmax, rotary embeddings and residual adds are memory-bound and left out, as in Kaplan et al.
@@ -18,8 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from meshtrain.config import ModelConfig
-from meshtrain.planner.errors import PlanError
+from meshtrain.config import ConfigError, ModelConfig
 
 RECOMPUTE_MODES = ("none", "selective", "full")
 
@@ -59,18 +61,18 @@ class ModelShape:
     def is_moe(self) -> bool:
         return self.n_experts > 0
 
-    def check(self) -> "ModelShape":
+    def check(self) -> ModelShape:
         """Reject shapes the arithmetic cannot describe, with a one-line reason."""
         for key in ("n_layers", "hidden", "n_heads", "n_kv_heads", "ffn", "vocab", "seq_len"):
             if getattr(self, key) < 1:
-                raise PlanError(f"model {self.name}: {key}={getattr(self, key)} must be at least 1")
+                raise ConfigError(f"model {self.name}: {key}={getattr(self, key)} must be at least 1")
         if self.kind not in ("llama", "gpt"):
-            raise PlanError(f"model {self.name}: kind={self.kind!r} must be llama or gpt")
+            raise ConfigError(f"model {self.name}: kind={self.kind!r} must be llama or gpt")
         if self.hidden % self.n_heads or self.n_heads % self.n_kv_heads:
-            raise PlanError(f"model {self.name}: hidden={self.hidden} must divide by n_heads={self.n_heads}, "
+            raise ConfigError(f"model {self.name}: hidden={self.hidden} must divide by n_heads={self.n_heads}, "
                             f"and n_heads by n_kv_heads={self.n_kv_heads}")
         if self.is_moe and not (1 <= self.top_k <= self.n_experts and self.expert_ffn >= 1):
-            raise PlanError(f"model {self.name}: MoE needs 1 <= top_k <= n_experts={self.n_experts} and expert_ffn >= 1")
+            raise ConfigError(f"model {self.name}: MoE needs 1 <= top_k <= n_experts={self.n_experts} and expert_ffn >= 1")
         return self
 
 
@@ -175,7 +177,7 @@ def iteration_flops(shape: ModelShape, tokens: float, seq_len: int, recompute: s
     attention scores for selective recompute (Korthikanti et al. 2022); the head is never redone.
     """
     if recompute not in RECOMPUTE_MODES:
-        raise PlanError(f"recompute={recompute!r} must be one of {', '.join(RECOMPUTE_MODES)}")
+        raise ConfigError(f"recompute={recompute!r} must be one of {', '.join(RECOMPUTE_MODES)}")
     model = shape_flops_per_token(shape, seq_len) * tokens
     if recompute == "full":
         extra = shape.n_layers * layer_forward_flops_per_token(shape, seq_len)
@@ -192,7 +194,7 @@ def narayanan_flops(batch: int, seq: int, layers: int, hidden: int, vocab: int, 
     With full recompute: 96*B*s*l*h^2 * (1 + s/(6h) + V/(16*l*h)); without it the block terms
     are 3/4 of that: 72*B*s*l*h^2 * (1 + s/(6h) + V/(12*l*h)).
     """
-    b, s, l, h, v = batch, seq, layers, hidden, vocab
+    b, s, l, h, v = batch, seq, layers, hidden, vocab  # noqa: E741 - the paper's symbols
     if full_recompute:
         return 96.0 * b * s * l * h * h * (1 + s / (6 * h) + v / (16 * l * h))
     return 72.0 * b * s * l * h * h * (1 + s / (6 * h) + v / (12 * l * h))

@@ -10,8 +10,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import FancyBboxPatch  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.patches import FancyBboxPatch
 
 COLOURS = {"whole": "#d9d9d9", "seq": "#b7e1a1", "feat": "#9ecae1", "comm": "#fc9272"}
 LEGEND = {"whole": "whole (b, s, h) on every rank", "seq": "sequence shard (b, s/t, h)",

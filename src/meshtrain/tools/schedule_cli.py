@@ -6,8 +6,9 @@ import difflib
 import sys
 from typing import Any
 
-from meshtrain.pipeline.schedules import SCHEDULES, Layout, Schedule, build_schedule, to_csv, validate_schedule
-from meshtrain.pipeline.simulator import Costs, Prediction, SimResult, closed_form, simulate
+from meshtrain.pipeline.schedules import SCHEDULES, Layout, Schedule, build_schedule, to_csv
+from meshtrain.tools.schedule_check import validate_schedule
+from meshtrain.tools.simulator import Costs, Prediction, SimResult, closed_form, simulate
 
 _DESCRIPTION = """\
 Build a pipeline schedule (or read one from CSV), check that it is complete and cannot deadlock,
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         if args.csv_out:
             to_csv(schedule, args.csv_out)
         if args.out:
-            from meshtrain.pipeline.plot import plot_schedule
+            from meshtrain.tools.plot import plot_schedule
 
             title = f"{name or args.csv_in}: pp={len(schedule)}, m={microbatches}"
             title += f", v={chunks}" if chunks > 1 else ""
@@ -137,12 +138,12 @@ def _report(result: SimResult, prediction: Prediction | None, microbatches: int,
 def _run_trace(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from meshtrain.pipeline.trace import compare
+    from meshtrain.tools.trace import compare
 
     try:
         measured, predicted, meta = compare(Path(args.trace))
         if args.out:
-            from meshtrain.pipeline.plot import plot_schedule
+            from meshtrain.tools.plot import plot_schedule
 
             plot_schedule(measured, args.out, f"measured {meta['schedule']}: pp={meta['pp']}, m={meta['microbatches']}")
     except (ValueError, OSError, KeyError) as exc:

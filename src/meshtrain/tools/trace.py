@@ -1,8 +1,9 @@
-"""Real-run pipeline traces: written by the trainer, read back into the simulator's terms.
+"""Real-run pipeline traces, read back into the simulator's terms.
 
 Each pipeline rank of the first data-parallel replica writes RUN_DIR/pp_trace/rank{r}.json with its
-compute actions' (kind, stage, microbatch, start, end) from the final optimizer step. Times come
-from the machine-wide monotonic clock, so ranks on one host line up. `from_trace` turns them into
+compute actions' (kind, stage, microbatch, start, end) from the final optimizer step (the executor's
+close(), meshtrain.pipeline.executor). Times come from the machine-wide monotonic clock, so ranks on
+one host line up. `from_trace` turns them into
 the same SimResult a simulation produces: the same plot and bubble figure, for a real run.
 """
 from __future__ import annotations
@@ -12,19 +13,11 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from meshtrain.pipeline.schedules import Kind, build_schedule
-from meshtrain.pipeline.simulator import Costs, SimResult, from_trace, simulate
-
-Record = tuple[str, int, int, float, float]
+from meshtrain.pipeline.schedules import Kind, TraceRecord, build_schedule
+from meshtrain.tools.simulator import Costs, SimResult, from_trace, simulate
 
 
-def write_trace(run_dir: Path, pp_rank: int, meta: dict[str, Any], records: list[Record]) -> None:
-    folder = run_dir / "pp_trace"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"rank{pp_rank}.json").write_text(json.dumps({**meta, "records": records}))
-
-
-def load_trace(run_dir: Path) -> tuple[dict[str, Any], list[list[Record]]]:
+def load_trace(run_dir: Path) -> tuple[dict[str, Any], list[list[TraceRecord]]]:
     files = sorted((run_dir / "pp_trace").glob("rank*.json"), key=lambda p: int(p.stem[4:]))
     if not files:
         raise FileNotFoundError(f"no pipeline trace under {run_dir / 'pp_trace'}; train with parallel.pp > 1 first")
@@ -33,7 +26,7 @@ def load_trace(run_dir: Path) -> tuple[dict[str, Any], list[list[Record]]]:
     return meta, [[tuple(r) for r in d["records"]] for d in docs]
 
 
-def measured_costs(records: list[list[Record]], chunks: int) -> Costs:
+def measured_costs(records: list[list[TraceRecord]], chunks: int) -> Costs:
     """Median duration per kind, scaled to a full rank-stage (the simulator's cost unit)."""
     by_kind: dict[str, list[float]] = {}
     for rows in records:

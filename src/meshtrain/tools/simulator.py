@@ -19,8 +19,8 @@ at W; under it ZB-H1 still peaks at pp on every rank.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from meshtrain.pipeline.schedules import Kind, Layout, Schedule, dataflow_times
 

@@ -1,0 +1,166 @@
+"""The one build path: this rank's part of the parallel model, built in a fixed, documented order.
+
+The model is written for one device; every parallelism is applied to it from outside, here and
+nowhere else, in this order (torchtitan's, with the pipeline first):
+
+  1. pipeline split            which blocks live on this rank: its stages, built on the meta device
+                               and initialised with the single-device values (skipped at pp = 1)
+  2. tensor parallelism        the plan (data) swaps linears, embedding and head for parallel layers
+  3. context parallelism       (planned: ring attention over the sequence)
+  4. activation checkpointing  chosen blocks recompute in backward; they are already parallel
+  5. compile                   (planned)
+  6. data parallelism / ZeRO   owns the parameters and gradients the steps above produced
+  7. B/W split                 zero-bubble schedules: layers defer their weight gradients to W
+  8. the step runner           the plain micro-step loop, or the pipeline executor
+
+Every strategy gets plain decisions (groups, dtypes, flags) from here, never the Config, and never
+another strategy's code: what one step changes comes back as a value (TensorParallel's loss
+function, an engine decorator) that a later step is handed. Strategies plug in by adding a step
+here; the trainer calls `build_parallel` once and knows none of them (docs/architecture.md).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from meshtrain.accounting import CommStats
+from meshtrain.activation_checkpoint import apply_activation_checkpointing
+from meshtrain.config import Config
+from meshtrain.core.engine import DisjointParts, GradEngine
+from meshtrain.core.runner import Autocast, LossFn, LossReduction, MicroStepRunner, StepRunner
+from meshtrain.core.weight_grads import WeightGradQueue, split_weight_grads
+from meshtrain.data_parallel import DataParallel
+from meshtrain.loss import cross_entropy_sum
+from meshtrain.model import build_model
+from meshtrain.pipeline.executor import PipelineExecutor
+from meshtrain.pipeline.schedules import Kind, Layout, Schedule, build_schedule
+from meshtrain.pipeline.stage import build_stage, describe_split, split_blocks, stage_ranges
+from meshtrain.tensor_parallel import LLAMA_PLAN, TensorParallelEngine, apply_tensor_parallel_parts
+from meshtrain.topology import Topology
+from meshtrain.zero import ShardGroups, build_zero_engine
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class ParallelModel:
+    """What the build path hands the trainer."""
+
+    parts: list[nn.Module]
+    """This rank's model parts in forward order: the whole model, or its pipeline stages."""
+    engine: GradEngine
+    runner: StepRunner
+    reduce_loss: LossReduction
+    sampler: nn.Module | None
+    """The whole model, to sample from on this rank; None when it is cut into pipeline stages."""
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    schedule: Schedule
+    layout: Layout
+    ranges: list[range]
+    """Blocks of each virtual stage."""
+
+    @property
+    def splits_backward(self) -> bool:
+        return any(a.kind == Kind.W for actions in self.schedule for a in actions)
+
+
+def autocast_for(dtype: str, device: torch.device) -> Autocast:
+    if dtype == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def build_parallel(cfg: Config, topo: Topology, device: torch.device, stats: CommStats) -> ParallelModel:
+    """Build this rank's model parts, gradient engine and step runner, in the order of the module docstring."""
+    t, p = cfg.training, cfg.parallel
+    # 1. pipeline split
+    pipe = _pipeline_plan(cfg) if p.pp > 1 else None
+    parts = _model_parts(cfg, device, pipe, topo.local_rank("pp"))
+    # 2. tensor parallelism
+    tp = None
+    if p.tp > 1:
+        tp = apply_tensor_parallel_parts(parts, topo.group("tp"), LLAMA_PLAN, p.sequence_parallel, stats,
+                                         strict=pipe is None)
+    # 4. activation checkpointing
+    for part in parts:
+        apply_activation_checkpointing(part.model.layers, t.activation_checkpointing, t.ac_every)
+    # 6. data parallelism or ZeRO, then what the earlier steps change about gradients
+    engine = _gradient_engine(parts, topo, cfg, stats, deferred_weight_grads=pipe is not None and pipe.splits_backward)
+    if tp is not None:
+        engine = TensorParallelEngine(engine, parts, tp)
+    pp_group = topo.group("pp")
+    if pp_group is not None:  # stages own disjoint parameters
+        engine = DisjointParts(engine, pp_group)
+    # 7. B/W split
+    queue = WeightGradQueue()
+    if pipe is not None and pipe.splits_backward:
+        for part in parts:
+            split_weight_grads(part, queue)
+    # 8. the step runner
+    loss_fn: LossFn = tp.loss_fn if tp is not None and tp.loss_fn is not None else cross_entropy_sum
+    scale = 1.0 / (t.global_batch * t.seq_len)
+    autocast = autocast_for(t.dtype, device)
+    if pipe is None:
+        runner: StepRunner = MicroStepRunner(parts[0], engine, loss_fn, scale, device, autocast)
+    else:
+        runner = _pipeline_executor(cfg, topo, pipe, parts, engine, loss_fn, queue, stats, device, autocast)
+    # Tensor-parallel peers hold the same (vocab-parallel) loss: count it once, from tp rank 0.
+    return ParallelModel(parts, engine, runner, LossReduction(counts=topo.local_rank("tp") == 0),
+                         sampler=parts[0] if pipe is None else None)
+
+
+def _pipeline_plan(cfg: Config) -> PipelinePlan:
+    p, t = cfg.parallel, cfg.training
+    ranges = stage_ranges(split_blocks(cfg.model, p.pp * p.pp_chunks, p.pp_split))
+    schedule, layout = build_schedule(p.pp_schedule, p.pp, t.grad_accum, p.pp_chunks)
+    return PipelinePlan(schedule, layout, ranges)
+
+
+def _model_parts(cfg: Config, device: torch.device, pipe: PipelinePlan | None, pp_rank: int) -> list[nn.Module]:
+    if pipe is None:
+        return [build_model(cfg.model, device, seed=cfg.training.seed)]
+    n = pipe.layout.num_stages
+    return [build_stage(cfg.model, s, pipe.ranges[s], n, device, cfg.training.seed)
+            for s in range(n) if pipe.layout.rank_of(s) == pp_rank]
+
+
+def _gradient_engine(parts: list[nn.Module], topo: Topology, cfg: Config, stats: CommStats,
+                     deferred_weight_grads: bool) -> GradEngine:
+    t, p = cfg.training, cfg.parallel
+    bucket_bytes = int(p.bucket_mb * 2**20)
+    if p.zero_stage:
+        groups = ShardGroups(topo.group("dp_shard"), topo.group("dp_replicate"))
+        return build_zero_engine(parts, p.zero_stage, groups, stats, param_dtype=DTYPES[t.dtype],
+                                 reduce_dtype=DTYPES[p.reduce_dtype], bucket_bytes=bucket_bytes, offload=p.offload,
+                                 prefetch=p.prefetch, deferred_weight_grads=deferred_weight_grads)
+    return DataParallel(parts, topo.group("dp"), stats, bucket_bytes=bucket_bytes, reduce_dtype=DTYPES[p.reduce_dtype])
+
+
+def _pipeline_executor(cfg: Config, topo: Topology, pipe: PipelinePlan, parts: list[nn.Module], engine: GradEngine,
+                       loss_fn: LossFn, queue: WeightGradQueue, stats: CommStats, device: torch.device,
+                       autocast: Autocast) -> PipelineExecutor:
+    t, p = cfg.training, cfg.parallel
+    me = topo.local_rank("pp")
+    stages = dict(zip([s for s in range(pipe.layout.num_stages) if pipe.layout.rank_of(s) == me], parts))
+    # Under sequence parallelism the residual stream between stages is sequence-sharded: each tp rank
+    # sends its shard to the same tp rank of the next stage (the pp group pairs them), 1/tp of the bytes.
+    seq = t.seq_len // p.tp if p.sequence_parallel else t.seq_len
+    # One trace per stage: from the first data-parallel replica's first tp rank.
+    traced = topo.local_rank("dp") == 0 and topo.local_rank("tp") == 0
+    trace_path = Path(cfg.logging.run_dir) / "pp_trace" / f"rank{me}.json" if traced else None
+    meta = {"schedule": p.pp_schedule, "pp": p.pp, "chunks": p.pp_chunks, "microbatches": t.grad_accum}
+    pp_group = topo.group("pp")
+    if pp_group is None:
+        raise ValueError("a pipeline executor needs a pipeline group (parallel.pp > 1)")
+    return PipelineExecutor(stages=stages, actions=pipe.schedule[me], layout=pipe.layout, group=pp_group, stats=stats,
+                            loss_fn=loss_fn, act_shape=(t.micro_batch, seq, cfg.model.dim), device=device,
+                            autocast=autocast, scale=1.0 / (t.global_batch * t.seq_len), engine=engine,
+                            queue=queue, trace_path=trace_path, trace_meta=meta,
+                            summary=f"{p.pp_schedule} over {describe_split(pipe.ranges)}")

@@ -1,0 +1,110 @@
+"""Step runners: how one optimizer step's forward and backward passes run on this rank.
+
+The trainer hands a runner the step's micro-batches and gets back this rank's summed token loss; it
+never knows which runner it holds. `MicroStepRunner` is the plain loop over micro-batches; the
+pipeline's executor (meshtrain.pipeline.executor) is the other implementation. Both follow the loss
+convention of trainer.py: each micro-batch's summed token cross-entropy is scaled by 1 / (tokens in
+the global batch) before backward, so gradients summed over micro-steps and ranks are exactly those
+of the global mean loss, whatever the layout.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from meshtrain.core.engine import GradEngine
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(logits, targets) -> summed token cross-entropy (a vocab-parallel head brings its own)."""
+Autocast = Callable[[], contextlib.AbstractContextManager]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One micro-batch: token ids and next-token targets, (b, s) each, and the rotary positions of
+    the s tokens (None: 0..s-1, filled in by `with_positions`)."""
+
+    tokens: torch.Tensor
+    targets: torch.Tensor
+    positions: torch.Tensor | None = None
+
+
+def with_positions(batch: Batch, device: torch.device) -> Batch:
+    """The batch on `device`, its positions explicit. The model is always given them: a rank may see
+    a shard of the sequence (sequence or context parallelism) and cannot infer them from its input."""
+    positions = batch.positions if batch.positions is not None else torch.arange(batch.tokens.shape[1])
+    return replace(batch, tokens=batch.tokens.to(device), targets=batch.targets.to(device),
+                   positions=positions.to(device))
+
+
+class StepRunner(Protocol):
+    def run(self, batches: list[Batch]) -> torch.Tensor:
+        """Every forward and backward of one optimizer step; this rank's summed token loss (float64)."""
+        ...
+
+    def metrics(self) -> dict[str, float]:
+        """The runner's own figures for the step just run (e.g. the pipeline's in-flight peak)."""
+        ...
+
+    def describe(self) -> str:
+        """A clause for the start-of-training summary ('' when there is nothing to say)."""
+        ...
+
+    def close(self) -> None:
+        """After the last step (e.g. write the pipeline trace)."""
+        ...
+
+
+@dataclass
+class MicroStepRunner:
+    """Forward and backward of each micro-batch in turn, accumulating into the engine's gradients."""
+
+    model: nn.Module
+    engine: GradEngine
+    loss_fn: LossFn
+    scale: float
+    """1 / tokens in the global batch."""
+    device: torch.device
+    autocast: Autocast = contextlib.nullcontext
+
+    def run(self, batches: list[Batch]) -> torch.Tensor:
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for micro, raw in enumerate(batches):
+            batch = with_positions(raw, self.device)
+            self.engine.set_sync(micro == len(batches) - 1)
+            with self.autocast():
+                logits = self.model(batch.tokens, batch.positions)
+            loss = self.loss_fn(logits, batch.targets)
+            (loss * self.scale).backward()
+            loss_sum += loss.detach().double().cpu()
+        return loss_sum
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    def describe(self) -> str:
+        return ""
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class LossReduction:
+    """How ranks' summed losses add up to the global one: every rank that `counts` contributes its
+    sum (ranks that computed no loss contribute zero; ranks holding a copy of another's loss, like
+    tensor-parallel peers, do not count), summed over the whole world."""
+
+    counts: bool
+
+    def __call__(self, loss_sum: torch.Tensor) -> float:
+        total = loss_sum.clone() if self.counts else torch.zeros_like(loss_sum)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(total)
+        return float(total)

@@ -1,0 +1,50 @@
+"""The parallel degrees of a layout and their arithmetic: the one place that knows the axes.
+
+Axes, outermost first: pp, dp_replicate, dp_shard, cp, tp. Tensor parallelism is innermost so its
+chatty collectives stay among neighbouring ranks (one node); pipeline stages are outermost because
+they only exchange point-to-point activations. Expert parallelism adds no ranks: it borrows the
+dp_shard x cp ranks, as in torchtitan.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+AXES: tuple[str, ...] = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+
+@dataclass(frozen=True)
+class Degrees:
+    """Pure arithmetic over the layout; needs no processes (config, validation, topology and the
+    planner all take their degrees from here)."""
+
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    cp: int = 1
+    tp: int = 1
+    ep: int = 1
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(getattr(self, a) for a in AXES)
+
+    @property
+    def world_size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    def coords(self, rank: int) -> dict[str, int]:
+        """This rank's index along each axis (row-major, the same order DeviceMesh uses)."""
+        out: dict[str, int] = {}
+        for axis, size in zip(reversed(AXES), reversed(self.shape)):
+            out[axis] = rank % size
+            rank //= size
+        return {a: out[a] for a in AXES}
+
+    def dp_rank(self, rank: int) -> int:
+        c = self.coords(rank)
+        return c["dp_replicate"] * self.dp_shard + c["dp_shard"]

@@ -1,0 +1,11 @@
+"""Tooling around the runtime: it analyses what the runtime runs, and the runtime never imports it.
+
+- schedule_check.py  a pipeline schedule is complete, ordered and deadlock-free (config validation
+                     runs it on a custom CSV schedule before any process starts)
+- simulator.py       a schedule's timeline, bubble and activation memory; the papers' closed forms
+- trace.py           a real run's pipeline trace read back into the simulator's terms
+- plot.py            Gantt charts of simulated or traced timelines
+- schedule_cli.py    `meshtrain schedule`
+- tp_measure.py      what a tensor-parallel block sends and saves, in theory and measured
+- tp_diagram.py      the tensor-parallel block diagram in docs/img
+"""
