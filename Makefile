@@ -2,10 +2,10 @@
 PY ?= python3
 NPROC ?= 4
 
-.PHONY: setup train test test-fast bench clean
+.PHONY: setup train test test-fast lint bench clean
 
 setup:
-	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,dev]"
 
 train: setup
 	$(PY) -m meshtrain train --config configs/default.toml --nproc $(NPROC) --run-dir runs/default
@@ -15,10 +15,15 @@ test: setup
 	$(PY) -m pytest -q tests
 
 test-fast: setup
-	$(PY) -m pytest -q tests -m "not dist and not e2e"
+	$(PY) -m pytest -q tests -m pure
+
+lint:
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m mypy
 
 bench: setup
-	$(PY) benchmarks/bench_dp.py
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf runs .pytest_cache

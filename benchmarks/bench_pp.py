@@ -13,14 +13,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
-from common import bench_model_config, bench_parser, spawn, timed_rounds
+from common import Timing, bench_model_config, bench_parser, ratio, record, spawn, timed_rounds
 from meshtrain.accounting import CommStats
 from meshtrain.config import OptimizerConfig
 from meshtrain.core.runner import Batch
 from meshtrain.loss import cross_entropy_sum
 from meshtrain.optim import AdamW
 from meshtrain.pipeline.executor import PipelineExecutor
-from meshtrain.pipeline.schedules import SCHEDULES, Layout
+from meshtrain.pipeline.schedules import SCHEDULES, Layout, Schedule
 from meshtrain.pipeline.stage import build_stage, split_blocks, stage_ranges
 from meshtrain.tools.simulator import from_trace, simulate
 from meshtrain.tools.trace import measured_costs
@@ -67,24 +67,23 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> None:
             pipe.step(target=full_y)
         torch_opt()
 
-    secs = timed_rounds({"meshtrain 1F1B": ours, "torch Schedule1F1B": theirs}, args.rounds, args.steps)
+    timings = timed_rounds({"meshtrain 1F1B": ours, "torch Schedule1F1B": theirs}, args.rounds, args.steps)
     ours()
     traces = [None] * world
     dist.all_gather_object(traces, ex.trace)
     if rank == 0:
-        _report(secs, m * mb * seq, traces, schedule, world, m)
+        _report(args, timings, m * mb * seq, traces, schedule, world, m)
 
 
-def _report(secs: dict[str, float], tokens: int, traces: list, schedule, pp: int, m: int) -> None:
-    ours, ref = tokens / secs["meshtrain 1F1B"], tokens / secs["torch Schedule1F1B"]
+def _report(args: argparse.Namespace, timings: dict[str, Timing], tokens: int, traces: list, schedule: Schedule,
+            pp: int, m: int) -> None:
     measured = from_trace(traces, chunks=1)
     predicted = simulate(schedule, measured_costs(traces, 1))
     print(f"model: default config, {pp} stages x {m} microbatches, {tokens} tokens per step")
-    print(f"{'meshtrain 1F1B':22}{ours:12,.0f} tokens/s")
-    print(f"{'torch Schedule1F1B':22}{ref:12,.0f} tokens/s")
-    print(f"tokens/s ratio meshtrain/torch: {ours / ref:.3f}")
-    print(f"bubble: measured from our trace {measured.bubble_rate:.1%}; simulator with measured costs "
-          f"{predicted.bubble_rate:.1%}; closed form (p-1)/(m+p-1) = {(pp - 1) / (m + pp - 1):.1%}")
+    bubble = (f"bubble measured {measured.bubble_rate:.1%}, simulated with measured costs {predicted.bubble_rate:.1%}, "
+              f"closed form {(pp - 1) / (m + pp - 1):.1%}")
+    print(bubble)
+    record(args, [ratio("PP (1F1B)", timings, "meshtrain 1F1B", "torch Schedule1F1B", tokens, note=bubble)])
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, loss_parallel, parallelize_module
 
-from common import bench_model_config, bench_parser, spawn, timed_rounds
+from common import Timing, bench_model_config, bench_parser, ratio, record, spawn, timed_rounds
 from meshtrain.accounting import CommStats, wire_factor
 from meshtrain.config import OptimizerConfig
 from meshtrain.model import build_model
@@ -149,7 +149,7 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> None:
     stats.calls = 0
     contenders = {"meshtrain TP": step_fn(ours, tp.loss_fn, x, y, tokens),
                   "torch DTensor TP": _with_loss_parallel(step_fn(theirs, dtensor_loss, x, y, tokens))}
-    secs = timed_rounds(contenders, args.rounds, args.steps)
+    timings = timed_rounds(contenders, args.rounds, args.steps)
     calls = 2 + args.rounds * args.steps
     block = {k: v / calls for k, v in tp.scopes["layers.0"].payload.items()}
     wire = tp.scopes["layers.0"].wire / calls
@@ -160,25 +160,25 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> None:
         contenders["torch DTensor TP"]()
     collectives["torch DTensor TP"] = debug.get_total_counts()
     if rank == 0:
-        _report(secs, tokens, block, wire, collectives, args, world)
+        _report(timings, tokens, block, wire, collectives, args, world)
 
 
-def _report(secs: dict[str, float], tokens: int, block: dict[str, float], wire: float, collectives: dict[str, int],
-            args: argparse.Namespace, world: int) -> None:
+def _report(timings: dict[str, Timing], tokens: int, block: dict[str, float], wire: float,
+            collectives: dict[str, int], args: argparse.Namespace, world: int) -> None:
     cfg = bench_model_config()
-    ours, ref = tokens / secs["meshtrain TP"], tokens / secs["torch DTensor TP"]
     theory = block_comm_theory(args.micro_batch, args.seq, cfg.dim, 4, args.sp)
     theory_wire = sum(n * wire_factor(k, world) for k, n in theory.items())
     print(f"model: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads}/{cfg.n_kv_heads} heads | tp={world} gloo ranks"
           f"{' + sequence parallel' if args.sp else ''} | {tokens} tokens per step")
     print(f"{'':20}{'tokens/s':>12}{'ms/step':>10}{'collectives/step':>18}")
-    for name, s in secs.items():
-        print(f"{name:20}{tokens / s:12,.0f}{1e3 * s:10.1f}{collectives[name]:18}")
-    print(f"tokens/s ratio meshtrain/DTensor: {ours / ref:.3f}")
+    for name, t in timings.items():
+        print(f"{name:20}{tokens / t.median:12,.0f}{1e3 * t.median:10.1f}{collectives[name]:18}")
     print("bytes one block hands to TP collectives per microbatch (payload; fwd + bwd):")
     for kind in sorted(set(block) | set(theory)):
         print(f"  {kind:15}{block.get(kind, 0):14,.0f} measured{theory.get(kind, 0):14,.0f} theory")
     print(f"  {'ring wire/rank':15}{wire:14,.0f} measured{theory_wire:14,.0f} theory")
+    record(args, [ratio("TP + SP" if args.sp else "TP", timings, "meshtrain TP", "torch DTensor TP", tokens,
+                        note=f"collectives/step {collectives['meshtrain TP']} vs {collectives['torch DTensor TP']}")])
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Our ZeRO-3 against torch FSDP2, and our ZeRO-1/2 against our plain DP: same model, data, 2 gloo ranks.
 
-Every contender runs in the same processes, in alternating timing rounds. Printed per contender:
+Every contender runs in the same processes, in shuffled timing rounds. Printed per contender:
 tokens/s (and the ratio to its peer), model-state bytes per rank (params + grads + optimizer state
 held between steps), and bytes handed to collectives per step, next to the theory (2 psi elements
 for DP and ZeRO-1/2, 3 psi for ZeRO-3). Ours are counted by CommStats; FSDP2's by a dispatch mode
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.distributed.fsdp import fully_shard
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from common import bench_model_config, bench_parser, spawn, timed_rounds
+from common import Timing, bench_model_config, bench_parser, ratio, record, spawn, timed_rounds
 from meshtrain.accounting import CommStats, tensor_bytes, wire_factor
 from meshtrain.config import OptimizerConfig
 from meshtrain.data_parallel import DataParallel
@@ -85,24 +85,31 @@ def _ours(kind: str, x: torch.Tensor, y: torch.Tensor, tokens: int) -> Contender
 
 
 def _fsdp2(x: torch.Tensor, y: torch.Tensor, tokens: int) -> Contender:
+    """FSDP2 as its docs recommend for a transformer: one unit per block plus the root, parameters
+    resharded after forward, and explicit prefetch of the next block's all-gather in forward and in
+    backward (what our ZeRO-3 does). It steps the same AdamW as ours, over its local shards."""
     model = build_model(bench_model_config(), seed=0)
-    for block in model.model.layers.values():
+    blocks = list(model.model.layers.values())
+    for block in blocks:
         fully_shard(block)
     fully_shard(model)
-    c = OptimizerConfig()
-    optim = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(c.beta1, c.beta2), eps=c.eps,
-                              weight_decay=c.weight_decay, foreach=True)
+    for here, after in zip(blocks, blocks[1:]):
+        here.set_modules_to_forward_prefetch([after])
+        after.set_modules_to_backward_prefetch([here])
+    named = list(model.named_parameters())
+    optim = AdamW([(n, p.to_local()) for n, p in named], OptimizerConfig(),
+                  no_decay={n for n, p in named if p.ndim < 2})
 
     def step() -> None:
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum") / tokens
         loss.backward()
-        optim.step()
-        optim.zero_grad(set_to_none=False)  # keep the sharded grads, like our engines do
+        optim.step([p.grad.to_local() for _, p in named], 1e-4)
+        for _, p in named:  # keep the sharded grads allocated, like our engines do
+            p.grad.to_local().zero_()
 
     def state() -> int:
-        local = [p.to_local() for p in model.parameters()] + [p.grad.to_local() for p in model.parameters()]
-        local += [t.to_local() for s in optim.state.values() for t in s.values() if t.ndim]
-        return tensor_bytes(local)
+        local = [p.to_local() for _, p in named] + [p.grad.to_local() for _, p in named]
+        return tensor_bytes(local + optim.state_tensors())
 
     def comm() -> float:
         counter = CollectiveBytes()
@@ -120,24 +127,25 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> None:
     names = args.only or ["ZeRO-3", "FSDP2", "ZeRO-1", "ZeRO-2", "DP"]
     contenders = {n: _fsdp2(x, y, tokens) if n == "FSDP2" else _ours(n, x, y, tokens) for n in names}
     comm = {n: c.comm() for n, c in contenders.items()}  # also the first warm-up step
-    secs = timed_rounds({n: c.step for n, c in contenders.items()}, args.rounds, args.steps)
+    timings = timed_rounds({n: c.step for n, c in contenders.items()}, args.rounds, args.steps)
     state = {n: c.state() for n, c in contenders.items()}
     rss = torch.tensor([peak_rss_bytes()], dtype=torch.float64)
     dist.all_reduce(rss, op=dist.ReduceOp.MAX)
     if rank == 0:
         psi = sum(p.numel() for p in build_model(bench_model_config()).parameters())
-        _report(secs, tokens, state, comm, psi, world, int(rss))
+        _report(timings, tokens, state, comm, psi, world, int(rss))
+        record(args, [ratio(f"ZeRO ({name})", timings, name, peer, tokens,
+                            note=f"model states/rank {human_bytes(state[name])} vs {human_bytes(state[peer])}")
+                      for name, peer in PEERS.items() if name in timings and peer in timings])
 
 
-def _report(secs: dict[str, float], tokens: int, state: dict[str, int], comm: dict[str, float], psi: int,
+def _report(timings: dict[str, Timing], tokens: int, state: dict[str, int], comm: dict[str, float], psi: int,
             world: int, rss: int) -> None:
     print(f"model: {psi / 1e6:.2f}M params, {world} gloo ranks, {tokens} tokens per step; peak RSS {human_bytes(rss)}")
-    print(f"{'':8}{'tokens/s':>10}  {'vs peer':<13}{'states/rank':>12}{'sent/step':>13}{'theory':>13}")
-    for name, s in secs.items():
-        peer = PEERS.get(name)
-        ratio = f"{secs[peer] / s:.3f}x {peer}" if peer in secs else ""
+    print(f"{'':8}{'tokens/s':>10}{'states/rank':>14}{'sent/step':>13}{'theory':>13}")
+    for name, t in timings.items():
         theory = THEORY_ELEMENTS[name] * psi * 4 * (world - 1) / world
-        print(f"{name:8}{tokens / s:10,.0f}  {ratio:<13}{human_bytes(state[name]):>12}{comm[name]:13,.0f}{theory:13,.0f}")
+        print(f"{name:8}{tokens / t.median:10,.0f}{human_bytes(state[name]):>14}{comm[name]:13,.0f}{theory:13,.0f}")
     print("sent/step: bytes a rank sends per step under the ring model; theory: 2 psi (DP, ZeRO-1/2) or "
           "3 psi (ZeRO-3, FSDP2) fp32 elements x (N-1)/N")
 

@@ -1,13 +1,24 @@
-"""Shared benchmark plumbing: spawn gloo ranks, build the model, time interleaved rounds fairly."""
+"""Shared benchmark plumbing: spawn gloo ranks, build the model, time contenders fairly, record results.
+
+Fairness: every contender runs in the same processes on the same data; each round runs every
+contender once, in an order shuffled afresh per round (the same order on every rank, from a shared
+seed), so drift and warm caches hit all of them alike. A ratio is computed per round (the peer's
+time over ours in that round) and reported as median with min and max: the spread is part of the
+result. `--json FILE` appends each benchmark's rows there; benchmarks/run_all.py gathers them into
+benchmarks/results.md.
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import random
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,28 +51,94 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any) -> None:
         mp.spawn(_entry, args=(fn, world, os.path.join(tmp, "store"), args), nprocs=world, join=True)
 
 
-def timed_rounds(contenders: dict[str, Callable[[], None]], rounds: int, steps: int) -> dict[str, float]:
-    """Median seconds per step for each contender, alternating rounds so drift hits all equally."""
+@dataclass
+class Timing:
+    """Seconds per step of one contender, one entry per round."""
+
+    rounds: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.rounds)
+
+
+def timed_rounds(contenders: dict[str, Callable[[], None]], rounds: int, steps: int, seed: int = 0) -> dict[str, Timing]:
+    """Seconds per step for each contender per round; the order of contenders is shuffled every round."""
     for run in contenders.values():  # warm-up: allocator, kernel choice, first buckets
         for _ in range(2):
             run()
     times: dict[str, list[float]] = {name: [] for name in contenders}
+    order = list(contenders)
+    shuffle = random.Random(seed)  # the same seed on every rank: the same order, so collectives match
     for _ in range(rounds):
-        for name, run in contenders.items():
+        shuffle.shuffle(order)
+        for name in order:
             dist.barrier()
             start = time.perf_counter()
             for _ in range(steps):
-                run()
+                contenders[name]()
             dist.barrier()
             times[name].append((time.perf_counter() - start) / steps)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: Timing(t) for name, t in times.items()}
+
+
+@dataclass
+class Ratio:
+    """Our throughput over the peer's, round by round."""
+
+    benchmark: str
+    ours: str
+    peer: str
+    median: float
+    min: float
+    max: float
+    ours_tokens_per_s: float
+    peer_tokens_per_s: float
+    note: str = ""
+
+    def line(self) -> str:
+        return (f"{self.ours} / {self.peer}: {self.median:.3f}x tokens/s (min {self.min:.3f}, max {self.max:.3f}; "
+                f"{self.ours_tokens_per_s:,.0f} vs {self.peer_tokens_per_s:,.0f} tokens/s median)")
+
+
+def ratio(benchmark: str, timings: dict[str, Timing], ours: str, peer: str, tokens: int, note: str = "") -> Ratio:
+    per_round = [p / o for o, p in zip(timings[ours].rounds, timings[peer].rounds)]
+    return Ratio(benchmark, ours, peer, statistics.median(per_round), min(per_round), max(per_round),
+                 tokens / timings[ours].median, tokens / timings[peer].median, note)
+
+
+def record(args: argparse.Namespace, rows: list[Ratio]) -> None:
+    """Print each ratio and, with --json, append it to that file."""
+    for row in rows:
+        print(row.line())
+    if getattr(args, "json", None):
+        with open(args.json, "a") as f:
+            for row in rows:
+                f.write(json.dumps(asdict(row)) + "\n")
 
 
 def bench_parser(doc: str | None, steps: int = 5, micro_batch: int = 8) -> argparse.ArgumentParser:
-    """The options every benchmark shares: timing rounds and the batch shape."""
+    """The options every benchmark shares: timing rounds, the batch shape, where results go."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=5, help="timing rounds per contender (median is reported)")
-    p.add_argument("--steps", type=int, default=steps, help="optimizer steps per round")
+    p.add_argument("--rounds", type=int, default=7, help="timing rounds; each runs every contender once, shuffled")
+    p.add_argument("--steps", type=int, default=steps, help="optimizer steps per contender per round")
     p.add_argument("--micro-batch", type=int, default=micro_batch, help="sequences per micro-batch")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--json", help="append the ratios to this file (one JSON object per line)")
     return p
+
+
+def profiled_all_reduce_bytes(step: Callable[[], None]) -> int:
+    """fp32 bytes torch's gloo backend all-reduced during one call of `step`, read from torch.profiler
+    (it sees collectives issued from C++, e.g. by DDP's reducer, which no Python wrapper does)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    total = 0
+    for event in prof.events():
+        if event.name == "gloo:all_reduce":
+            for shape in event.input_shapes:
+                if shape:
+                    total += 4 * int(torch.Size(shape).numel())
+    return total

@@ -1,7 +1,10 @@
-"""Shared fixtures: every test gets its own temp folders for torch's caches, and helpers to run the CLI."""
+"""Shared fixtures: every test gets its own temp folders for torch's caches, and helpers to run the CLI.
+
+Every test carries exactly one cost tier, checked at collection: pure (no processes), dist (real
+gloo processes) or e2e (the meshtrain CLI end to end). `make test-fast` runs the pure tier.
+"""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -9,15 +12,27 @@ from pathlib import Path
 
 import pytest
 
+from dist_utils import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.toml"
 # Test this tree's sources, even where another checkout is installed in editable mode.
 sys.path.insert(0, str(ROOT / "src"))
 
 
+TIERS = ("pure", "dist", "e2e")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    untiered = [item.nodeid for item in items if sum(item.get_closest_marker(t) is not None for t in TIERS) != 1]
+    if untiered:
+        raise pytest.UsageError(f"tests without exactly one tier marker ({', '.join(TIERS)}): {untiered[:5]}")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for var, sub in (("TMPDIR", "tmp"), ("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TORCH_EXTENSIONS_DIR", "ext")):
+    for var, sub in (("TMPDIR", "tmp"), ("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TORCH_EXTENSIONS_DIR", "ext"),
+                     ("MPLCONFIGDIR", "mpl")):
         (tmp_path / sub).mkdir(exist_ok=True)
         monkeypatch.setenv(var, str(tmp_path / sub))
 
@@ -39,13 +54,3 @@ def train(run_dir: Path, nproc: int, *overrides: str, env: dict[str, str] | None
     if proc.returncode != 0:
         raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return read_metrics(run_dir)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def rel_diff(a: list[float], b: list[float]) -> float:
-    if len(a) != len(b):
-        return float("inf")
-    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))

@@ -9,6 +9,8 @@ import pytest
 from meshtrain.config import SECTIONS, Config, ConfigError, dump_toml, field_docs, load_config
 from meshtrain.validate import validate
 
+pytestmark = pytest.mark.pure
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

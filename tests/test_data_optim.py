@@ -10,6 +10,8 @@ from meshtrain.data import BatchSampler, build_dataset, build_tokenizer
 from meshtrain.data.dataset import PackedDataset
 from meshtrain.optim import AdamW, lr_at
 
+pytestmark = pytest.mark.pure
+
 
 def test_packing_windows_shift_by_one() -> None:
     ds = PackedDataset(np.arange(100), seq_len=10)

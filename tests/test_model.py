@@ -1,6 +1,7 @@
 """Pure tests of the single-device model: naming, deterministic init, attention, recomputation."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -8,6 +9,9 @@ from meshtrain.activation_checkpoint import apply_activation_checkpointing
 from meshtrain.config import ModelConfig
 from meshtrain.model import build_model
 from meshtrain.model.llama import apply_rope
+from meshtrain.tools.tp_measure import saved_bytes_per_block
+
+pytestmark = pytest.mark.pure
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=64)
 
@@ -71,3 +75,31 @@ def test_activation_checkpointing_keeps_names_and_gradients() -> None:
         model(x).float().logsumexp(-1).mean().backward()
     for p, q in zip(ref.parameters(), ac.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
+
+
+def block_saved_bytes_per_token(cfg: ModelConfig, act: int = 4) -> int:
+    """What one Llama block saves for backward per token, term by term (Korthikanti et al. 2022's
+    sbh(34 + 5as/h), adjusted: no dropout, SDPA keeps a fp32 log-sum-exp instead of the s x s
+    scores, GQA's narrower k and v, SwiGLU's four ffn-wide tensors, unfused RMSNorm's input and
+    normalised copy plus a fp32 rsqrt per token)."""
+    d, kv, f = cfg.dim, cfg.n_kv_heads * cfg.head_dim, cfg.hidden_dim
+    norms = 2 * (2 * d * act + 4)
+    attention = d * act + (d + kv) * act + kv * act + d * act + cfg.n_heads * 4  # input, q k, v, output, lse
+    mlp = d * act + 4 * f * act  # input; gate, silu(gate), up, their product
+    return norms + attention + mlp
+
+
+@pytest.mark.parametrize("every", [0, 1, 2, 3])
+def test_activation_checkpointing_saves_only_the_chosen_blocks_inputs(every: int) -> None:
+    """Measured with saved-tensor hooks: a recomputed block keeps its input (b*s*h*4 bytes) and
+    nothing else; the others save what the formula says; every `every`-th block is chosen."""
+    cfg = ModelConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=64)
+    b, s = 2, 32
+    model = build_model(cfg, seed=1)
+    chosen = apply_activation_checkpointing(model.model.layers, "full" if every else "none", max(every, 1))
+    assert chosen == (len(range(0, 4, every)) if every else 0)
+    x = torch.randint(0, 256, (b, s))
+    per_block = saved_bytes_per_block(model, model.model.layers, lambda: model(x, torch.arange(s)))
+    for i in range(1, 4):  # block 0 also holds the rope tables, which every block shares
+        recomputed = every and i % every == 0
+        assert per_block[str(i)] == (b * s * cfg.dim * 4 if recomputed else b * s * block_saved_bytes_per_token(cfg))

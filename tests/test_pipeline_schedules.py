@@ -26,6 +26,8 @@ from meshtrain.tools import schedule_cli as cli
 from meshtrain.tools.schedule_check import check_deadlock, validate_schedule
 from meshtrain.tools.simulator import Costs, closed_form, from_trace, simulate
 
+pytestmark = pytest.mark.pure
+
 UNIFORM, PAPER = Costs(1, 1, 1), Costs(2, 2, 1)
 Case = tuple[str, int, int, int]  # schedule name, pp, chunks, microbatches
 

@@ -1,6 +1,7 @@
 """Pure tests of stage partitioning and of the B/W backward split (no processes)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from meshtrain.config import ModelConfig
@@ -8,6 +9,8 @@ from meshtrain.core.weight_grads import DeferredLinear, WeightGradQueue, split_w
 from meshtrain.loss import cross_entropy_sum
 from meshtrain.model import build_model
 from meshtrain.pipeline.stage import balanced_split, block_costs, build_stage, split_blocks, stage_ranges
+
+pytestmark = pytest.mark.pure
 
 CFG = ModelConfig(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16)
 

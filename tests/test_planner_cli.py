@@ -10,6 +10,8 @@ import pytest
 from meshtrain.planner import add_parser, run
 from meshtrain.planner.cli import main
 
+pytestmark = pytest.mark.pure
+
 SEARCH = ["plan", "--model", "llama3-8b", "--cluster", "h100-80gb", "--gpus", "16", "--global-batch", "32", "--seq", "4096"]
 TINY_CONFIG = """\
 [model]

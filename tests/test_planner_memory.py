@@ -13,6 +13,8 @@ from meshtrain.planner.memory import (
 )
 from meshtrain.planner.presets import MODELS
 
+pytestmark = pytest.mark.pure
+
 PSI, N = 7.5e9, 64  # the ZeRO paper's Figure 1 example
 
 

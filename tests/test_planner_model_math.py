@@ -16,6 +16,8 @@ from meshtrain.model.math import (
 from meshtrain.planner import flops_per_token
 from meshtrain.planner.presets import MODELS
 
+pytestmark = pytest.mark.pure
+
 TINY = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, ffn_dim=0, max_seq_len=128)
 
 

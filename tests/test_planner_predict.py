@@ -10,6 +10,8 @@ from meshtrain.planner.memory import FP32
 from meshtrain.planner.presets import MODELS
 from meshtrain.planner.traffic import TrafficInputs, step_collectives
 
+pytestmark = pytest.mark.pure
+
 PSI = 131392  # the tiny model, counted by hand in test_planner_model_math.py
 TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=256",
         "training.seq_len=128"]

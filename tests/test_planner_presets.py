@@ -9,6 +9,8 @@ from meshtrain.config import ConfigError
 from meshtrain.model.math import param_count
 from meshtrain.planner.presets import CLUSTERS, MODELS, load_cluster, load_model
 
+pytestmark = pytest.mark.pure
+
 
 def test_published_shapes() -> None:
     a100, h100 = CLUSTERS["a100-80gb"], CLUSTERS["h100-80gb"]

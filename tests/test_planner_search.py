@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from meshtrain.planner.evaluate import Workload, evaluate
 from meshtrain.planner.layout import Layout
 from meshtrain.planner.presets import CLUSTERS, MODELS
 from meshtrain.planner.search import SearchOptions, explain, search
+
+pytestmark = pytest.mark.pure
 
 # four GPUs per node, so tp <= 4 is a real constraint (the model has 8 kv heads)
 SMALL_NODES = dataclasses.replace(CLUSTERS["h100-80gb"], name="h100x4", gpus_per_node=4)

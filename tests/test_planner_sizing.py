@@ -6,6 +6,8 @@ import pytest
 from meshtrain.config import ConfigError
 from meshtrain.planner.sizing import PF_DAY, chinchilla, kaplan
 
+pytestmark = pytest.mark.pure
+
 
 def test_chinchilla_for_gophers_budget() -> None:
     # C = 5.76e23: N = sqrt(C / 120) = sqrt(4.8e21) = 6.93e10, D = 20 N = 1.39e12 (Chinchilla: 70B, 1.4T)

@@ -9,6 +9,8 @@ from meshtrain.planner.presets import CLUSTERS, ClusterSpec
 from meshtrain.planner.timing import MicroCompute, StepInputs, bubble_time, step_breakdown
 from meshtrain.planner.traffic import Collective
 
+pytestmark = pytest.mark.pure
+
 
 def test_1f1b_bubble() -> None:
     # p=4 stages, t_f=1, t_b=2: (p-1)(t_f+t_b) = 9; against m=8 microbatches of 3 s (24 s)

@@ -5,20 +5,25 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli, read_metrics, train
+from conftest import cli, train
+from dist_utils import read_metrics
 from meshtrain.checkpoint import latest
 
-pytestmark = pytest.mark.dist
+pytestmark = pytest.mark.e2e
 RUN = ("training.steps=20", "checkpoint.interval=10", "training.micro_batch=2")
 
 
-def test_restart_resumes_bit_identically(tmp_path: Path) -> None:
-    straight = train(tmp_path / "straight", 2, *RUN)
+ZERO3 = ("parallel.zero_stage=3", "model.dim=42", "model.n_heads=3", "model.n_kv_heads=1", "model.n_layers=4")
+
+
+@pytest.mark.parametrize("extra", [(), ZERO3], ids=["dp2", "zero3-dp2"])
+def test_restart_resumes_bit_identically(extra: tuple[str, ...], tmp_path: Path) -> None:
+    straight = train(tmp_path / "straight", 2, *RUN, *extra)
     # The first attempt dies right after step 10 (checkpointed); the elastic agent restarts the
     # workers, which resume from that checkpoint and finish.
     args = ["train", "--config", "configs/tiny.toml", "--nproc", "2", "--run-dir", str(tmp_path / "restarted"),
             "--max-restarts", "1"]
-    for item in RUN + ("checkpoint.resume=auto",):
+    for item in (*RUN, *extra, "checkpoint.resume=auto"):
         args += ["--set", item]
     proc = cli(*args, env={"MESHTRAIN_FAULT": "after_step:10"})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -8,6 +8,8 @@ import torch
 
 from meshtrain.topology import AXES, Degrees
 
+pytestmark = pytest.mark.pure
+
 
 @pytest.mark.parametrize("shape", [(1, 1, 4, 1, 1), (2, 1, 2, 1, 2), (2, 2, 1, 2, 1), (1, 2, 2, 1, 2)])
 def test_coords_follow_device_mesh_row_major_order(shape: tuple[int, ...]) -> None:

@@ -9,6 +9,8 @@ from meshtrain.tensor_parallel import LLAMA_PLAN
 from meshtrain.tensor_parallel.plan import match_plan
 from meshtrain.validate import validate
 
+pytestmark = pytest.mark.pure
+
 TINY = ("model.dim=64", "model.n_heads=8", "model.n_kv_heads=4", "model.vocab_size=256", "model.max_seq_len=64",
         "training.seq_len=32", "training.global_batch=8", "training.micro_batch=8")
 

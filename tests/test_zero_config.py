@@ -7,6 +7,8 @@ from meshtrain.config import ConfigError, load_config
 from meshtrain.planner import predict_run
 from meshtrain.validate import validate
 
+pytestmark = pytest.mark.pure
+
 PSI = 131392  # the tiny model
 TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "training.micro_batch=2",
         "training.global_batch=8"]

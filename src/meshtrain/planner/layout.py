@@ -131,11 +131,12 @@ def _block_params_on_rank(shape: ModelShape, lay: Layout) -> tuple[float, float]
     return dense, expert
 
 
-def rank_params(shape: ModelShape, lay: Layout, first: bool, last: bool) -> RankParams:
-    """Parameters on a rank of the first and/or last pipeline stage (both when pp == 1).
+def rank_params(shape: ModelShape, lay: Layout, first: bool, last: bool, layers: int | None = None) -> RankParams:
+    """Parameters on a rank of the first and/or last pipeline stage (both when pp == 1), holding
+    `layers` blocks (default: the busiest rank's, layers_per_rank).
     Embedding and head are vocab-parallel over tp; a tied matrix is duplicated when pp > 1."""
     dense_block, expert_block = _block_params_on_rank(shape, lay)
-    n = layers_per_rank(shape, lay)
+    n = layers_per_rank(shape, lay) if layers is None else layers
     dense = n * dense_block
     d, v = shape.hidden, shape.vocab
     if first:

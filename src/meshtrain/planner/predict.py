@@ -5,10 +5,12 @@ weights; ZeRO-3 gathers bf16 copies but keeps fp32 shards), so model states are 
 element before ZeRO. With CPU offload the host also keeps an fp32 master shard, and
 mem_model_state_bytes counts host and device together (on a CPU run they are the same memory).
 Counts are exact and per rank; for ZeRO the shard is psi/N (the padding that rounds each flat
-unit up to a multiple of N is left out), so a sharded figure may be fractional. With pp > 1
-everything is rank 0's, the first stage's, as metrics.jsonl is: it sends its chunks' activations
-forward and, for chunks after its first, their input gradients back, always in fp32 (the residual
-stream stays fp32 under autocast), 1/tp of them under sequence parallelism.
+unit up to a multiple of N is left out), so a sharded figure may be fractional. Each rank's figures
+are those of its pipeline stages, with the run's real block split (parallel.pp_split): they are
+what that rank writes to metrics.rank{R}.jsonl. A pipeline rank sends each of its chunks'
+activations forward (but the last stage's) and each chunk's input gradient back (but the first
+stage's), always in fp32 (the residual stream stays fp32 under autocast), 1/tp of them under
+sequence parallelism.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Any
 
 from meshtrain.config import Config
 from meshtrain.model.math import from_model_config, param_count, shape_flops_per_token
+from meshtrain.pipeline.stage import split_blocks
 from meshtrain.planner.comm import wire_bytes
 from meshtrain.planner.layout import Layout, groups, rank_params
 from meshtrain.planner.memory import FP32, MemoryInputs, StateDtypes, model_state_bytes, rank_memory
@@ -39,17 +42,32 @@ def _exact(x: float) -> int | float:
     return int(x) if float(x).is_integer() else x
 
 
-def _first_stage_p2p(cfg: Config, lay: Layout) -> float:
-    """Bytes pipeline rank 0 sends per step: m activations per chunk forward, m gradients per later chunk back."""
-    if lay.pp == 1:
+def _stage_share(cfg: Config, rank: int) -> tuple[int, bool, bool, list[int]]:
+    """(blocks, holds the embedding, holds the head, its virtual stages) of `rank`'s pipeline stages."""
+    p = cfg.parallel
+    n = p.pp * p.pp_chunks
+    if p.pp == 1:
+        return cfg.model.n_layers, True, True, [0]
+    sizes = split_blocks(cfg.model, n, p.pp_split)
+    mine = [s for s in range(n) if s % p.pp == p.degrees.coords(rank)["pp"]]  # the looped placement
+    return sum(sizes[s] for s in mine), 0 in mine, n - 1 in mine, mine
+
+
+def _stage_p2p(cfg: Config, stages: list[int]) -> float:
+    """Bytes a pipeline rank sends per step: m activations per chunk but the last stage's, m input
+    gradients per chunk but the first stage's."""
+    p, t = cfg.parallel, cfg.training
+    n = p.pp * p.pp_chunks
+    if p.pp == 1:
         return 0.0
-    t, p = cfg.training, cfg.parallel
     per_message = t.micro_batch * t.seq_len * cfg.model.dim * 4 / (p.tp if p.sequence_parallel else 1)
-    return (2 * lay.v - 1) * t.grad_accum * per_message
+    messages = sum(s < n - 1 for s in stages) + sum(s > 0 for s in stages)
+    return messages * t.grad_accum * per_message
 
 
-def predict_run(cfg: Config, world_size: int) -> dict[str, Any]:
-    """Per-rank model-state bytes and per-step communication bytes of `cfg` on `world_size` ranks.
+def predict_run(cfg: Config, world_size: int, rank: int = 0) -> dict[str, Any]:
+    """Model-state bytes and per-step communication bytes of rank `rank` when `cfg` runs on
+    `world_size` ranks.
 
     comm_*_bytes follow the payload convention of traffic.py (all-reduce: the tensor reduced;
     reduce-scatter: the full input; all-gather: the full output); comm_wire_bytes is what the
@@ -60,32 +78,36 @@ def predict_run(cfg: Config, world_size: int) -> dict[str, Any]:
     t, p = cfg.training, cfg.parallel
     shape = from_model_config(cfg.model, t.seq_len)
     lay = config_layout(cfg)
-    rp = rank_params(shape, lay, first=True, last=lay.pp == 1)
+    layers, first, last, stages = _stage_share(cfg, rank)
+    rp = rank_params(shape, lay, first=first, last=last, layers=layers)
     act = 2 if t.dtype == "bf16" else 4
     # ZeRO-3 gathers parameters in the compute dtype (FSDP's param_dtype); ZeRO-1/2 gather fp32 weights
     gathered = StateDtypes(param=2, grad=4, master=0, optim=8) if p.zero_stage == 3 and t.dtype == "bf16" else FP32
-    ti = TrafficInputs(t.seq_len, t.grad_accum, gathered, act, 4 if p.reduce_dtype == "fp32" else 2, p.bucket_mb)
+    # the residual stream (the embedding's output, what pipeline stages exchange) stays fp32 under autocast
+    ti = TrafficInputs(t.seq_len, t.grad_accum, gathered, act, 4 if p.reduce_dtype == "fp32" else 2, p.bucket_mb,
+                       residual_bytes=4)
     sizes = groups(lay, gpus_per_node=1)
     payload: dict[str, float] = defaultdict(float)
     wire = 0.0
-    for c in step_collectives(shape, lay, ti, rp, ends=(True, lay.pp == 1)):
+    for c in step_collectives(shape, lay, ti, rp, ends=(first, last), layers=layers):
         if c.kind == "p2p" and c.group == "pp":
-            continue  # the model's figure is a middle stage's; rank 0's is below
+            continue  # the model's figure is a middle stage's; this rank's is below
         payload[c.kind] += c.calls * c.payload
         wire += c.calls * wire_bytes(c.kind, c.payload, sizes[c.group].size)
-    first_stage_p2p = _first_stage_p2p(cfg, lay)
-    payload["p2p"] += first_stage_p2p
-    wire += first_stage_p2p
+    stage_p2p = _stage_p2p(cfg, stages)
+    payload["p2p"] += stage_p2p
+    wire += stage_p2p
     # offloaded, the host steps its own fp32 master copy: the device's weights cannot be its operands
     held = StateDtypes(param=4, grad=4, master=4 if p.offload else 0, optim=8)
     dense = model_state_bytes(rp.dense, lay.zero_group, lay.zero, held, p.offload)
     expert = model_state_bytes(rp.expert, max(1, lay.zero_group // lay.ep), lay.zero, held, p.offload)
     states = {k: dense[k] + expert[k] for k in ("params", "grads", "optimizer", "host")}
     mi = MemoryInputs(t.seq_len, t.grad_accum, FP32, act, "flash", p.bucket_mb)
-    mem = rank_memory(shape, lay, mi, rp, stage=0)
+    mem = rank_memory(shape, lay, mi, rp, stage=cfg.parallel.degrees.coords(rank)["pp"])
     tokens = t.global_batch * t.seq_len
     out: dict[str, Any] = {
         "world_size": world_size,
+        "rank": rank,
         "layout": {k: getattr(lay, k) for k in lay.__dataclass_fields__},
         "n_params": param_count(shape),
         "params_per_rank": _exact(rp.total),

@@ -53,6 +53,9 @@ class TrafficInputs:
     act_bytes: int
     reduce_bytes: int
     bucket_mb: float
+    residual_bytes: int | None = None
+    """Bytes per element of the residual stream between regions (the embedding's output and its
+    gradient); None: act_bytes, as in Megatron's bf16 models. meshtrain's autocast keeps it fp32."""
 
 
 def _tp_collectives(shape: ModelShape, lay: Layout, ti: TrafficInputs, layers: float, tokens: float, hidden: float,
@@ -72,20 +75,27 @@ def _tp_collectives(shape: ModelShape, lay: Layout, ti: TrafficInputs, layers: f
         return []
     first, last = ends
     m = ti.microbatches
-    fwd, bwd = (2 * layers + first) * m, (2 * layers + last) * m
+    # entries (attention, MLP, head) and row-parallel exits move activations; the embedding's exit
+    # and its backward conjugate move the residual stream, which may be wider (fp32 under autocast)
+    entries, exits = (2 * layers + last) * m, 2 * layers * m
+    resid = hidden / ti.act_bytes * (ti.residual_bytes or ti.act_bytes)
     out: list[Collective] = []
     if lay.sp:
-        regions = (2 * layers + last) * m
-        out += [Collective("tp all_gather", "all_gather", hidden, "tp", fwd - first * m + last * m, "exposed_fwd"),
-                Collective("tp reduce_scatter", "reduce_scatter", hidden, "tp", fwd, "exposed_fwd"),
-                Collective("tp all_gather", "all_gather", hidden, "tp", bwd - last * m + first * m, "exposed_bwd"),
-                Collective("tp reduce_scatter", "reduce_scatter", hidden, "tp", bwd, "exposed_bwd"),
-                Collective("tp sp regather", "all_gather", hidden, "tp", regions, "exposed_bwd")]
+        out += [Collective("tp all_gather", "all_gather", hidden, "tp", entries, "exposed_fwd"),
+                Collective("tp reduce_scatter", "reduce_scatter", hidden, "tp", exits, "exposed_fwd"),
+                Collective("tp all_gather", "all_gather", hidden, "tp", exits, "exposed_bwd"),
+                Collective("tp reduce_scatter", "reduce_scatter", hidden, "tp", entries, "exposed_bwd"),
+                Collective("tp sp regather", "all_gather", hidden, "tp", entries, "exposed_bwd")]
+        if first:
+            out += [Collective("tp embedding", "reduce_scatter", resid, "tp", m, "exposed_fwd"),
+                    Collective("tp embedding", "all_gather", resid, "tp", m, "exposed_bwd")]
         norms = (2 * layers + last) * shape.hidden * ti.dtypes.grad
         out.append(Collective("tp sp norm grads", "all_reduce", norms, "tp", 1, "bwd_last"))
     else:
-        out += [Collective("tp all_reduce", "all_reduce", hidden, "tp", fwd, "exposed_fwd"),
-                Collective("tp all_reduce", "all_reduce", hidden, "tp", bwd, "exposed_bwd")]
+        out += [Collective("tp all_reduce", "all_reduce", hidden, "tp", exits, "exposed_fwd"),
+                Collective("tp all_reduce", "all_reduce", hidden, "tp", entries, "exposed_bwd")]
+        if first:
+            out.append(Collective("tp embedding", "all_reduce", resid, "tp", m, "exposed_fwd"))
     if redo > 1:
         replay = [("all_gather", 2), ("reduce_scatter", 1)] if lay.sp else [("all_reduce", 1)]
         out += [Collective(f"tp recompute {kind}", kind, hidden, "tp", per_block * layers * m, "exposed_bwd")
@@ -95,10 +105,10 @@ def _tp_collectives(shape: ModelShape, lay: Layout, ti: TrafficInputs, layers: f
     return out
 
 
-def _activation_collectives(shape: ModelShape, lay: Layout, ti: TrafficInputs,
-                            ends: tuple[bool, bool] = (True, True)) -> list[Collective]:
+def _activation_collectives(shape: ModelShape, lay: Layout, ti: TrafficInputs, ends: tuple[bool, bool],
+                            layers: int) -> list[Collective]:
     """TP, CP, EP and PP traffic, all proportional to one microbatch's activations."""
-    m, layers = ti.microbatches, layers_per_rank(shape, lay)
+    m = ti.microbatches
     tokens = lay.micro_batch * ti.seq_len / lay.cp
     hidden = tokens * shape.hidden * ti.act_bytes
     redo = 2 if lay.recompute == "full" else 1  # full recompute replays the forward's traffic in backward
@@ -147,12 +157,13 @@ def _dp_collectives(psi: float, lay: Layout, ti: TrafficInputs, unit: float, exp
 
 
 def step_collectives(shape: ModelShape, lay: Layout, ti: TrafficInputs, rp: RankParams,
-                     ends: tuple[bool, bool] = (True, True)) -> list[Collective]:
+                     ends: tuple[bool, bool] = (True, True), layers: int | None = None) -> list[Collective]:
     """All traffic of one optimizer step on a rank holding `rp` (grad-norm scalars excluded).
 
-    `ends` says whether the rank holds the embedding and the head (first and last pipeline stage).
+    `ends` says whether the rank holds the embedding and the head (first and last pipeline stage),
+    `layers` how many blocks (default: the busiest rank's, layers_per_rank).
     """
-    out = _activation_collectives(shape, lay, ti, ends)
+    out = _activation_collectives(shape, lay, ti, ends, layers_per_rank(shape, lay) if layers is None else layers)
     if lay.grad_group > 1:
         out += _dp_collectives(rp.dense, lay, ti, rp.unit_dense, expert=False)
         if rp.expert and lay.grad_group // lay.ep > 1:

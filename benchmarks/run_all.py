@@ -1,0 +1,85 @@
+"""Run every benchmark and write one table, benchmarks/results.md, with the date and the machine.
+
+    python benchmarks/run_all.py [--rounds 7] [--out benchmarks/results.md]     (or: make bench)
+
+Each benchmark runs in its own processes and appends its ratios (median, min and max over shuffled
+rounds, each against a peer measured in the same run) to a JSON-lines file; this script then
+renders them. A shared machine moves absolute tokens/s between runs; the ratios are steadier.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS = [  # (script, extra arguments)
+    ("bench_dp.py", []),
+    ("bench_zero.py", []),
+    ("bench_tp.py", []),
+    ("bench_tp.py", ["--sp"]),
+    ("bench_pp.py", []),
+]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, gloo"
+
+
+def render(rows: list[dict], rounds: int) -> str:
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Measured {datetime.date.today().isoformat()} on {machine()} by `make bench` "
+        f"(benchmarks/run_all.py, {rounds} shuffled rounds per benchmark).",
+        "",
+        "Each ratio is our tokens/s over the peer's, computed round by round in the same processes; "
+        "median (min - max) over the rounds. Peers are configured as their docs recommend (see each "
+        "benchmark's docstring).",
+        "",
+        "| benchmark | ours vs peer | ratio, median (min - max) | ours tokens/s | peer tokens/s | notes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['benchmark']} | {r['ours']} vs {r['peer']} | {r['median']:.3f} ({r['min']:.3f} - "
+                     f"{r['max']:.3f}) | {r['ours_tokens_per_s']:,.0f} | {r['peer_tokens_per_s']:,.0f} | {r['note']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--out", default=str(HERE / "results.md"))
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        results = Path(tmp) / "rows.jsonl"
+        for script, extra in BENCHMARKS:
+            print(f"== {script} {' '.join(extra)}", flush=True)
+            cmd = [sys.executable, str(HERE / script), "--rounds", str(args.rounds), "--json", str(results), *extra]
+            if subprocess.run(cmd).returncode:
+                print(f"error: {script} failed", file=sys.stderr)
+                return 1
+        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    Path(args.out).write_text(render(rows, args.rounds))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
