@@ -7,6 +7,7 @@ all-reduced per step by each side, both read from torch.profiler's records of gl
 against the theoretical 2(N-1)/N * Psi * 4 bytes a ring all-reduce makes each rank send.
     python benchmarks/bench_dp.py [--rounds 7] [--steps 5] [--micro-batch 8] [--seq 128] [--json FILE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,15 @@ from meshtrain.model import build_model
 from meshtrain.optim import AdamW
 
 
-def _step_fn(model: nn.Module, engine: DataParallel | None, optim: AdamW, params: list[nn.Parameter],
-             x: torch.Tensor, y: torch.Tensor, tokens: int):
+def _step_fn(
+    model: nn.Module,
+    engine: DataParallel | None,
+    optim: AdamW,
+    params: list[nn.Parameter],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    tokens: int,
+):
     def step() -> None:
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum") / tokens
         loss.backward()
@@ -38,6 +46,7 @@ def _step_fn(model: nn.Module, engine: DataParallel | None, optim: AdamW, params
         else:
             for p in params:  # DDP's bucket views are zeroed in place, as ours are
                 p.grad.zero_()
+
     return step
 
 
@@ -53,10 +62,18 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> None:
     opt_cfg = OptimizerConfig()
     ours_params, ddp_params = engine.params, list(ddp_model.parameters())
     contenders = {
-        "meshtrain DP": _step_fn(ours_model, engine, AdamW([(str(i), p) for i, p in enumerate(ours_params)], opt_cfg),
-                                 ours_params, x, y, tokens),
-        "torch DDP": _step_fn(ddp, None, AdamW([(str(i), p) for i, p in enumerate(ddp_params)], opt_cfg),
-                              ddp_params, x, y, tokens),
+        "meshtrain DP": _step_fn(
+            ours_model,
+            engine,
+            AdamW([(str(i), p) for i, p in enumerate(ours_params)], opt_cfg),
+            ours_params,
+            x,
+            y,
+            tokens,
+        ),
+        "torch DDP": _step_fn(
+            ddp, None, AdamW([(str(i), p) for i, p in enumerate(ddp_params)], opt_cfg), ddp_params, x, y, tokens
+        ),
     }
     timings = timed_rounds(contenders, args.rounds, args.steps)
     sent = {name: profiled_all_reduce_bytes(step) for name, step in contenders.items()}
@@ -65,10 +82,23 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> None:
         theory = wire_factor("all_reduce", world) * psi * 4
         print(f"model: {psi / 1e6:.2f}M params, {world} gloo ranks, {tokens} tokens per step, {args.rounds} rounds")
         for name, nbytes in sent.items():
-            print(f"{name:14} all-reduced {nbytes:,} bytes/step; ring sends {nbytes * wire_factor('all_reduce', world):,.0f}"
-                  f" per rank; theory 2(N-1)/N*Psi*4 = {theory:,.0f} (ratio {nbytes * wire_factor('all_reduce', world) / theory:.4f})")
-        record(args, [ratio("DP", timings, "meshtrain DP", "torch DDP", tokens,
-                            note=f"all-reduce bytes/step ours {sent['meshtrain DP']:,} vs DDP {sent['torch DDP']:,}")])
+            print(
+                f"{name:14} all-reduced {nbytes:,} bytes/step; ring sends {nbytes * wire_factor('all_reduce', world):,.0f}"
+                f" per rank; theory 2(N-1)/N*Psi*4 = {theory:,.0f} (ratio {nbytes * wire_factor('all_reduce', world) / theory:.4f})"
+            )
+        record(
+            args,
+            [
+                ratio(
+                    "DP",
+                    timings,
+                    "meshtrain DP",
+                    "torch DDP",
+                    tokens,
+                    note=f"all-reduce bytes/step ours {sent['meshtrain DP']:,} vs DDP {sent['torch DDP']:,}",
+                )
+            ],
+        )
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ optimizer. Prints tokens/s and their ratio, and the bubble measured from our exe
 to the simulator fed the measured per-action costs and the closed form (p-1)/(m+p-1).
     python benchmarks/bench_pp.py [--microbatches 4] [--micro-batch 4] [--seq 128]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,7 @@ def _optimizer_step(stage: torch.nn.Module) -> callable:
         opt.step([p.grad for _, p in params], 1e-4)
         for _, p in params:
             p.grad = None
+
     return step
 
 
@@ -48,12 +50,25 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> None:
     ours_stage = build_stage(cfg, rank, ranges[rank], world, torch.device("cpu"), seed=0)
     torch_stage = build_stage(cfg, rank, ranges[rank], world, torch.device("cpu"), seed=0)
     schedule = SCHEDULES["1f1b"](world, m)
-    ex = PipelineExecutor({rank: ours_stage}, schedule[rank], Layout.looped(world), dist.group.WORLD, CommStats(),
-                          cross_entropy_sum, (mb, seq, cfg.dim), torch.device("cpu"), scale=scale)
+    ex = PipelineExecutor(
+        {rank: ours_stage},
+        schedule[rank],
+        Layout.looped(world),
+        dist.group.WORLD,
+        CommStats(),
+        cross_entropy_sum,
+        (mb, seq, cfg.dim),
+        torch.device("cpu"),
+        scale=scale,
+    )
     batches = [Batch(x, y) for x, y in zip(tokens, targets)]
     ours_opt, torch_opt = _optimizer_step(ours_stage), _optimizer_step(torch_stage)
-    pipe = Schedule1F1B(PipelineStage(torch_stage, rank, world, torch.device("cpu")), n_microbatches=m,
-                        loss_fn=lambda out, y: cross_entropy_sum(out, y) * scale, scale_grads=False)
+    pipe = Schedule1F1B(
+        PipelineStage(torch_stage, rank, world, torch.device("cpu")),
+        n_microbatches=m,
+        loss_fn=lambda out, y: cross_entropy_sum(out, y) * scale,
+        scale_grads=False,
+    )
     full_x, full_y = torch.cat(tokens), torch.cat(targets)
 
     def ours() -> None:
@@ -75,13 +90,16 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> None:
         _report(args, timings, m * mb * seq, traces, schedule, world, m)
 
 
-def _report(args: argparse.Namespace, timings: dict[str, Timing], tokens: int, traces: list, schedule: Schedule,
-            pp: int, m: int) -> None:
+def _report(
+    args: argparse.Namespace, timings: dict[str, Timing], tokens: int, traces: list, schedule: Schedule, pp: int, m: int
+) -> None:
     measured = from_trace(traces, chunks=1)
     predicted = simulate(schedule, measured_costs(traces, 1))
     print(f"model: default config, {pp} stages x {m} microbatches, {tokens} tokens per step")
-    bubble = (f"bubble measured {measured.bubble_rate:.1%}, simulated with measured costs {predicted.bubble_rate:.1%}, "
-              f"closed form {(pp - 1) / (m + pp - 1):.1%}")
+    bubble = (
+        f"bubble measured {measured.bubble_rate:.1%}, simulated with measured costs {predicted.bubble_rate:.1%}, "
+        f"closed form {(pp - 1) / (m + pp - 1):.1%}"
+    )
     print(bubble)
     record(args, [ratio("PP (1F1B)", timings, "meshtrain 1F1B", "torch Schedule1F1B", tokens, note=bubble)])
 

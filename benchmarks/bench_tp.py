@@ -6,6 +6,7 @@ embedding). Both step the same AdamW over their local shards. Prints tokens/s of
 ratio, and the bytes one block hands to collectives per microbatch against Narayanan's count.
     python benchmarks/bench_tp.py [--rounds 5] [--steps 5] [--micro-batch 8] [--seq 128] [--sp]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,18 +61,24 @@ def dtensor_model(world: int, sp: bool, seq: int) -> nn.Module:
     plan = dict(DTENSOR_PLAN)
     if sp:
         from torch.distributed.tensor.parallel import PrepareModuleInput, SequenceParallel
-        plan.update({
-            "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-            "model.layers.*.input_layernorm": SequenceParallel(),
-            "model.layers.*.post_attention_layernorm": SequenceParallel(),
-            "model.norm": SequenceParallel(),
-            "model.layers.*.self_attn": PrepareModuleInput(input_layouts=(Shard(1), None, None),
-                                                           desired_input_layouts=(Replicate(), None, None)),
-            "model.layers.*.mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "model.layers.*.self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
-            "model.layers.*.mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
-            "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
-        })
+
+        plan.update(
+            {
+                "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+                "model.layers.*.input_layernorm": SequenceParallel(),
+                "model.layers.*.post_attention_layernorm": SequenceParallel(),
+                "model.norm": SequenceParallel(),
+                "model.layers.*.self_attn": PrepareModuleInput(
+                    input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)
+                ),
+                "model.layers.*.mlp": PrepareModuleInput(
+                    input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+                ),
+                "model.layers.*.self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
+                "model.layers.*.mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
+                "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
+            }
+        )
     parallelize_module(model, mesh, plan, src_data_rank=None)
     for block in model.model.layers.values():
         block.self_attn.n_heads //= world
@@ -91,8 +98,13 @@ def _local_grad(p: torch.Tensor) -> torch.Tensor:
     return _local(g)
 
 
-def step_fn(model: nn.Module, loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-            x: torch.Tensor, y: torch.Tensor, tokens: int) -> Callable[[], None]:
+def step_fn(
+    model: nn.Module,
+    loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    tokens: int,
+) -> Callable[[], None]:
     params = list(model.parameters())
     optim = AdamW([(str(i), _local(p)) for i, p in enumerate(params)], OptimizerConfig())
 
@@ -103,6 +115,7 @@ def step_fn(model: nn.Module, loss_of: Callable[[torch.Tensor, torch.Tensor], to
         optim.step([_local_grad(p) for p in params], 1e-4)
         for p in params:
             p.grad = None
+
     return step
 
 
@@ -115,11 +128,17 @@ def _with_loss_parallel(step: Callable[[], None]) -> Callable[[], None]:
     def run() -> None:
         with loss_parallel():  # the backward of a DTensor loss needs the context too
             step()
+
     return run
 
 
-def _check_same_loss(ours: nn.Module, ours_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                     theirs: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+def _check_same_loss(
+    ours: nn.Module,
+    ours_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    theirs: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> None:
     """Both sides compute the same model: otherwise the timings compare different work."""
     with torch.no_grad(), loss_parallel():
         positions = torch.arange(x.shape[1])
@@ -147,8 +166,10 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> None:
     for scope in tp.scopes.values():
         scope.snapshot_and_reset()
     stats.calls = 0
-    contenders = {"meshtrain TP": step_fn(ours, tp.loss_fn, x, y, tokens),
-                  "torch DTensor TP": _with_loss_parallel(step_fn(theirs, dtensor_loss, x, y, tokens))}
+    contenders = {
+        "meshtrain TP": step_fn(ours, tp.loss_fn, x, y, tokens),
+        "torch DTensor TP": _with_loss_parallel(step_fn(theirs, dtensor_loss, x, y, tokens)),
+    }
     timings = timed_rounds(contenders, args.rounds, args.steps)
     calls = 2 + args.rounds * args.steps
     block = {k: v / calls for k, v in tp.scopes["layers.0"].payload.items()}
@@ -163,13 +184,22 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> None:
         _report(timings, tokens, block, wire, collectives, args, world)
 
 
-def _report(timings: dict[str, Timing], tokens: int, block: dict[str, float], wire: float,
-            collectives: dict[str, int], args: argparse.Namespace, world: int) -> None:
+def _report(
+    timings: dict[str, Timing],
+    tokens: int,
+    block: dict[str, float],
+    wire: float,
+    collectives: dict[str, int],
+    args: argparse.Namespace,
+    world: int,
+) -> None:
     cfg = bench_model_config()
     theory = block_comm_theory(args.micro_batch, args.seq, cfg.dim, 4, args.sp)
     theory_wire = sum(n * wire_factor(k, world) for k, n in theory.items())
-    print(f"model: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads}/{cfg.n_kv_heads} heads | tp={world} gloo ranks"
-          f"{' + sequence parallel' if args.sp else ''} | {tokens} tokens per step")
+    print(
+        f"model: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads}/{cfg.n_kv_heads} heads | tp={world} gloo ranks"
+        f"{' + sequence parallel' if args.sp else ''} | {tokens} tokens per step"
+    )
     print(f"{'':20}{'tokens/s':>12}{'ms/step':>10}{'collectives/step':>18}")
     for name, t in timings.items():
         print(f"{name:20}{tokens / t.median:12,.0f}{1e3 * t.median:10.1f}{collectives[name]:18}")
@@ -177,8 +207,19 @@ def _report(timings: dict[str, Timing], tokens: int, block: dict[str, float], wi
     for kind in sorted(set(block) | set(theory)):
         print(f"  {kind:15}{block.get(kind, 0):14,.0f} measured{theory.get(kind, 0):14,.0f} theory")
     print(f"  {'ring wire/rank':15}{wire:14,.0f} measured{theory_wire:14,.0f} theory")
-    record(args, [ratio("TP + SP" if args.sp else "TP", timings, "meshtrain TP", "torch DTensor TP", tokens,
-                        note=f"collectives/step {collectives['meshtrain TP']} vs {collectives['torch DTensor TP']}")])
+    record(
+        args,
+        [
+            ratio(
+                "TP + SP" if args.sp else "TP",
+                timings,
+                "meshtrain TP",
+                "torch DTensor TP",
+                tokens,
+                note=f"collectives/step {collectives['meshtrain TP']} vs {collectives['torch DTensor TP']}",
+            )
+        ],
+    )
 
 
 def main() -> None:

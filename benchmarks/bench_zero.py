@@ -8,6 +8,7 @@ that sees every c10d collective it issues (padded sizes, as sent). The peak RSS 
 all contenders; `--rss-each` re-runs each contender alone in fresh processes for its own peak.
     python benchmarks/bench_zero.py [--rounds 5] [--steps 3] [--micro-batch 8] [--seq 128] [--rss-each]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,8 +98,9 @@ def _fsdp2(x: torch.Tensor, y: torch.Tensor, tokens: int) -> Contender:
         here.set_modules_to_forward_prefetch([after])
         after.set_modules_to_backward_prefetch([here])
     named = list(model.named_parameters())
-    optim = AdamW([(n, p.to_local()) for n, p in named], OptimizerConfig(),
-                  no_decay={n for n, p in named if p.ndim < 2})
+    optim = AdamW(
+        [(n, p.to_local()) for n, p in named], OptimizerConfig(), no_decay={n for n, p in named if p.ndim < 2}
+    )
 
     def step() -> None:
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum") / tokens
@@ -134,20 +136,41 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> None:
     if rank == 0:
         psi = sum(p.numel() for p in build_model(bench_model_config()).parameters())
         _report(timings, tokens, state, comm, psi, world, int(rss))
-        record(args, [ratio(f"ZeRO ({name})", timings, name, peer, tokens,
-                            note=f"model states/rank {human_bytes(state[name])} vs {human_bytes(state[peer])}")
-                      for name, peer in PEERS.items() if name in timings and peer in timings])
+        record(
+            args,
+            [
+                ratio(
+                    f"ZeRO ({name})",
+                    timings,
+                    name,
+                    peer,
+                    tokens,
+                    note=f"model states/rank {human_bytes(state[name])} vs {human_bytes(state[peer])}",
+                )
+                for name, peer in PEERS.items()
+                if name in timings and peer in timings
+            ],
+        )
 
 
-def _report(timings: dict[str, Timing], tokens: int, state: dict[str, int], comm: dict[str, float], psi: int,
-            world: int, rss: int) -> None:
+def _report(
+    timings: dict[str, Timing],
+    tokens: int,
+    state: dict[str, int],
+    comm: dict[str, float],
+    psi: int,
+    world: int,
+    rss: int,
+) -> None:
     print(f"model: {psi / 1e6:.2f}M params, {world} gloo ranks, {tokens} tokens per step; peak RSS {human_bytes(rss)}")
     print(f"{'':8}{'tokens/s':>10}{'states/rank':>14}{'sent/step':>13}{'theory':>13}")
     for name, t in timings.items():
         theory = THEORY_ELEMENTS[name] * psi * 4 * (world - 1) / world
         print(f"{name:8}{tokens / t.median:10,.0f}{human_bytes(state[name]):>14}{comm[name]:13,.0f}{theory:13,.0f}")
-    print("sent/step: bytes a rank sends per step under the ring model; theory: 2 psi (DP, ZeRO-1/2) or "
-          "3 psi (ZeRO-3, FSDP2) fp32 elements x (N-1)/N")
+    print(
+        "sent/step: bytes a rank sends per step under the ring model; theory: 2 psi (DP, ZeRO-1/2) or "
+        "3 psi (ZeRO-3, FSDP2) fp32 elements x (N-1)/N"
+    )
 
 
 def _rss_alone(rank: int, world: int, args: argparse.Namespace) -> None:

@@ -7,6 +7,7 @@ time over ours in that round) and reported as median with min and max: the sprea
 result. `--json FILE` appends each benchmark's rows there; benchmarks/run_all.py gathers them into
 benchmarks/results.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,7 +63,9 @@ class Timing:
         return statistics.median(self.rounds)
 
 
-def timed_rounds(contenders: dict[str, Callable[[], None]], rounds: int, steps: int, seed: int = 0) -> dict[str, Timing]:
+def timed_rounds(
+    contenders: dict[str, Callable[[], None]], rounds: int, steps: int, seed: int = 0
+) -> dict[str, Timing]:
     """Seconds per step for each contender per round; the order of contenders is shuffled every round."""
     for run in contenders.values():  # warm-up: allocator, kernel choice, first buckets
         for _ in range(2):
@@ -97,14 +100,25 @@ class Ratio:
     note: str = ""
 
     def line(self) -> str:
-        return (f"{self.ours} / {self.peer}: {self.median:.3f}x tokens/s (min {self.min:.3f}, max {self.max:.3f}; "
-                f"{self.ours_tokens_per_s:,.0f} vs {self.peer_tokens_per_s:,.0f} tokens/s median)")
+        return (
+            f"{self.ours} / {self.peer}: {self.median:.3f}x tokens/s (min {self.min:.3f}, max {self.max:.3f}; "
+            f"{self.ours_tokens_per_s:,.0f} vs {self.peer_tokens_per_s:,.0f} tokens/s median)"
+        )
 
 
 def ratio(benchmark: str, timings: dict[str, Timing], ours: str, peer: str, tokens: int, note: str = "") -> Ratio:
     per_round = [p / o for o, p in zip(timings[ours].rounds, timings[peer].rounds)]
-    return Ratio(benchmark, ours, peer, statistics.median(per_round), min(per_round), max(per_round),
-                 tokens / timings[ours].median, tokens / timings[peer].median, note)
+    return Ratio(
+        benchmark,
+        ours,
+        peer,
+        statistics.median(per_round),
+        min(per_round),
+        max(per_round),
+        tokens / timings[ours].median,
+        tokens / timings[peer].median,
+        note,
+    )
 
 
 def record(args: argparse.Namespace, rows: list[Ratio]) -> None:

@@ -6,6 +6,7 @@ Each benchmark runs in its own processes and appends its ratios (median, min and
 rounds, each against a peer measured in the same run) to a JSON-lines file; this script then
 renders them. A shared machine moves absolute tokens/s between runs; the ratios are steadier.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,10 @@ def render(rows: list[dict], rounds: int) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['benchmark']} | {r['ours']} vs {r['peer']} | {r['median']:.3f} ({r['min']:.3f} - "
-                     f"{r['max']:.3f}) | {r['ours_tokens_per_s']:,.0f} | {r['peer_tokens_per_s']:,.0f} | {r['note']} |")
+        lines.append(
+            f"| {r['benchmark']} | {r['ours']} vs {r['peer']} | {r['median']:.3f} ({r['min']:.3f} - "
+            f"{r['max']:.3f}) | {r['ours_tokens_per_s']:,.0f} | {r['peer_tokens_per_s']:,.0f} | {r['note']} |"
+        )
     return "\n".join(lines) + "\n"
 
 

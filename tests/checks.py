@@ -1,5 +1,6 @@
 """Checks the equivalence tests share: against the single-device run, against the planner (every
 rank), and against the independent communication count of tests/comm_counter.py."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -11,10 +12,19 @@ from dist_utils import Run, read_metrics
 from meshtrain.config import load_config
 from meshtrain.planner import predict_run
 
-TRAFFIC = ("comm_all_reduce_bytes", "comm_reduce_scatter_bytes", "comm_all_gather_bytes", "comm_p2p_bytes",
-           "comm_wire_bytes")
-KIND_OF = {"comm_all_reduce_bytes": "all_reduce", "comm_reduce_scatter_bytes": "reduce_scatter",
-           "comm_all_gather_bytes": "all_gather", "comm_p2p_bytes": "p2p"}
+TRAFFIC = (
+    "comm_all_reduce_bytes",
+    "comm_reduce_scatter_bytes",
+    "comm_all_gather_bytes",
+    "comm_p2p_bytes",
+    "comm_wire_bytes",
+)
+KIND_OF = {
+    "comm_all_reduce_bytes": "all_reduce",
+    "comm_reduce_scatter_bytes": "reduce_scatter",
+    "comm_all_gather_bytes": "all_gather",
+    "comm_p2p_bytes": "p2p",
+}
 
 
 def rel_diff(a: Sequence[float], b: Sequence[float]) -> float:

@@ -9,6 +9,7 @@ two elements) is kept apart, as the convention leaves it out of the strategies' 
 
 It is a counting wrapper, not a fake: every call goes through to torch unchanged.
 """
+
 from __future__ import annotations
 
 import functools
@@ -76,8 +77,11 @@ class CommCounter:
         self._saved.clear()
 
     def snapshot(self) -> dict[str, Any]:
-        return {"bytes": dict(self.bytes), "calls": dict(self.calls),
-                "dtypes": {k: sorted(v) for k, v in self.dtypes.items()}}
+        return {
+            "bytes": dict(self.bytes),
+            "calls": dict(self.calls),
+            "dtypes": {k: sorted(v) for k, v in self.dtypes.items()},
+        }
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.snapshot()))

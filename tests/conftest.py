@@ -3,6 +3,7 @@
 Every test carries exactly one cost tier, checked at collection: pure (no processes), dist (real
 gloo processes) or e2e (the meshtrain CLI end to end). `make test-fast` runs the pure tier.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True)
 def _isolated_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for var, sub in (("TMPDIR", "tmp"), ("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TORCH_EXTENSIONS_DIR", "ext"),
-                     ("MPLCONFIGDIR", "mpl")):
+    for var, sub in (
+        ("TMPDIR", "tmp"),
+        ("TORCHINDUCTOR_CACHE_DIR", "inductor"),
+        ("TORCH_EXTENSIONS_DIR", "ext"),
+        ("MPLCONFIGDIR", "mpl"),
+    ):
         (tmp_path / sub).mkdir(exist_ok=True)
         monkeypatch.setenv(var, str(tmp_path / sub))
 
@@ -40,12 +45,19 @@ def _isolated_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def cli(*args: str, timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `python -m meshtrain ARGS` in a fresh interpreter, as a user would."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "meshtrain", *args], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "meshtrain", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=ROOT,
+    )
 
 
-def train(run_dir: Path, nproc: int, *overrides: str, env: dict[str, str] | None = None,
-          config: Path = TINY) -> list[dict]:
+def train(
+    run_dir: Path, nproc: int, *overrides: str, env: dict[str, str] | None = None, config: Path = TINY
+) -> list[dict]:
     """Train tiny.toml with overrides on nproc ranks; return metrics.jsonl's records."""
     args = ["train", "--config", str(config), "--nproc", str(nproc), "--run-dir", str(run_dir)]
     for item in overrides:

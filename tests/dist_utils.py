@@ -5,6 +5,7 @@ process here), so the equivalence matrix trains its layouts in one pool: the sam
 build path and real collectives as `meshtrain train`, with a fresh process group per run. Only the
 launcher is skipped; the end-to-end tests drive it through the CLI.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,8 +65,10 @@ def _train_runs(rank: int, runs: list[Run], stores: str, count_comms: bool) -> N
     for i, run in enumerate(runs):
         if rank >= run.nproc:
             continue  # this run needs fewer ranks than the pool has
-        cfg = validate(load_config(run.config, [*run.overrides, f"logging.run_dir={run.run_dir}",
-                                                "logging.progress=false"]), run.nproc)
+        cfg = validate(
+            load_config(run.config, [*run.overrides, f"logging.run_dir={run.run_dir}", "logging.progress=false"]),
+            run.nproc,
+        )
         store = dist.FileStore(os.path.join(stores, f"run{i}"), run.nproc)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=run.nproc, timeout=TIMEOUT)
         trainer = Trainer(cfg, DistEnv(rank, run.nproc, rank, torch.device("cpu"), "gloo", 0))

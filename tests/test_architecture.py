@@ -7,6 +7,7 @@
 - Nothing replaces a `forward` method or a class's attribute on the model from outside.
 - A strategy's runtime code fits in four files beside its __init__.py.
 """
+
 from __future__ import annotations
 
 import ast
@@ -17,11 +18,30 @@ import pytest
 
 pytestmark = pytest.mark.pure
 SRC = Path(__file__).resolve().parents[1] / "src" / "meshtrain"
-STRATEGIES = ("data_parallel", "zero", "tensor_parallel", "pipeline", "context_parallel", "expert_parallel",
-              "compression", "diloco")
+STRATEGIES = (
+    "data_parallel",
+    "zero",
+    "tensor_parallel",
+    "pipeline",
+    "context_parallel",
+    "expert_parallel",
+    "compression",
+    "diloco",
+)
 NOT_FOR_STRATEGIES = ("build", "trainer", "train", "cli", "launch", "generate", "planner", "tools", "validate")
-TRAINING = ("trainer.py", "train.py", "build.py", "core", "activation_checkpoint.py", "checkpoint.py", "optim.py",
-            "metrics.py", "model", "data", *STRATEGIES)
+TRAINING = (
+    "trainer.py",
+    "train.py",
+    "build.py",
+    "core",
+    "activation_checkpoint.py",
+    "checkpoint.py",
+    "optim.py",
+    "metrics.py",
+    "model",
+    "data",
+    *STRATEGIES,
+)
 
 
 def _modules(path: Path) -> list[Path]:
@@ -63,30 +83,47 @@ def test_strategies_import_only_neutral_modules(strategy: str) -> None:
 
 
 def test_training_never_imports_the_planner_or_the_tools() -> None:
-    bad = [f"{path.relative_to(SRC)} imports {module}" for entry in TRAINING if (SRC / entry).exists()
-           for path in _modules(SRC / entry) for module in imported(path) if _top(module) in ("planner", "tools")]
+    bad = [
+        f"{path.relative_to(SRC)} imports {module}"
+        for entry in TRAINING
+        if (SRC / entry).exists()
+        for path in _modules(SRC / entry)
+        for module in imported(path)
+        if _top(module) in ("planner", "tools")
+    ]
     assert not bad, bad
 
 
 def test_the_core_knows_no_strategy() -> None:
-    bad = [f"{path.relative_to(SRC)} imports {module}" for path in _modules(SRC / "core")
-           for module in imported(path) if _top(module) in STRATEGIES + NOT_FOR_STRATEGIES]
+    bad = [
+        f"{path.relative_to(SRC)} imports {module}"
+        for path in _modules(SRC / "core")
+        for module in imported(path)
+        if _top(module) in STRATEGIES + NOT_FOR_STRATEGIES
+    ]
     assert not bad, bad
 
 
 def test_the_trainer_has_no_strategy_branches() -> None:
     source = (SRC / "trainer.py").read_text()
     assert not {_top(m) for m in imported(SRC / "trainer.py")} & set(STRATEGIES)
-    words = re.findall(r"pipeline|\bpp\b|\btp\b|\bcp\b|\bep\b|zero_stage|ZeRO|Zero\d|tensor_parallel|sequence_parallel"
-                       r"|\bstages?\b", source)
+    words = re.findall(
+        r"pipeline|\bpp\b|\btp\b|\bcp\b|\bep\b|zero_stage|ZeRO|Zero\d|tensor_parallel|sequence_parallel"
+        r"|\bstages?\b",
+        source,
+    )
     assert not words, words
 
 
 def test_nothing_replaces_methods_from_outside() -> None:
     # `x.forward = ...` and types.MethodType are how a model gets monkeypatched; class swaps too.
     pattern = re.compile(r"\.forward\s*=[^=]|MethodType|\.__class__\s*=[^=]")
-    bad = [f"{path.relative_to(SRC)}:{n}" for path in _modules(SRC) for n, line in
-           enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    bad = [
+        f"{path.relative_to(SRC)}:{n}"
+        for path in _modules(SRC)
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert not bad, bad
 
 
@@ -99,8 +136,12 @@ def test_a_strategy_fits_in_four_files(strategy: str) -> None:
 
 def test_no_assert_statements_in_src() -> None:
     # asserts vanish under python -O: user input needs a real error, and invariants a clear one
-    bad = [f"{path.relative_to(SRC)}:{node.lineno}" for path in _modules(SRC)
-           for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Assert)]
+    bad = [
+        f"{path.relative_to(SRC)}:{node.lineno}"
+        for path in _modules(SRC)
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Assert)
+    ]
     assert not bad, bad
 
 

@@ -10,6 +10,7 @@ switched off turns a test red:
 One launch of two ranks runs them all. Activation checkpointing's memory is in test_model.py, the
 pipeline's measured activation memory in test_pipeline_gloo.py.
 """
+
 from __future__ import annotations
 
 import time
@@ -72,8 +73,11 @@ def _step(cfg: Config, pm: ParallelModel) -> None:
 
 
 def _check_bf16(world: int) -> None:
-    for overrides in (["training.micro_batch=4"], ["parallel.zero_stage=3", "training.micro_batch=4"],
-                      ["parallel.tp=2", "parallel.sequence_parallel=true", "training.micro_batch=8"]):
+    for overrides in (
+        ["training.micro_batch=4"],
+        ["parallel.zero_stage=3", "training.micro_batch=4"],
+        ["parallel.tp=2", "parallel.sequence_parallel=true", "training.micro_batch=8"],
+    ):
         cfg, pm = _build(world, ["training.dtype=bf16", *overrides])
         counter, mode = CommCounter().install(), MatmulDtypes()
         with mode:
@@ -109,8 +113,15 @@ def _timed_collectives(name: str, log: list[tuple[str, Any, float]]) -> Iterator
 
 def _gather_order(world: int, prefetch: bool) -> list[bool]:
     """For each unit k but the last: was unit k+1's gather issued before unit k's forward ended?"""
-    cfg, pm = _build(world, ["parallel.zero_stage=3", "model.n_layers=4", f"parallel.prefetch={str(prefetch).lower()}",
-                             "training.micro_batch=4"])
+    cfg, pm = _build(
+        world,
+        [
+            "parallel.zero_stage=3",
+            "model.n_layers=4",
+            f"parallel.prefetch={str(prefetch).lower()}",
+            "training.micro_batch=4",
+        ],
+    )
     engine = pm.engine
     units = {id(u.full): i for i, u in enumerate(engine.units)}  # gathers write into each unit's own buffer
     log: list[tuple[str, Any, float]] = []

@@ -1,4 +1,5 @@
 """End to end: the CLI as a user runs it, including every config error being one clean line."""
+
 from __future__ import annotations
 
 import os
@@ -28,11 +29,15 @@ def test_train_30_steps_loss_falls_then_generate(tmp_path: Path) -> None:
 CONFIG_ERRORS = [
     (["--nproc", "3", "--set", "parallel.dp_shard=2"], "world size is 3"),
     (["--nproc", "2", "--set", "parallel.tp=2", "--set", "model.n_kv_heads=1"], "must divide model.n_heads"),
-    (["--nproc", "2", "--set", "training.global_batch=10", "--set", "training.grad_accum=2"],
-     "set training.global_batch=8"),
+    (
+        ["--nproc", "2", "--set", "training.global_batch=10", "--set", "training.grad_accum=2"],
+        "set training.global_batch=8",
+    ),
     (["--nproc", "1", "--set", "training.seq_len=128"], "exceeds model.max_seq_len=64"),
-    (["--nproc", "2", "--set", "parallel.cp=2", "--set", "parallel.dp_shard=1", "--set", "training.global_batch=2"],
-     "parallel.cp=2 is not supported by this build yet"),
+    (
+        ["--nproc", "2", "--set", "parallel.cp=2", "--set", "parallel.dp_shard=1", "--set", "training.global_batch=2"],
+        "parallel.cp=2 is not supported by this build yet",
+    ),
     (["--nproc", "1", "--set", "training.stepz=3"], "did you mean 'training.steps'"),
 ]
 
@@ -56,8 +61,27 @@ def test_help_explains_itself(command: list[str]) -> None:
 
 def test_external_torchrun_launch(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
-                           "meshtrain.train", "--config", str(TINY), "--run-dir", str(tmp_path),
-                           "--set", "training.steps=3"], capture_output=True, text=True, env=env, timeout=180, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "meshtrain.train",
+            "--config",
+            str(TINY),
+            "--run-dir",
+            str(tmp_path),
+            "--set",
+            "training.steps=3",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3

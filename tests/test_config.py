@@ -1,4 +1,5 @@
 """Pure tests: config loading, overrides, and every cross-field validation message."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,16 @@ def test_shipped_configs_validate(name: str) -> None:
 
 
 def test_overrides_convert_to_field_types() -> None:
-    cfg = load_config(None, ["training.steps=7", "training.lr=1e-3", "model.tie_embeddings=true",
-                             "training.dtype=bf16", "parallel.bucket_mb=1"])
+    cfg = load_config(
+        None,
+        [
+            "training.steps=7",
+            "training.lr=1e-3",
+            "model.tie_embeddings=true",
+            "training.dtype=bf16",
+            "parallel.bucket_mb=1",
+        ],
+    )
     assert cfg.training.steps == 7 and isinstance(cfg.training.steps, int)
     assert cfg.training.lr == 1e-3
     assert cfg.model.tie_embeddings is True
@@ -46,13 +55,16 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     assert again == cfg
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("trainning.steps=3", "did you mean 'training'"),
-    ("training.stepz=3", "did you mean 'training.steps'"),
-    ("training.steps=abc", "training.steps='abc' is not a valid int"),
-    ("model.tie_embeddings=maybe", "not a boolean"),
-    ("training.dtype=fp16", "training.dtype='fp16' is not one of fp32, bf16"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("trainning.steps=3", "did you mean 'training'"),
+        ("training.stepz=3", "did you mean 'training.steps'"),
+        ("training.steps=abc", "training.steps='abc' is not a valid int"),
+        ("model.tie_embeddings=maybe", "not a boolean"),
+        ("training.dtype=fp16", "training.dtype='fp16' is not one of fp32, bf16"),
+    ],
+)
 def test_bad_keys_and_values(override: str, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         validate(load_config(None, [override]), 1)
@@ -104,8 +116,12 @@ def test_seq_len_bounded_by_max_seq_len() -> None:
 
 @pytest.mark.parametrize("axis", ["cp", "ep"])
 def test_unsupported_degrees_are_refused_by_name(axis: str) -> None:
-    msg = _error(2, f"parallel.{axis}=2", "parallel.dp_shard=1" if axis != "ep" else "parallel.dp_shard=2",
-                 "training.global_batch=2" if axis != "ep" else "training.global_batch=4")
+    msg = _error(
+        2,
+        f"parallel.{axis}=2",
+        "parallel.dp_shard=1" if axis != "ep" else "parallel.dp_shard=2",
+        "training.global_batch=2" if axis != "ep" else "training.global_batch=4",
+    )
     assert f"parallel.{axis}=2 is not supported by this build yet" in msg
 
 
@@ -113,14 +129,32 @@ def test_unsupported_zero_stage_is_refused() -> None:
     assert "parallel.zero_stage=4 must be 0, 1, 2 or 3" in _error(2, "parallel.zero_stage=4")
 
 
-@pytest.mark.parametrize("overrides, fragment", [
-    (["parallel.pp=2", "parallel.pp_chunks=2", "model.n_layers=2"], "parallel.pp*pp_chunks = 2*2 = 4 stages is more than model.n_layers=2"),
-    (["parallel.pp=2", "parallel.pp_chunks=2", "model.n_layers=4"], "needs parallel.pp_schedule=interleaved-1f1b"),
-    (["parallel.pp=2", "parallel.pp_chunks=2", "model.n_layers=4", "parallel.pp_schedule=interleaved-1f1b",
-      "training.global_batch=6", "training.micro_batch=2"], "multiple of parallel.pp=2"),
-    (["parallel.pp=2", "model.tie_embeddings=true"], "tie_embeddings=true is not supported with parallel.pp > 1"),
-    (["parallel.pp=2", "parallel.pp_split=1,2", "model.n_layers=4"], "positive block counts summing to model.n_layers=4"),
-])
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (
+            ["parallel.pp=2", "parallel.pp_chunks=2", "model.n_layers=2"],
+            "parallel.pp*pp_chunks = 2*2 = 4 stages is more than model.n_layers=2",
+        ),
+        (["parallel.pp=2", "parallel.pp_chunks=2", "model.n_layers=4"], "needs parallel.pp_schedule=interleaved-1f1b"),
+        (
+            [
+                "parallel.pp=2",
+                "parallel.pp_chunks=2",
+                "model.n_layers=4",
+                "parallel.pp_schedule=interleaved-1f1b",
+                "training.global_batch=6",
+                "training.micro_batch=2",
+            ],
+            "multiple of parallel.pp=2",
+        ),
+        (["parallel.pp=2", "model.tie_embeddings=true"], "tie_embeddings=true is not supported with parallel.pp > 1"),
+        (
+            ["parallel.pp=2", "parallel.pp_split=1,2", "model.n_layers=4"],
+            "positive block counts summing to model.n_layers=4",
+        ),
+    ],
+)
 def test_pipeline_config_errors(overrides: list[str], fragment: str) -> None:
     assert fragment in _error(2, "parallel.dp_shard=1", "training.global_batch=8", "training.micro_batch=2", *overrides)
 

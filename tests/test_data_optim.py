@@ -1,4 +1,5 @@
 """Pure tests: packing, the distributed sampler, our AdamW against torch's, and the LR schedules."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -52,9 +53,12 @@ def test_adamw_matches_torch() -> None:
     ref_params = [torch.nn.Parameter(w.clone()), torch.nn.Parameter(b.clone())]
     cfg = OptimizerConfig(weight_decay=0.1)
     ours = AdamW([("w", ours_params[0]), ("b", ours_params[1])], cfg, no_decay={"b"})
-    ref = torch.optim.AdamW([{"params": [ref_params[0]], "weight_decay": 0.1},
-                             {"params": [ref_params[1]], "weight_decay": 0.0}],
-                            lr=1e-2, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    ref = torch.optim.AdamW(
+        [{"params": [ref_params[0]], "weight_decay": 0.1}, {"params": [ref_params[1]], "weight_decay": 0.0}],
+        lr=1e-2,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+    )
     for _ in range(5):
         grads = [torch.randn(8, 4), torch.randn(4)]
         ours.step(grads, lr=1e-2)

@@ -1,4 +1,5 @@
 """Multi-process tests of the bucketed data-parallel engine against its single-device twin."""
+
 from __future__ import annotations
 
 import pytest

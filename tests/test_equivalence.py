@@ -6,6 +6,7 @@ build path as `meshtrain train`. The global batch is fixed (8 sequences), so lay
 how it is split over ranks and micro-steps. Communication is counted twice: by meshtrain (CommStats,
 in metrics) and, independently, by a wrapper around torch.distributed (tests/comm_counter.py).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Pure tests of the single-device model: naming, deterministic init, attention, recomputation."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,9 +19,14 @@ CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, m
 
 def test_parameter_names_follow_hugging_face_llama() -> None:
     names = {n for n, _ in build_model(CFG).named_parameters()}
-    for expected in ("model.embed_tokens.weight", "model.layers.1.self_attn.k_proj.weight",
-                     "model.layers.0.mlp.down_proj.weight", "model.layers.0.post_attention_layernorm.weight",
-                     "model.norm.weight", "lm_head.weight"):
+    for expected in (
+        "model.embed_tokens.weight",
+        "model.layers.1.self_attn.k_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.0.post_attention_layernorm.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    ):
         assert expected in names
 
 

@@ -5,6 +5,7 @@ predicts; traces that the schedule tool reads; checkpoints that cross between pi
 The runs train in one pool of real gloo ranks (tests/dist_utils.py). Layer-level checks of each
 schedule (every gradient) are in test_pipeline_gloo.py; ZeRO under pipelining in test_zero_equivalence.py.
 """
+
 from __future__ import annotations
 
 import csv
@@ -24,7 +25,10 @@ SP = "parallel.sequence_parallel=true"
 LAYOUTS = {  # name: (nproc, overrides)
     "pp2-1f1b": (2, ["parallel.pp=2"]),
     "pp2-gpipe": (2, ["parallel.pp=2", "parallel.pp_schedule=gpipe"]),
-    "pp2-zb-h1-recompute": (2, ["parallel.pp=2", "parallel.pp_schedule=zb-h1", "training.activation_checkpointing=full"]),
+    "pp2-zb-h1-recompute": (
+        2,
+        ["parallel.pp=2", "parallel.pp_schedule=zb-h1", "training.activation_checkpointing=full"],
+    ),
     "pp4-zb-h2": (4, ["parallel.pp=4", "parallel.pp_schedule=zb-h2"]),
     "pp2v2-dp2-interleaved": (4, ["parallel.pp=2", "parallel.pp_chunks=2", "parallel.pp_schedule=interleaved-1f1b"]),
     "pp2-uneven-split": (2, ["parallel.pp=2", "parallel.pp_split=3,1"]),
@@ -37,8 +41,21 @@ LAYOUTS = {  # name: (nproc, overrides)
 def _custom_schedule(tmp: Path) -> Path:
     """A user's schedule: the compute rows of an exported ZB-H1, reordered file-wise, sends left to infer."""
     exported = tmp / "zb.csv"
-    assert cli("schedule", "--pp", "2", "--microbatches", "4", "--schedule", "zb-h1", "--csv-out", str(exported),
-               timeout=60).returncode == 0
+    assert (
+        cli(
+            "schedule",
+            "--pp",
+            "2",
+            "--microbatches",
+            "4",
+            "--schedule",
+            "zb-h1",
+            "--csv-out",
+            str(exported),
+            timeout=60,
+        ).returncode
+        == 0
+    )
     rows = [r for r in csv.DictReader(exported.open()) if not r["kind"].startswith(("SEND", "RECV"))]
     custom = tmp / "mine.csv"
     with custom.open("w", newline="") as f:
@@ -81,8 +98,10 @@ def test_every_stage_sends_and_holds_what_the_planner_predicts(layout: str, runs
 
 @pytest.mark.parametrize("layout", [n for n in ALL if n not in CHECKPOINTED])
 def test_reported_traffic_is_what_torch_distributed_was_handed(layout: str, runs: dict) -> None:
-    assert_counters_honest(runs[layout][0], ["comm_p2p_bytes", "comm_all_reduce_bytes", "comm_all_gather_bytes",
-                                             "comm_reduce_scatter_bytes"])
+    assert_counters_honest(
+        runs[layout][0],
+        ["comm_p2p_bytes", "comm_all_reduce_bytes", "comm_all_gather_bytes", "comm_reduce_scatter_bytes"],
+    )
 
 
 @pytest.mark.parametrize("layout", ["pp2v2-dp2-interleaved", "pp4-zb-h2", "pp2-dp2-tp2-sp-zb"])
@@ -98,8 +117,20 @@ def test_runs_leave_a_trace_the_schedule_tool_measures(layout: str, runs: dict, 
 
 def test_a_wrong_custom_schedule_is_refused_before_spawning(tmp_path: Path) -> None:
     custom = _custom_schedule(tmp_path)
-    wrong = cli("train", "--config", "configs/tiny.toml", "--nproc", "2", "--set", "parallel.pp=2",
-                "--set", f"parallel.pp_schedule={custom}", "--set", "training.micro_batch=1", timeout=60)
+    wrong = cli(
+        "train",
+        "--config",
+        "configs/tiny.toml",
+        "--nproc",
+        "2",
+        "--set",
+        "parallel.pp=2",
+        "--set",
+        f"parallel.pp_schedule={custom}",
+        "--set",
+        "training.micro_batch=1",
+        timeout=60,
+    )
     assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1 and "microbatches" in wrong.stderr
 
 
@@ -115,9 +146,13 @@ def test_checkpoints_cross_between_pipelined_and_plain_runs(runs: dict, tmp_path
     _copy_checkpoint(runs["single"][0].run_dir, 2, tmp_path / "to-pp-tp")
     _copy_checkpoint(runs["pp2-tp2-1f1b"][0].run_dir, 2, tmp_path / "pp-tp-to-pp")
     resume = "checkpoint.resume=auto"
-    tails = train_runs([Run(tmp_path / "to-plain", 1, [*BASE, resume]),
-                        Run(tmp_path / "to-pp-tp", 4, [*BASE, *LAYOUTS["pp2-tp2-1f1b"][1], resume]),
-                        Run(tmp_path / "pp-tp-to-pp", 2, [*BASE, "parallel.pp=2", resume])])
+    tails = train_runs(
+        [
+            Run(tmp_path / "to-plain", 1, [*BASE, resume]),
+            Run(tmp_path / "to-pp-tp", 4, [*BASE, *LAYOUTS["pp2-tp2-1f1b"][1], resume]),
+            Run(tmp_path / "pp-tp-to-pp", 2, [*BASE, "parallel.pp=2", resume]),
+        ]
+    )
     for tail in tails:
         assert [r["step"] for r in tail] == [3]
         assert_same_training(tail, runs["single"][1][2:], loss=1e-5, grad_norm=1e-5)

@@ -7,6 +7,7 @@ a walk over the rank's action list predicts from the simulator's convention (an 
 bytes, the matching B or BW frees them) and, one stage per rank, the simulator's in-flight count
 times one microbatch's bytes. An executor that held activations longer, or freed them early, fails.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -55,10 +56,22 @@ def _run_schedule(rank: int, pp: int, name: str, chunks: int, m: int) -> None:
     ranges = stage_ranges(split_blocks(cfg, n_stages, "uniform"))
     layout = Layout.looped(pp, chunks)
     schedule = SCHEDULES[name](pp, m, chunks)
-    stages = {s: build_stage(cfg, s, ranges[s], n_stages, torch.device("cpu"), seed=3)
-              for s in range(n_stages) if layout.rank_of(s) == rank}
-    ex = PipelineExecutor(stages, schedule[rank], layout, dist.group.WORLD, CommStats(), cross_entropy_sum,
-                          (MICRO, SEQ, cfg.dim), torch.device("cpu"), scale=scale)
+    stages = {
+        s: build_stage(cfg, s, ranges[s], n_stages, torch.device("cpu"), seed=3)
+        for s in range(n_stages)
+        if layout.rank_of(s) == rank
+    }
+    ex = PipelineExecutor(
+        stages,
+        schedule[rank],
+        layout,
+        dist.group.WORLD,
+        CommStats(),
+        cross_entropy_sum,
+        (MICRO, SEQ, cfg.dim),
+        torch.device("cpu"),
+        scale=scale,
+    )
     if name.startswith("zb"):  # only zero-bubble schedules have W
         assert sum(split_weight_grads(stage, ex.queue) for stage in stages.values()) > 0
     static = {t.untyped_storage().data_ptr() for s in stages.values() for t in [*s.parameters(), *s.buffers()]}

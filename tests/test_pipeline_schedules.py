@@ -1,4 +1,5 @@
 """Pure tests of pipeline schedules, the simulator, the plot and the `schedule` CLI (no processes)."""
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,7 @@ def _grid() -> list[Case]:
     cases = set()
     for name in SCHEDULES:
         for p in range(1, 6):
-            for v in ((1, 2) if name == "interleaved-1f1b" else (1,)):
+            for v in (1, 2) if name == "interleaved-1f1b" else (1,):
                 for m in {1, 2, p, 2 * p, 8, 3 * p + 1}:
                     if name != "interleaved-1f1b" or m % p == 0:
                         cases.add((name, p, v, m))
@@ -61,8 +62,9 @@ def _regime(name: str, p: int, m: int, costs: Costs) -> tuple[bool, bool]:
 
 
 @pytest.mark.parametrize("case", GRID, ids=lambda c: "-".join(map(str, c)))
-def test_schedule_validates_matches_closed_forms_and_round_trips(case: Case, built: dict[Case, Schedule],
-                                                                 tmp_path: Path) -> None:
+def test_schedule_validates_matches_closed_forms_and_round_trips(
+    case: Case, built: dict[Case, Schedule], tmp_path: Path
+) -> None:
     name, p, v, m = case
     schedule = built[case]
     validate_schedule(schedule, p, v, m, stage_to_rank(name, p, v))
@@ -98,17 +100,23 @@ def test_zb_h2_is_bubble_free_per_rank_with_equal_costs() -> None:
 
 def test_split_backward_names_the_schedules_with_w(built: dict[Case, Schedule]) -> None:
     # ZeRO and the planner decide by name; every rank of these schedules runs W actions
-    with_w = {case[0] for case, sched in built.items() if case[1] > 1 and all(
-        any(a.kind == Kind.W for a in rank) for rank in sched)}
+    with_w = {
+        case[0]
+        for case, sched in built.items()
+        if case[1] > 1 and all(any(a.kind == Kind.W for a in rank) for rank in sched)
+    }
     without_w = {case[0] for case, sched in built.items() if all(a.kind != Kind.W for rank in sched for a in rank)}
     assert with_w == SPLIT_BACKWARD and not without_w & SPLIT_BACKWARD
 
 
 def test_known_figures_for_p4_m8() -> None:
-    rates = {name: simulate(SCHEDULES[name](4, 8, 2 if name.startswith("inter") else 1), UNIFORM).bubble_rate
-             for name in SCHEDULES}
-    assert rates == pytest.approx({"gpipe": 9 / 33, "1f1b": 9 / 33, "interleaved-1f1b": 4.5 / 28.5,
-                                   "zb-h1": 3 / 27, "zb-h2": 3 / 27})
+    rates = {
+        name: simulate(SCHEDULES[name](4, 8, 2 if name.startswith("inter") else 1), UNIFORM).bubble_rate
+        for name in SCHEDULES
+    }
+    assert rates == pytest.approx(
+        {"gpipe": 9 / 33, "1f1b": 9 / 33, "interleaved-1f1b": 4.5 / 28.5, "zb-h1": 3 / 27, "zb-h2": 3 / 27}
+    )
 
 
 def test_zb_memory_includes_pending_w_state() -> None:
@@ -153,17 +161,21 @@ def test_layouts() -> None:
         Layout(2, (0, 0, 1))
 
 
-@pytest.mark.parametrize("name,args,message", [
-    ("interleaved-1f1b", (4, 6, 2), "multiple of pp"),
-    ("1f1b", (0, 4), ">= 1"),
-    ("gpipe", (2, 4, 2), "one stage per rank"),
-])
+@pytest.mark.parametrize(
+    "name,args,message",
+    [
+        ("interleaved-1f1b", (4, 6, 2), "multiple of pp"),
+        ("1f1b", (0, 4), ">= 1"),
+        ("gpipe", (2, 4, 2), "one stage per rank"),
+    ],
+)
 def test_builders_reject_bad_sizes(name: str, args: tuple[int, ...], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SCHEDULES[name](*args)
 
 
 # --- validation catches broken schedules ---------------------------------------------------------
+
 
 def _one_f_one_b() -> Schedule:
     return SCHEDULES["1f1b"](2, 2)
@@ -179,23 +191,29 @@ def _move_to_front(schedule: Schedule, rank: int, pred: Callable[[Action], bool]
     return [moved if r == rank else list(a) for r, a in enumerate(schedule)]
 
 
-@pytest.mark.parametrize("mutate,message", [
-    (lambda s: _drop(s, 0, lambda a: a.kind == Kind.F and a.microbatch == 1), "no forward"),
-    (lambda s: _move_to_front(s, 1, lambda a: a.kind == Kind.BW and a.microbatch == 0), "comes before"),
-    (lambda s: _drop(s, 1, lambda a: a.kind == Kind.RECV_F and a.microbatch == 1), r"RECV_F.* must be on rank 1"),
-    (lambda s: [acts + [Action(Kind.SEND_F, 0, 0, 1)] if r == 0 else acts for r, acts in enumerate(s)], "repeats"),
-    (lambda s: [acts + [Action(Kind.F, 1, 0)] if r == 0 else acts for r, acts in enumerate(s)], "lives on rank 1"),
-    (lambda s: [acts + [Action(Kind.F, 0, 9)] if r == 0 else acts for r, acts in enumerate(s)], "out of range"),
-])
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda s: _drop(s, 0, lambda a: a.kind == Kind.F and a.microbatch == 1), "no forward"),
+        (lambda s: _move_to_front(s, 1, lambda a: a.kind == Kind.BW and a.microbatch == 0), "comes before"),
+        (lambda s: _drop(s, 1, lambda a: a.kind == Kind.RECV_F and a.microbatch == 1), r"RECV_F.* must be on rank 1"),
+        (lambda s: [acts + [Action(Kind.SEND_F, 0, 0, 1)] if r == 0 else acts for r, acts in enumerate(s)], "repeats"),
+        (lambda s: [acts + [Action(Kind.F, 1, 0)] if r == 0 else acts for r, acts in enumerate(s)], "lives on rank 1"),
+        (lambda s: [acts + [Action(Kind.F, 0, 9)] if r == 0 else acts for r, acts in enumerate(s)], "out of range"),
+    ],
+)
 def test_validate_rejects(mutate: Callable[[Schedule], Schedule], message: str) -> None:
     with pytest.raises(ScheduleError, match=message):
         validate_schedule(mutate(_one_f_one_b()), 2, 1, 2)
 
 
-@pytest.mark.parametrize("name,chunks,first,second", [
-    ("zb-h1", 1, Action(Kind.B, 0, 0), Action(Kind.W, 0, 0)),
-    ("interleaved-1f1b", 2, Action(Kind.F, 0, 0), Action(Kind.F, 1, 0)),  # both stages on the one rank
-])
+@pytest.mark.parametrize(
+    "name,chunks,first,second",
+    [
+        ("zb-h1", 1, Action(Kind.B, 0, 0), Action(Kind.W, 0, 0)),
+        ("interleaved-1f1b", 2, Action(Kind.F, 0, 0), Action(Kind.F, 1, 0)),  # both stages on the one rank
+    ],
+)
 def test_validate_rejects_local_order(name: str, chunks: int, first: Action, second: Action) -> None:
     swap = {first: second, second: first}
     swapped = [[swap.get(a, a) for a in SCHEDULES[name](1, 2, chunks)[0]]]
@@ -254,10 +272,13 @@ def test_naive_comm_placement_deadlocks_but_add_comms_does_not() -> None:
 
 # --- traces, plots, CLI --------------------------------------------------------------------------
 
+
 def test_from_trace_reproduces_simulation() -> None:
     sim = simulate(SCHEDULES["zb-h1"](3, 6), PAPER)
-    records = [[(s.kind.value, s.stage, s.microbatch, s.start + 100, s.end + 100) for s in sim.spans if s.rank == r]
-               for r in range(sim.pp)]
+    records = [
+        [(s.kind.value, s.stage, s.microbatch, s.start + 100, s.end + 100) for s in sim.spans if s.rank == r]
+        for r in range(sim.pp)
+    ]
     records[0].append(("RECV_B", 1, 0, 100.0, 100.5))
     traced = from_trace(records)
     assert dataclasses.astuple(traced) == dataclasses.astuple(sim)
@@ -284,8 +305,23 @@ def _cli(*argv: str) -> int:
 
 def test_cli_reports_and_writes_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     csv_path, png = tmp_path / "s.csv", tmp_path / "s.png"
-    assert _cli("--pp", "4", "--microbatches", "8", "--schedule", "zb-h1", "--costs", "2,2,1",
-                "--csv-out", str(csv_path), "--out", str(png)) == 0
+    assert (
+        _cli(
+            "--pp",
+            "4",
+            "--microbatches",
+            "8",
+            "--schedule",
+            "zb-h1",
+            "--costs",
+            "2,2,1",
+            "--csv-out",
+            str(csv_path),
+            "--out",
+            str(png),
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "bubble rate" in out and "18.37%" in out and png.exists()
     assert from_csv(csv_path) == SCHEDULES["zb-h1"](4, 8)
@@ -298,15 +334,18 @@ def test_cli_reads_compute_only_csv(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "custom schedule" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--pp", "4", "--microbatches", "8", "--schedule", "zbh1"], "did you mean 'zb-h1'"),
-    (["--pp", "4", "--microbatches", "6", "--schedule", "interleaved-1f1b", "--chunks", "2"], "multiple of pp"),
-    (["--pp", "0", "--microbatches", "8", "--schedule", "1f1b"], ">= 1"),
-    (["--pp", "4", "--schedule", "1f1b"], "--microbatches required"),
-    (["--pp", "2", "--microbatches", "2", "--schedule", "1f1b", "--costs", "1,2"], "three numbers"),
-    (["--pp", "2", "--microbatches", "2", "--schedule", "1f1b", "--out", "x.pdf"], ".png or .svg"),
-    (["--csv-in", "/nonexistent/s.csv"], "No such file"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--pp", "4", "--microbatches", "8", "--schedule", "zbh1"], "did you mean 'zb-h1'"),
+        (["--pp", "4", "--microbatches", "6", "--schedule", "interleaved-1f1b", "--chunks", "2"], "multiple of pp"),
+        (["--pp", "0", "--microbatches", "8", "--schedule", "1f1b"], ">= 1"),
+        (["--pp", "4", "--schedule", "1f1b"], "--microbatches required"),
+        (["--pp", "2", "--microbatches", "2", "--schedule", "1f1b", "--costs", "1,2"], "three numbers"),
+        (["--pp", "2", "--microbatches", "2", "--schedule", "1f1b", "--out", "x.pdf"], ".png or .svg"),
+        (["--csv-in", "/nonexistent/s.csv"], "No such file"),
+    ],
+)
 def test_cli_errors_are_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert _cli(*argv) == 2
     err = capsys.readouterr().err

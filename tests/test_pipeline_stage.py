@@ -1,4 +1,5 @@
 """Pure tests of stage partitioning and of the B/W backward split (no processes)."""
+
 from __future__ import annotations
 
 import pytest

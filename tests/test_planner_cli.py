@@ -1,4 +1,5 @@
 """`meshtrain plan` end to end, in-process."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,7 +13,19 @@ from meshtrain.planner.cli import main
 
 pytestmark = pytest.mark.pure
 
-SEARCH = ["plan", "--model", "llama3-8b", "--cluster", "h100-80gb", "--gpus", "16", "--global-batch", "32", "--seq", "4096"]
+SEARCH = [
+    "plan",
+    "--model",
+    "llama3-8b",
+    "--cluster",
+    "h100-80gb",
+    "--gpus",
+    "16",
+    "--global-batch",
+    "32",
+    "--seq",
+    "4096",
+]
 TINY_CONFIG = """\
 [model]
 dim = 64
@@ -59,13 +72,19 @@ def test_json_parses(capsys: pytest.CaptureFixture[str]) -> None:
     assert "why" in data and data["layouts"][0]["memory_bytes"]["params"] > 0
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["plan", "--model", "llama3-8", "--gpus", "8", "--global-batch", "8"], "did you mean 'llama3-8b'"),
-    (["plan", "--model", "llama3-8b", "--cluster", "h100", "--gpus", "8", "--global-batch", "8"], "did you mean 'h100-80gb'"),
-    (["plan", "--model", "llama3-8b", "--global-batch", "8"], "--gpus"),
-    (["plan", "--model", "llama3-8b", "--gpus", "eight", "--global-batch", "8"], "not a number"),
-    (["plan"], "nothing to plan"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["plan", "--model", "llama3-8", "--gpus", "8", "--global-batch", "8"], "did you mean 'llama3-8b'"),
+        (
+            ["plan", "--model", "llama3-8b", "--cluster", "h100", "--gpus", "8", "--global-batch", "8"],
+            "did you mean 'h100-80gb'",
+        ),
+        (["plan", "--model", "llama3-8b", "--global-batch", "8"], "--gpus"),
+        (["plan", "--model", "llama3-8b", "--gpus", "eight", "--global-batch", "8"], "not a number"),
+        (["plan"], "nothing to plan"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
     captured = capsys.readouterr()

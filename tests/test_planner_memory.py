@@ -1,4 +1,5 @@
 """Memory formulas against the ZeRO paper's and Korthikanti et al.'s worked numbers."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,10 +25,10 @@ def _states(stage: int, dt: StateDtypes = MIXED, offload: bool = False) -> float
 
 
 def test_zero_family_mixed_precision() -> None:
-    assert _states(0) == 16 * PSI                            # 120 GB
-    assert _states(1) == pytest.approx(4 * PSI + 12 * PSI / N)   # 30 + 1.40625 = 31.4 GB
-    assert _states(2) == pytest.approx(2 * PSI + 14 * PSI / N)   # 15 + 1.640625 = 16.6 GB
-    assert _states(3) == pytest.approx(16 * PSI / N)             # 1.875 GB
+    assert _states(0) == 16 * PSI  # 120 GB
+    assert _states(1) == pytest.approx(4 * PSI + 12 * PSI / N)  # 30 + 1.40625 = 31.4 GB
+    assert _states(2) == pytest.approx(2 * PSI + 14 * PSI / N)  # 15 + 1.640625 = 16.6 GB
+    assert _states(3) == pytest.approx(16 * PSI / N)  # 1.875 GB
     assert _states(1) == pytest.approx(31.40625e9)
 
 
@@ -80,12 +81,12 @@ def test_flash_attention_drops_the_quadratic_term() -> None:
 
 def test_in_flight_microbatches_per_schedule() -> None:
     p, m = 8, 64
-    assert in_flight_microbatches("1f1b", p, 1, m, rank=0) == 8        # p on the first stage
-    assert in_flight_microbatches("1f1b", p, 1, m, rank=p - 1) == 1    # one on the last
-    assert in_flight_microbatches("gpipe", p, 1, m, rank=0) == 64      # all m
+    assert in_flight_microbatches("1f1b", p, 1, m, rank=0) == 8  # p on the first stage
+    assert in_flight_microbatches("1f1b", p, 1, m, rank=p - 1) == 1  # one on the last
+    assert in_flight_microbatches("gpipe", p, 1, m, rank=0) == 64  # all m
     assert in_flight_microbatches("zb-h1", p, 1, m, rank=0) == 8
-    assert in_flight_microbatches("zb-h2", p, 1, m, rank=0) == 15      # 2p - 1
+    assert in_flight_microbatches("zb-h2", p, 1, m, rank=0) == 15  # 2p - 1
     # interleaved, v = 4: p (1 + (p-1)/(p v)) = 8 * (1 + 7/32) = 9.75
     assert in_flight_microbatches("interleaved-1f1b", p, 4, m, rank=0) == pytest.approx(9.75)
-    assert in_flight_microbatches("1f1b", p, 1, 3, rank=0) == 3         # never more than m
+    assert in_flight_microbatches("1f1b", p, 1, 3, rank=0) == 3  # never more than m
     assert in_flight_microbatches("1f1b", 1, 1, 16, rank=0) == 1

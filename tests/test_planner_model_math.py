@@ -1,4 +1,5 @@
 """Parameter counts and FLOPs against arithmetic done by hand in the comments."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """predict_run's byte counts, in the units metrics.jsonl will log."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,21 +14,31 @@ from meshtrain.planner.traffic import TrafficInputs, step_collectives
 pytestmark = pytest.mark.pure
 
 PSI = 131392  # the tiny model, counted by hand in test_planner_model_math.py
-TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=256",
-        "training.seq_len=128"]
+TINY = [
+    "model.dim=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.vocab_size=256",
+    "training.seq_len=128",
+]
 
 
 def _cfg(dp: int, micro: int = 2, accum: int = 1, extra: list[str] | None = None) -> Config:
     batch = micro * accum * dp
-    return load_config(None, TINY + [f"training.micro_batch={micro}", f"training.grad_accum={accum}",
-                                     f"training.global_batch={batch}"] + (extra or []))
+    return load_config(
+        None,
+        TINY
+        + [f"training.micro_batch={micro}", f"training.grad_accum={accum}", f"training.global_batch={batch}"]
+        + (extra or []),
+    )
 
 
 def test_dp_stage0_one_all_reduce_of_all_grads() -> None:
     out = predict_run(_cfg(2), 2)
     assert out["n_params"] == out["params_per_rank"] == PSI
-    assert out["mem_model_state_bytes"] == 16 * PSI          # fp32 params 4 + grads 4 + Adam 8
-    assert out["comm_all_reduce_bytes"] == 4 * PSI           # one fp32 all-reduce per optimizer step
+    assert out["mem_model_state_bytes"] == 16 * PSI  # fp32 params 4 + grads 4 + Adam 8
+    assert out["comm_all_reduce_bytes"] == 4 * PSI  # one fp32 all-reduce per optimizer step
     assert out["comm_reduce_scatter_bytes"] == out["comm_all_gather_bytes"] == 0
     assert out["comm_wire_bytes"] == 2 * (2 - 1) / 2 * 4 * PSI
 
@@ -38,7 +49,7 @@ def test_grad_accumulation_does_not_add_all_reduces() -> None:
 
 def test_wire_bytes_for_four_ranks_and_bf16_reduction() -> None:
     out = predict_run(_cfg(4), 4)
-    assert out["comm_wire_bytes"] == 2 * 3 / 4 * 4 * PSI    # 1.5 x payload
+    assert out["comm_wire_bytes"] == 2 * 3 / 4 * 4 * PSI  # 1.5 x payload
     out = predict_run(_cfg(4, extra=["parallel.reduce_dtype=bf16"]), 4)
     assert out["comm_all_reduce_bytes"] == 2 * PSI
 

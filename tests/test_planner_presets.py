@@ -1,4 +1,5 @@
 """Presets and the TOML files for custom clusters and models."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,8 +40,10 @@ def test_model_from_run_config_and_from_shape_keys(tmp_path: Path) -> None:
     run_cfg.write_text("[model]\ndim = 64\nn_layers = 2\nn_heads = 4\nn_kv_heads = 2\nvocab_size = 256\n")
     assert param_count(load_model(str(run_cfg))) == 131392
     shape = tmp_path / "gpt.toml"
-    shape.write_text('[model]\nkind = "gpt"\nn_layers = 2\nhidden = 64\nn_heads = 4\nn_kv_heads = 4\nffn = 256\n'
-                     'vocab = 100\nseq_len = 32\ntie_embeddings = true\n')
+    shape.write_text(
+        '[model]\nkind = "gpt"\nn_layers = 2\nhidden = 64\nn_heads = 4\nn_kv_heads = 4\nffn = 256\n'
+        "vocab = 100\nseq_len = 32\ntie_embeddings = true\n"
+    )
     # per layer 12h^2 + 13h = 49152 + 832; embeddings 100*64 + 32*64; final LayerNorm 128
     assert param_count(load_model(str(shape))) == 2 * (49152 + 832) + 6400 + 2048 + 128
 

@@ -1,4 +1,5 @@
 """The layout search: only layouts that fit, tp inside a node, reproducible ranking."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,5 @@
 """Compute-optimal sizing."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,7 +21,7 @@ def test_chinchilla_for_gophers_budget() -> None:
 def test_kaplan_alternative() -> None:
     # one PF-day: N = 1.3e9 * 1^0.73; ten times the compute: 10^0.73 = 5.37 times the params
     assert kaplan(PF_DAY).params == pytest.approx(1.3e9)
-    assert kaplan(10 * PF_DAY).params / kaplan(PF_DAY).params == pytest.approx(10 ** 0.73)
+    assert kaplan(10 * PF_DAY).params / kaplan(PF_DAY).params == pytest.approx(10**0.73)
     s = kaplan(5.76e23)
     assert 6 * s.params * s.tokens == pytest.approx(5.76e23)
     assert s.params > chinchilla(5.76e23).params  # Kaplan favours bigger models

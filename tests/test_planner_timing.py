@@ -1,4 +1,5 @@
 """Bubble, collective and overlap arithmetic of the time model."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,7 +19,7 @@ def test_1f1b_bubble() -> None:
     assert bubble_time("1f1b", 4, 1, 1.0, 2.0, 1.0) == 9.0
     assert bubble_time("1f1b", 4, 1, 1.0, 2.0, 1.0) / (8 * 3.0) == 3 / 8
     assert bubble_time("gpipe", 4, 1, 1.0, 2.0, 1.0) == 9.0
-    assert bubble_time("interleaved-1f1b", 4, 2, 1.0, 2.0, 1.0) == 4.5   # / v
+    assert bubble_time("interleaved-1f1b", 4, 2, 1.0, 2.0, 1.0) == 4.5  # / v
     # zero bubble with B = W = 1 (t_b = 2): ZB-H1 (p-1)(t_f + t_b - 2W) = 3, ZB-H2 = 0
     assert bubble_time("zb-h1", 4, 1, 1.0, 2.0, 1.0) == 3.0
     assert bubble_time("zb-h2", 4, 1, 1.0, 2.0, 1.0) == 0.0
@@ -26,7 +27,7 @@ def test_1f1b_bubble() -> None:
 
 
 def test_ring_wire_bytes() -> None:
-    assert wire_bytes("all_reduce", 800.0, 8) == 2 * 7 / 8 * 800   # 1400
+    assert wire_bytes("all_reduce", 800.0, 8) == 2 * 7 / 8 * 800  # 1400
     assert wire_bytes("reduce_scatter", 800.0, 8) == 700.0
     assert wire_bytes("all_gather", 800.0, 8) == 700.0
     assert wire_bytes("p2p", 800.0, 2) == 800.0
@@ -48,12 +49,16 @@ def test_alpha_beta_collective_time() -> None:
 
 def test_dp_all_reduce_overlaps_with_backward() -> None:
     # a cluster without latency, 1 GB/s inside a node
-    cl = ClusterSpec("test", 1.0, 80.0, 8, intra_bw_gbs=1.0, inter_bw_gbs=1.0, intra_latency_us=0.0, inter_latency_us=0.0)
+    cl = ClusterSpec(
+        "test", 1.0, 80.0, 8, intra_bw_gbs=1.0, inter_bw_gbs=1.0, intra_latency_us=0.0, inter_latency_us=0.0
+    )
     lay = Layout(dp_shard=2)
     mc = MicroCompute(fwd=1.0, bwd=2.0, wgrad=1.0, attention_fwd=0.0, recompute=0.0)
     # all-reduce of 6 GB over 2 ranks: 2*(1/2)*6 GB / 1 GB/s = 6 s; buckets of 1 GB take 1 s each
     ar = Collective("dp grads", "all_reduce", 6e9, "grad", 1, "bwd_last", chunk=1e9)
-    times = step_breakdown(mc, [ar], lay, cl, StepInputs(microbatches=4, state_bytes=0, host_bytes=0, psi_sharded=0, param_bytes=2))
+    times = step_breakdown(
+        mc, [ar], lay, cl, StepInputs(microbatches=4, state_bytes=0, host_bytes=0, psi_sharded=0, param_bytes=2)
+    )
     # exposed = max(0, 6 - 2 backward) + last bucket 1 = 5
     assert times["dp/zero comm (exposed)"] == pytest.approx(5.0)
     assert times["compute"] == pytest.approx(4 * 3.0)
@@ -61,12 +66,19 @@ def test_dp_all_reduce_overlaps_with_backward() -> None:
 
 
 def test_tp_communication_is_fully_exposed() -> None:
-    cl = ClusterSpec("test", 1.0, 80.0, 8, intra_bw_gbs=1.0, inter_bw_gbs=1.0, intra_latency_us=0.0, inter_latency_us=0.0)
+    cl = ClusterSpec(
+        "test", 1.0, 80.0, 8, intra_bw_gbs=1.0, inter_bw_gbs=1.0, intra_latency_us=0.0, inter_latency_us=0.0
+    )
     lay = Layout(tp=2, pp=2)
     mc = MicroCompute(fwd=1.0, bwd=2.0, wgrad=1.0, attention_fwd=0.0, recompute=0.0)
     # 4 all-reduces of 1 GB per step over 2 ranks: 1 s each, none hidden
-    tp = [Collective("tp", "all_reduce", 1e9, "tp", 2, "exposed_fwd"), Collective("tp", "all_reduce", 1e9, "tp", 2, "exposed_bwd")]
-    times = step_breakdown(mc, tp, lay, cl, StepInputs(microbatches=2, state_bytes=0, host_bytes=0, psi_sharded=0, param_bytes=2))
+    tp = [
+        Collective("tp", "all_reduce", 1e9, "tp", 2, "exposed_fwd"),
+        Collective("tp", "all_reduce", 1e9, "tp", 2, "exposed_bwd"),
+    ]
+    times = step_breakdown(
+        mc, tp, lay, cl, StepInputs(microbatches=2, state_bytes=0, host_bytes=0, psi_sharded=0, param_bytes=2)
+    )
     assert times["tp/ep comm (exposed)"] == pytest.approx(4.0)
     # the bubble grows with the comm per microbatch: (p-1)(t_f + t_b) = 1 * ((1 + 1) + (2 + 1)) = 5
     assert times["pipeline bubble"] == pytest.approx(5.0)

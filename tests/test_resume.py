@@ -1,4 +1,5 @@
 """Checkpoints: exact resume after an elastic restart, and crash safety during a save."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,8 +22,17 @@ def test_restart_resumes_bit_identically(extra: tuple[str, ...], tmp_path: Path)
     straight = train(tmp_path / "straight", 2, *RUN, *extra)
     # The first attempt dies right after step 10 (checkpointed); the elastic agent restarts the
     # workers, which resume from that checkpoint and finish.
-    args = ["train", "--config", "configs/tiny.toml", "--nproc", "2", "--run-dir", str(tmp_path / "restarted"),
-            "--max-restarts", "1"]
+    args = [
+        "train",
+        "--config",
+        "configs/tiny.toml",
+        "--nproc",
+        "2",
+        "--run-dir",
+        str(tmp_path / "restarted"),
+        "--max-restarts",
+        "1",
+    ]
     for item in (*RUN, *extra, "checkpoint.resume=auto"):
         args += ["--set", item]
     proc = cli(*args, env={"MESHTRAIN_FAULT": "after_step:10"})

@@ -1,4 +1,5 @@
 """Pure tests of the layout arithmetic (no processes)."""
+
 from __future__ import annotations
 
 import itertools

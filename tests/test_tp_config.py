@@ -1,4 +1,5 @@
 """Pure tests: tensor-parallel validation messages, and the plan's own checks."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,8 +12,16 @@ from meshtrain.validate import validate
 
 pytestmark = pytest.mark.pure
 
-TINY = ("model.dim=64", "model.n_heads=8", "model.n_kv_heads=4", "model.vocab_size=256", "model.max_seq_len=64",
-        "training.seq_len=32", "training.global_batch=8", "training.micro_batch=8")
+TINY = (
+    "model.dim=64",
+    "model.n_heads=8",
+    "model.n_kv_heads=4",
+    "model.vocab_size=256",
+    "model.max_seq_len=64",
+    "training.seq_len=32",
+    "training.global_batch=8",
+    "training.micro_batch=8",
+)
 
 
 def _error(world: int, *overrides: str) -> str:
@@ -23,14 +32,19 @@ def _error(world: int, *overrides: str) -> str:
     return msg
 
 
-@pytest.mark.parametrize("overrides, fragments", [
-    (["parallel.tp=3"], ["parallel.tp=3 must divide model.n_heads=8 and model.n_kv_heads=4"]),
-    (["parallel.tp=4", "model.n_kv_heads=2"], ["parallel.tp=4", "model.n_kv_heads=2"]),
-    (["parallel.tp=4", "model.ffn_dim=130"], ["MLP hidden size 130", "model.ffn_dim=130"]),
-    (["parallel.tp=4", "model.vocab_size=258"], ["model.vocab_size=258", "pad the vocabulary to 260"]),
-    (["parallel.tp=4", "parallel.sequence_parallel=true", "training.seq_len=30"],
-     ["training.seq_len=30", "sequence_parallel"]),
-])
+@pytest.mark.parametrize(
+    "overrides, fragments",
+    [
+        (["parallel.tp=3"], ["parallel.tp=3 must divide model.n_heads=8 and model.n_kv_heads=4"]),
+        (["parallel.tp=4", "model.n_kv_heads=2"], ["parallel.tp=4", "model.n_kv_heads=2"]),
+        (["parallel.tp=4", "model.ffn_dim=130"], ["MLP hidden size 130", "model.ffn_dim=130"]),
+        (["parallel.tp=4", "model.vocab_size=258"], ["model.vocab_size=258", "pad the vocabulary to 260"]),
+        (
+            ["parallel.tp=4", "parallel.sequence_parallel=true", "training.seq_len=30"],
+            ["training.seq_len=30", "sequence_parallel"],
+        ),
+    ],
+)
 def test_tp_must_divide_the_model(overrides: list[str], fragments: list[str]) -> None:
     world = int(overrides[0].split("=")[1])
     msg = _error(world, *overrides)

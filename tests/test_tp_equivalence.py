@@ -6,6 +6,7 @@ All runs use 8 query and 4 kv heads (tiny.toml has 4 and 2), so that tp = 4 divi
 grouped-query attention is still exercised; the reference uses the same model. The runs train in one
 pool of real gloo ranks (tests/dist_utils.py).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -23,22 +24,36 @@ BASE = ("training.steps=5", "model.n_heads=8", "model.n_kv_heads=4")
 ZERO_SHARDS_GRADS = ("parallel.zero_stage=2", "parallel.zero_stage=3")
 ZERO_LAYOUTS = {  # tp2 x ZeRO over dp_shard=2, each tp rank's local shards sharded again: (nproc, overrides)
     "tp2-z3-dp2": (4, ["parallel.tp=2", "parallel.zero_stage=3", "training.micro_batch=4", "checkpoint.interval=3"]),
-    "tp2-sp-z2-dp2-accum2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=2",
-                                 "training.micro_batch=2"]),
+    "tp2-sp-z2-dp2-accum2": (
+        4,
+        ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero_stage=2", "training.micro_batch=2"],
+    ),
     "tp2-z1-dp2-accum2": (4, ["parallel.tp=2", "parallel.zero_stage=1", "training.micro_batch=2"]),
-    "pp2-tp2-sp-z3-dp2": (8, ["parallel.pp=2", "parallel.tp=2", "parallel.sequence_parallel=true",
-                              "parallel.zero_stage=3", "training.micro_batch=2"]),
+    "pp2-tp2-sp-z3-dp2": (
+        8,
+        [
+            "parallel.pp=2",
+            "parallel.tp=2",
+            "parallel.sequence_parallel=true",
+            "parallel.zero_stage=3",
+            "training.micro_batch=2",
+        ],
+    ),
 }
 LAYOUTS = {  # name: (nproc, overrides)
     "tp2-accum2": (2, ["parallel.tp=2", "training.micro_batch=4"]),
     "tp4": (4, ["parallel.tp=4", "training.micro_batch=8"]),
-    "tp2-sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "training.micro_batch=8",
-                   "checkpoint.interval=3"]),
+    "tp2-sp": (
+        2,
+        ["parallel.tp=2", "parallel.sequence_parallel=true", "training.micro_batch=8", "checkpoint.interval=3"],
+    ),
     "tp2xdp2": (4, ["parallel.tp=2", "training.micro_batch=2"]),
     "tp2-recompute": (2, ["parallel.tp=2", "training.micro_batch=8", "training.activation_checkpointing=full"]),
     "tp4-sp": (4, ["parallel.tp=4", "parallel.sequence_parallel=true", "training.micro_batch=8"]),
-    "tp2-sp-bf16": (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "training.micro_batch=4",
-                        "training.dtype=bf16"]),
+    "tp2-sp-bf16": (
+        2,
+        ["parallel.tp=2", "parallel.sequence_parallel=true", "training.micro_batch=4", "training.dtype=bf16"],
+    ),
     "tp2-bf16": (2, ["parallel.tp=2", "training.micro_batch=4", "training.dtype=bf16"]),
     **ZERO_LAYOUTS,
 }
@@ -48,8 +63,10 @@ EXACT = [name for name in LAYOUTS if "bf16" not in name]
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Run, list[dict]]]:
     root = tmp_path_factory.mktemp("tp")
-    specs = {name: Run(root / name, nproc, [*BASE, *overrides])
-             for name, (nproc, overrides) in {"single": (1, ["training.micro_batch=8"]), **LAYOUTS}.items()}
+    specs = {
+        name: Run(root / name, nproc, [*BASE, *overrides])
+        for name, (nproc, overrides) in {"single": (1, ["training.micro_batch=8"]), **LAYOUTS}.items()
+    }
     records = train_runs(list(specs.values()), count_comms=True)
     return {name: (run, rec) for (name, run), rec in zip(specs.items(), records)}
 
@@ -95,8 +112,10 @@ def test_tp_layouts_hold_and_send_what_the_planner_predicts(layout: str, runs: d
 
 @pytest.mark.parametrize("layout", [n for n in LAYOUTS if "zero_stage" not in str(LAYOUTS[n][1])])
 def test_reported_traffic_is_what_torch_distributed_was_handed(layout: str, runs: dict) -> None:
-    assert_counters_honest(runs[layout][0], ["comm_all_reduce_bytes", "comm_all_gather_bytes",
-                                             "comm_reduce_scatter_bytes", "comm_p2p_bytes"])
+    assert_counters_honest(
+        runs[layout][0],
+        ["comm_all_reduce_bytes", "comm_all_gather_bytes", "comm_reduce_scatter_bytes", "comm_p2p_bytes"],
+    )
 
 
 def _copy_checkpoint(source: Path, step: int, target: Path) -> None:
@@ -111,12 +130,24 @@ def test_tp_checkpoints_resume_in_other_layouts(runs: dict, tmp_path: Path) -> N
     for name in ("plain", "tp2-sp-z1"):
         _copy_checkpoint(runs["tp2-z3-dp2"][0].run_dir, 3, tmp_path / name)
     resume = "checkpoint.resume=auto"
-    tails = train_runs([
-        Run(tmp_path / "tp4", 4, [*BASE, "parallel.tp=4", "training.micro_batch=8", resume]),
-        Run(tmp_path / "plain", 1, [*BASE, "training.micro_batch=8", resume]),
-        Run(tmp_path / "tp2-sp-z1", 2, [*BASE, "parallel.tp=2", "parallel.sequence_parallel=true",
-                                        "parallel.zero_stage=1", "training.micro_batch=8", resume]),
-    ])
+    tails = train_runs(
+        [
+            Run(tmp_path / "tp4", 4, [*BASE, "parallel.tp=4", "training.micro_batch=8", resume]),
+            Run(tmp_path / "plain", 1, [*BASE, "training.micro_batch=8", resume]),
+            Run(
+                tmp_path / "tp2-sp-z1",
+                2,
+                [
+                    *BASE,
+                    "parallel.tp=2",
+                    "parallel.sequence_parallel=true",
+                    "parallel.zero_stage=1",
+                    "training.micro_batch=8",
+                    resume,
+                ],
+            ),
+        ]
+    )
     for tail in tails:
         assert [r["step"] for r in tail] == [4, 5]
         assert rel_diff([r["loss"] for r in tail], [r["loss"] for r in runs["single"][1][3:]]) < 1e-5

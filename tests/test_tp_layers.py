@@ -6,6 +6,7 @@ against Korthikanti's per-layer formula (adjusted for this model, term by term, 
 pipeline's B/W split of the parallel layers, and checkpoints moving between TP and non-TP. The
 formulas are written here, and the bytes are also counted by a wrapper around torch.distributed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -137,7 +138,10 @@ def _check_cross_entropy_and_eval_head(comm: TPComm) -> None:
     torch.testing.assert_close(loss, ref, **TOL)
     loss.backward()
     torch.testing.assert_close(local.grad, _chunk(lr.grad, comm, -1), **TOL)
-    head, x = ColumnParallelLinear(torch.randn(32, 12), comm, True, entry=True, gather_in_eval=True), torch.randn(B, 5, 12)
+    head, x = (
+        ColumnParallelLinear(torch.randn(32, 12), comm, True, entry=True, gather_in_eval=True),
+        torch.randn(B, 5, 12),
+    )
     with torch.no_grad():  # eval: whole logits, any sequence length (5 is not divisible by tp)
         torch.testing.assert_close(head.eval()(x), F.linear(x, all_gather_dim(head.weight, comm, 0)), **TOL)
 
@@ -230,8 +234,10 @@ def _check_checkpoints(rank: int, root: Path) -> None:
     optim = AdamW(engine.optim_params(), OptimizerConfig())
     for name, m in zip(optim.names, optim.exp_avg):
         m.copy_(dict(model.named_parameters())[name].detach() * 2)
-    dcp.save({"model": engine.model_state_dict(), "optim": engine.optim_state_dict(optim.state_dict())},
-             checkpoint_id=root / "tp")
+    dcp.save(
+        {"model": engine.model_state_dict(), "optim": engine.optim_state_dict(optim.state_dict())},
+        checkpoint_id=root / "tp",
+    )
     full, want = build_model(CFG, seed=99), build_model(CFG, seed=3)
     full_optim = AdamW(list(full.named_parameters()), OptimizerConfig())
     dcp.load({"model": dict(full.named_parameters()), "optim": full_optim.state_dict()}, checkpoint_id=root / "tp")

@@ -1,4 +1,5 @@
 """Pure tests: ZeRO's config checks and the planner's per-run predictions for each ZeRO variant."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,14 @@ from meshtrain.validate import validate
 pytestmark = pytest.mark.pure
 
 PSI = 131392  # the tiny model
-TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "training.micro_batch=2",
-        "training.global_batch=8"]
+TINY = [
+    "model.dim=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "training.micro_batch=2",
+    "training.global_batch=8",
+]
 
 
 def _predict(world: int, *extra: str) -> dict:
@@ -30,7 +37,10 @@ def test_zero_composes_with_tp_or_pp_and_refuses_what_it_cannot() -> None:
     assert validate(load_config(None, ["parallel.zero_stage=2", "parallel.pp=2", "parallel.pp_schedule=zb-h2"]), 4)
     with pytest.raises(ConfigError, match="parallel.zero_stage=3 with parallel.pp_schedule=zb-h1 is not supported"):
         validate(load_config(None, ["parallel.zero_stage=3", "parallel.pp=2", "parallel.pp_schedule=zb-h1"]), 4)
-    assert validate(load_config(None, ["parallel.zero_stage=3", "parallel.pp=2", "parallel.tp=2"]), 8).parallel.dp_shard == 2
+    assert (
+        validate(load_config(None, ["parallel.zero_stage=3", "parallel.pp=2", "parallel.tp=2"]), 8).parallel.dp_shard
+        == 2
+    )
 
 
 def test_zero2_under_a_zero_bubble_schedule_reduces_once() -> None:

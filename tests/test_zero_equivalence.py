@@ -8,6 +8,7 @@ does (2 psi per step for ZeRO-1/2, 3 psi for ZeRO-3); the wrapper around torch.d
 (tests/comm_counter.py) sees the padded buffers that really move, which the formulas below predict
 from the units' sizes. Exact resume after an elastic restart is in test_resume.py.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,11 +57,27 @@ PIPELINED = {  # pp2 x dp_shard2: name -> (stage, overrides); 2 or 4 microbatche
     "pp2-z2-zb-h1": (2, ["parallel.pp=2", "parallel.pp_schedule=zb-h1", "training.micro_batch=1"]),
     "pp2-z2-zb-h2": (2, ["parallel.pp=2", "parallel.pp_schedule=zb-h2", "training.micro_batch=1"]),
     # otherwise per microbatch, from hooks: several buckets per stage, none spanning the rank's two stages
-    "pp2v2-z2-interleaved": (2, ["parallel.pp=2", "parallel.pp_chunks=2", "parallel.pp_schedule=interleaved-1f1b",
-                                 "training.micro_batch=1", "parallel.bucket_mb=0.05"]),
+    "pp2v2-z2-interleaved": (
+        2,
+        [
+            "parallel.pp=2",
+            "parallel.pp_chunks=2",
+            "parallel.pp_schedule=interleaved-1f1b",
+            "training.micro_batch=1",
+            "parallel.bucket_mb=0.05",
+        ],
+    ),
     "pp2-z3-gpipe": (3, ["parallel.pp=2", "parallel.pp_schedule=gpipe", "training.micro_batch=2"]),
-    "pp2v2-z3-interleaved": (3, ["parallel.pp=2", "parallel.pp_chunks=2", "parallel.pp_schedule=interleaved-1f1b",
-                                 "training.micro_batch=1", "checkpoint.interval=3"]),
+    "pp2v2-z3-interleaved": (
+        3,
+        [
+            "parallel.pp=2",
+            "parallel.pp_chunks=2",
+            "parallel.pp_schedule=interleaved-1f1b",
+            "training.micro_batch=1",
+            "checkpoint.interval=3",
+        ],
+    ),
 }
 
 
@@ -82,8 +99,12 @@ def expected_traffic(stage: int, n: int, micro: int, replicas: int) -> dict[str,
     ag = 4 * PSI * (2 * micro if stage == 3 else 1)
     ar = 4 * PSI / n if replicas > 1 else 0
     wire = (rs + ag) * (n - 1) / n + ar * 2 * (replicas - 1) / replicas
-    return {"comm_reduce_scatter_bytes": rs, "comm_all_gather_bytes": ag, "comm_all_reduce_bytes": ar,
-            "comm_wire_bytes": wire}
+    return {
+        "comm_reduce_scatter_bytes": rs,
+        "comm_all_gather_bytes": ag,
+        "comm_all_reduce_bytes": ar,
+        "comm_wire_bytes": wire,
+    }
 
 
 def moved_bytes(stage: int, n: int, micro: int, replicas: int) -> dict[str, int]:
@@ -100,8 +121,10 @@ def moved_bytes(stage: int, n: int, micro: int, replicas: int) -> dict[str, int]
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Run, list[dict]]]:
     root = tmp_path_factory.mktemp("zero")
-    specs = {"single": Run(root / "single", 1, [*BASE, "training.micro_batch=8"]),
-             "single-tied": Run(root / "single-tied", 1, [*BASE, "training.micro_batch=8", "model.tie_embeddings=true"])}
+    specs = {
+        "single": Run(root / "single", 1, [*BASE, "training.micro_batch=8"]),
+        "single-tied": Run(root / "single-tied", 1, [*BASE, "training.micro_batch=8", "model.tie_embeddings=true"]),
+    }
     for name, (nproc, stage, _, extra) in LAYOUTS.items():
         specs[name] = Run(root / name, nproc, [*BASE, f"parallel.zero_stage={stage}", *extra])
     for name, (stage, extra) in PIPELINED.items():
@@ -134,8 +157,13 @@ def test_zero_matches_single_device_and_its_accounting(layout: str, runs: dict) 
 @pytest.mark.parametrize("layout", [*LAYOUTS, *PIPELINED])
 def test_every_rank_holds_and_sends_what_the_planner_predicts(layout: str, runs: dict) -> None:
     run, _ = runs[layout]
-    keys = ("comm_all_reduce_bytes", "comm_reduce_scatter_bytes", "comm_all_gather_bytes", "comm_p2p_bytes",
-            "comm_wire_bytes")
+    keys = (
+        "comm_all_reduce_bytes",
+        "comm_reduce_scatter_bytes",
+        "comm_all_gather_bytes",
+        "comm_p2p_bytes",
+        "comm_wire_bytes",
+    )
     assert_planner_agrees(run, keys, state_slack=16 * 3 * 24)  # padding: < n elements per unit, 16 bytes each
 
 
@@ -161,19 +189,23 @@ def _copy_checkpoint(source: Path, step: int, target: Path) -> None:
 def test_checkpoints_reshard_across_stages_shard_counts_and_pipelines(runs: dict, tmp_path: Path) -> None:
     """pp2 x v2 x ZeRO-3's step-3 checkpoint continues as plain ZeRO-1 on 2 ranks; the one-process
     step-3 checkpoint continues as ZeRO-3 on 4 shards and as HSDP ZeRO-2."""
-    single = Run(tmp_path / "single", 1, [*BASE, "training.micro_batch=8", "checkpoint.interval=3",
-                                          "training.steps=3"])
+    single = Run(tmp_path / "single", 1, [*BASE, "training.micro_batch=8", "checkpoint.interval=3", "training.steps=3"])
     train_runs([single])
     _copy_checkpoint(runs["pp2v2-z3-interleaved"][0].run_dir, 3, tmp_path / "to-z1")
     _copy_checkpoint(single.run_dir, 3, tmp_path / "to-z3")
     _copy_checkpoint(single.run_dir, 3, tmp_path / "to-hsdp")
     resume = "checkpoint.resume=auto"
-    tails = train_runs([
-        Run(tmp_path / "to-z1", 2, [*BASE, "parallel.zero_stage=1", "training.micro_batch=4", resume]),
-        Run(tmp_path / "to-z3", 4, [*BASE, "parallel.zero_stage=3", "training.micro_batch=2", resume]),
-        Run(tmp_path / "to-hsdp", 4, [*BASE, "parallel.zero_stage=2", "parallel.dp_replicate=2",
-                                      "training.micro_batch=2", resume]),
-    ])
+    tails = train_runs(
+        [
+            Run(tmp_path / "to-z1", 2, [*BASE, "parallel.zero_stage=1", "training.micro_batch=4", resume]),
+            Run(tmp_path / "to-z3", 4, [*BASE, "parallel.zero_stage=3", "training.micro_batch=2", resume]),
+            Run(
+                tmp_path / "to-hsdp",
+                4,
+                [*BASE, "parallel.zero_stage=2", "parallel.dp_replicate=2", "training.micro_batch=2", resume],
+            ),
+        ]
+    )
     for tail in tails:
         assert [r["step"] for r in tail] == [4, 5]
         assert_same_training(tail, runs["single"][1][3:], loss=1e-5, grad_norm=1e-5)

@@ -1,5 +1,6 @@
 """Layer-level ZeRO tests on real gloo processes: flat sharding with padding, the counted collectives,
 and each stage's reduced gradients and updated parameters against one device."""
+
 from __future__ import annotations
 
 import pytest
@@ -31,7 +32,7 @@ def test_pieces_cover_every_element_once() -> None:
         for piece in unit.pieces:
             start = unit.offsets[unit.names.index(piece.name)] + piece.param_start
             assert unit.lo <= start and start + piece.numel <= unit.lo + unit.shard_size
-            owners[start:start + piece.numel] += 1
+            owners[start : start + piece.numel] += 1
     assert owners.eq(1).all()
 
 
@@ -52,7 +53,9 @@ def _reference() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
 def _check_collectives(rank: int, world: int) -> None:
     unit = FlatUnit("u", [("a", nn.Parameter(torch.zeros(5))), ("b", nn.Parameter(torch.zeros(2, 3)))], world, rank)
     stats, group, counter = CommStats(), dist.group.WORLD, CommCounter().install()
-    full = unit.flatten([torch.full((5,), rank + 1.0), torch.arange(6.0).view(2, 3)], torch.float32, torch.device("cpu"))
+    full = unit.flatten(
+        [torch.full((5,), rank + 1.0), torch.arange(6.0).view(2, 3)], torch.float32, torch.device("cpu")
+    )
     out = torch.empty(unit.shard_size)
     reduce_scatter(out, full, group, stats, unit.real_bytes(4)).wait()
     total = sum(r + 1.0 for r in range(world))
@@ -67,15 +70,24 @@ def _check_collectives(rank: int, world: int) -> None:
     assert unit.padded > 11 and stats.payload == {"reduce_scatter": 44, "all_gather": 44}
 
 
-def _check_stage(rank: int, world: int, stage: int, param_dtype: torch.dtype,
-                 ref: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]], offload: bool = False) -> None:
+def _check_stage(
+    rank: int,
+    world: int,
+    stage: int,
+    param_dtype: torch.dtype,
+    ref: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
+    offload: bool = False,
+) -> None:
     ref_grads, ref_params = ref
     torch.manual_seed(0)
     micro = torch.randint(0, 64, (GLOBAL, SEQ + 1)).chunk(world)[rank].chunk(2)
     model, stats = build_model(CFG, seed=7), CommStats()
     groups = ShardGroups(dist.group.WORLD, None)
-    engine = (Zero3(model, groups, stats, param_dtype=param_dtype, offload=offload) if stage == 3
-              else Zero12(model, stage, groups, stats, bucket_bytes=100_000, offload=offload))
+    engine = (
+        Zero3(model, groups, stats, param_dtype=param_dtype, offload=offload)
+        if stage == 3
+        else Zero12(model, stage, groups, stats, bucket_bytes=100_000, offload=offload)
+    )
     for i, batch in enumerate(micro):
         engine.set_sync(i == len(micro) - 1)
         with torch.autocast("cpu", torch.bfloat16, enabled=param_dtype == torch.bfloat16):
@@ -87,7 +99,7 @@ def _check_stage(rank: int, world: int, stage: int, param_dtype: torch.dtype,
     pieces = {p.name: p for u in engine.units for p in u.layout.pieces}
     for (name, _), grad in zip(engine.optim_params(), engine.optim_grads()):
         p = pieces[name]
-        torch.testing.assert_close(grad, ref_grads[name].flatten()[p.param_start:p.param_start + p.numel], **tol)
+        torch.testing.assert_close(grad, ref_grads[name].flatten()[p.param_start : p.param_start + p.numel], **tol)
     torch._foreach_add_([t for _, t in engine.optim_params()], engine.optim_grads(), alpha=-LR)
     engine.after_step()
     if stage < 3:  # the model's own (whole) parameters carry every rank's update

@@ -8,6 +8,7 @@ Communication convention (shared with the planner, meshtrain.planner.predict_run
 Scalar bookkeeping reductions (the logged loss, the grad norm) are not counted: they are not part of
 any strategy's theoretical volume.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -32,10 +33,11 @@ class CommStats:
     """Counts the bytes this rank hands to collectives; one instance per run, passed explicitly."""
 
     def __init__(self) -> None:
-        self.payload: dict[str, int] = defaultdict(int)
+        # float: HSDP's all_reduce records each rank's 1/N share of a unit, which need not be whole
+        self.payload: dict[str, float] = defaultdict(int)
         self.wire = 0.0
 
-    def record(self, kind: str, nbytes: int, group_size: int) -> None:
+    def record(self, kind: str, nbytes: float, group_size: int) -> None:
         self.payload[kind] += nbytes
         self.wire += nbytes * wire_factor(kind, group_size)
 
@@ -47,8 +49,8 @@ class CommStats:
         return out
 
 
-def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes held by distinct storages (views and tied weights counted once)."""
+def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    """Bytes held by distinct storages (views and tied weights counted once); None entries hold nothing."""
     seen: set[int] = set()
     total = 0
     for t in tensors:

@@ -4,9 +4,14 @@ A chosen block's `recompute` flag (meshtrain.model.llama.Block) makes it recompu
 in backward; no module is wrapped or replaced, so parameter names, and with them checkpoints, are
 the same with or without recomputation, and hooks other strategies put on the block still fire once.
 """
+
 from __future__ import annotations
 
+from typing import cast
+
 from torch import nn
+
+from meshtrain.model.llama import Block
 
 
 def apply_activation_checkpointing(blocks: nn.ModuleDict, mode: str, every: int) -> int:
@@ -16,6 +21,6 @@ def apply_activation_checkpointing(blocks: nn.ModuleDict, mode: str, every: int)
     chosen = 0
     for index, block in enumerate(blocks.values()):
         if index % every == 0:
-            block.recompute = True
+            cast(Block, block).recompute = True
             chosen += 1
     return chosen

@@ -18,11 +18,13 @@ another strategy's code: what one step changes comes back as a value (TensorPara
 function, an engine decorator) that a later step is handed. Strategies plug in by adding a step
 here; the trainer calls `build_parallel` once and knows none of them (docs/architecture.md).
 """
+
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -35,7 +37,7 @@ from meshtrain.core.runner import Autocast, LossFn, LossReduction, MicroStepRunn
 from meshtrain.core.weight_grads import WeightGradQueue, split_weight_grads
 from meshtrain.data_parallel import DataParallel
 from meshtrain.loss import cross_entropy_sum
-from meshtrain.model import build_model
+from meshtrain.model import Llama, build_model
 from meshtrain.pipeline.executor import PipelineExecutor
 from meshtrain.pipeline.schedules import Kind, Layout, Schedule, build_schedule
 from meshtrain.pipeline.stage import build_stage, describe_split, split_blocks, stage_ranges
@@ -55,7 +57,7 @@ class ParallelModel:
     engine: GradEngine
     runner: StepRunner
     reduce_loss: LossReduction
-    sampler: nn.Module | None
+    sampler: Llama | None
     """The whole model, to sample from on this rank; None when it is cut into pipeline stages."""
 
 
@@ -86,11 +88,13 @@ def build_parallel(cfg: Config, topo: Topology, device: torch.device, stats: Com
     # 2. tensor parallelism
     tp = None
     if p.tp > 1:
-        tp = apply_tensor_parallel_parts(parts, topo.group("tp"), LLAMA_PLAN, p.sequence_parallel, stats,
-                                         strict=pipe is None)
+        tp_group = topo.group("tp")
+        if tp_group is None:
+            raise RuntimeError(f"parallel.tp = {p.tp} but the topology has no tp group")
+        tp = apply_tensor_parallel_parts(parts, tp_group, LLAMA_PLAN, p.sequence_parallel, stats, strict=pipe is None)
     # 4. activation checkpointing
-    for part in parts:
-        apply_activation_checkpointing(part.model.layers, t.activation_checkpointing, t.ac_every)
+    for part in parts:  # every part is a Llama (the whole model or a stage), with tp's layers swapped in
+        apply_activation_checkpointing(cast(Llama, part).model.layers, t.activation_checkpointing, t.ac_every)
     # 6. data parallelism or ZeRO, then what the earlier steps change about gradients
     engine = _gradient_engine(parts, topo, cfg, stats, deferred_weight_grads=pipe is not None and pipe.splits_backward)
     if tp is not None:
@@ -112,8 +116,13 @@ def build_parallel(cfg: Config, topo: Topology, device: torch.device, stats: Com
     else:
         runner = _pipeline_executor(cfg, topo, pipe, parts, engine, loss_fn, queue, stats, device, autocast)
     # Tensor-parallel peers hold the same (vocab-parallel) loss: count it once, from tp rank 0.
-    return ParallelModel(parts, engine, runner, LossReduction(counts=topo.local_rank("tp") == 0),
-                         sampler=parts[0] if pipe is None else None)
+    return ParallelModel(
+        parts,
+        engine,
+        runner,
+        LossReduction(counts=topo.local_rank("tp") == 0),
+        sampler=cast(Llama, parts[0]) if pipe is None else None,
+    )
 
 
 def _pipeline_plan(cfg: Config) -> PipelinePlan:
@@ -127,25 +136,47 @@ def _model_parts(cfg: Config, device: torch.device, pipe: PipelinePlan | None, p
     if pipe is None:
         return [build_model(cfg.model, device, seed=cfg.training.seed)]
     n = pipe.layout.num_stages
-    return [build_stage(cfg.model, s, pipe.ranges[s], n, device, cfg.training.seed)
-            for s in range(n) if pipe.layout.rank_of(s) == pp_rank]
+    return [
+        build_stage(cfg.model, s, pipe.ranges[s], n, device, cfg.training.seed)
+        for s in range(n)
+        if pipe.layout.rank_of(s) == pp_rank
+    ]
 
 
-def _gradient_engine(parts: list[nn.Module], topo: Topology, cfg: Config, stats: CommStats,
-                     deferred_weight_grads: bool) -> GradEngine:
+def _gradient_engine(
+    parts: list[nn.Module], topo: Topology, cfg: Config, stats: CommStats, deferred_weight_grads: bool
+) -> GradEngine:
     t, p = cfg.training, cfg.parallel
     bucket_bytes = int(p.bucket_mb * 2**20)
     if p.zero_stage:
         groups = ShardGroups(topo.group("dp_shard"), topo.group("dp_replicate"))
-        return build_zero_engine(parts, p.zero_stage, groups, stats, param_dtype=DTYPES[t.dtype],
-                                 reduce_dtype=DTYPES[p.reduce_dtype], bucket_bytes=bucket_bytes, offload=p.offload,
-                                 prefetch=p.prefetch, deferred_weight_grads=deferred_weight_grads)
+        return build_zero_engine(
+            parts,
+            p.zero_stage,
+            groups,
+            stats,
+            param_dtype=DTYPES[t.dtype],
+            reduce_dtype=DTYPES[p.reduce_dtype],
+            bucket_bytes=bucket_bytes,
+            offload=p.offload,
+            prefetch=p.prefetch,
+            deferred_weight_grads=deferred_weight_grads,
+        )
     return DataParallel(parts, topo.group("dp"), stats, bucket_bytes=bucket_bytes, reduce_dtype=DTYPES[p.reduce_dtype])
 
 
-def _pipeline_executor(cfg: Config, topo: Topology, pipe: PipelinePlan, parts: list[nn.Module], engine: GradEngine,
-                       loss_fn: LossFn, queue: WeightGradQueue, stats: CommStats, device: torch.device,
-                       autocast: Autocast) -> PipelineExecutor:
+def _pipeline_executor(
+    cfg: Config,
+    topo: Topology,
+    pipe: PipelinePlan,
+    parts: list[nn.Module],
+    engine: GradEngine,
+    loss_fn: LossFn,
+    queue: WeightGradQueue,
+    stats: CommStats,
+    device: torch.device,
+    autocast: Autocast,
+) -> PipelineExecutor:
     t, p = cfg.training, cfg.parallel
     me = topo.local_rank("pp")
     stages = dict(zip([s for s in range(pipe.layout.num_stages) if pipe.layout.rank_of(s) == me], parts))
@@ -159,8 +190,20 @@ def _pipeline_executor(cfg: Config, topo: Topology, pipe: PipelinePlan, parts: l
     pp_group = topo.group("pp")
     if pp_group is None:
         raise ValueError("a pipeline executor needs a pipeline group (parallel.pp > 1)")
-    return PipelineExecutor(stages=stages, actions=pipe.schedule[me], layout=pipe.layout, group=pp_group, stats=stats,
-                            loss_fn=loss_fn, act_shape=(t.micro_batch, seq, cfg.model.dim), device=device,
-                            autocast=autocast, scale=1.0 / (t.global_batch * t.seq_len), engine=engine,
-                            queue=queue, trace_path=trace_path, trace_meta=meta,
-                            summary=f"{p.pp_schedule} over {describe_split(pipe.ranges)}")
+    return PipelineExecutor(
+        stages=stages,
+        actions=pipe.schedule[me],
+        layout=pipe.layout,
+        group=pp_group,
+        stats=stats,
+        loss_fn=loss_fn,
+        act_shape=(t.micro_batch, seq, cfg.model.dim),
+        device=device,
+        autocast=autocast,
+        scale=1.0 / (t.global_batch * t.seq_len),
+        engine=engine,
+        queue=queue,
+        trace_path=trace_path,
+        trace_meta=meta,
+        summary=f"{p.pp_schedule} over {describe_split(pipe.ranges)}",
+    )

@@ -5,6 +5,7 @@ rank. Every rank writes into step_XXXXXXXX.tmp; only after all ranks finished do
 meta.json and rename the folder. A crash mid-save leaves a .tmp folder that `latest` ignores and the
 next save removes, so the previous checkpoint always stays intact.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,9 +32,12 @@ def latest(root: Path) -> Path | None:
     """The newest complete checkpoint (a folder with meta.json, not a .tmp), or None."""
     if not root.is_dir():
         return None
-    done = [p for p in root.iterdir() if p.name.startswith(PREFIX) and not p.name.endswith(".tmp")
-            and (p / "meta.json").is_file()]
-    return max(done, key=lambda p: int(p.name[len(PREFIX):]), default=None)
+    done = [
+        p
+        for p in root.iterdir()
+        if p.name.startswith(PREFIX) and not p.name.endswith(".tmp") and (p / "meta.json").is_file()
+    ]
+    return max(done, key=lambda p: int(p.name[len(PREFIX) :]), default=None)
 
 
 def rng_state() -> dict[str, Any]:
@@ -76,8 +80,9 @@ def save(root: Path, step: int, app_state: dict[str, Any], meta: dict[str, Any],
 
 
 def _prune(root: Path, keep: int) -> None:
-    done = sorted((p for p in root.glob(f"{PREFIX}*") if not p.name.endswith(".tmp")),
-                  key=lambda p: int(p.name[len(PREFIX):]))
+    done = sorted(
+        (p for p in root.glob(f"{PREFIX}*") if not p.name.endswith(".tmp")), key=lambda p: int(p.name[len(PREFIX) :])
+    )
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 

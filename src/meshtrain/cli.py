@@ -3,6 +3,7 @@
 Every subcommand validates its input first and reports a problem as one line, `error: ...`, with a
 non-zero exit and no traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,15 +22,24 @@ EPILOG = """examples:
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model on N local processes",
-                       description="Validate the config, write RUN_DIR/config.toml, then launch N workers "
-                                   "(gloo on CPU, NCCL on CUDA) that train and write RUN_DIR/metrics.jsonl.",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="config keys: see docs/config.md or `meshtrain config-help`")
+    p = sub.add_parser(
+        "train",
+        help="train a model on N local processes",
+        description="Validate the config, write RUN_DIR/config.toml, then launch N workers "
+        "(gloo on CPU, NCCL on CUDA) that train and write RUN_DIR/metrics.jsonl.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys: see docs/config.md or `meshtrain config-help`",
+    )
     p.add_argument("--config", required=True, help="TOML file, e.g. configs/tiny.toml")
     p.add_argument("--nproc", type=int, default=1, help="number of local processes (the world size); default 1")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config field, e.g. --set training.steps=30 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config field, e.g. --set training.steps=30 (repeatable)",
+    )
     p.add_argument("--run-dir", help="output folder for metrics, config and checkpoints (logging.run_dir)")
     p.add_argument("--max-restarts", type=int, default=0, help="elastic restarts after a worker failure")
     p.set_defaults(func=run_train)
@@ -48,8 +58,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="sample text from a run's latest checkpoint",
-                       description="Load RUN_DIR/config.toml and the newest checkpoint, then sample.")
+    p = sub.add_parser(
+        "generate",
+        help="sample text from a run's latest checkpoint",
+        description="Load RUN_DIR/config.toml and the newest checkpoint, then sample.",
+    )
     p.add_argument("--run-dir", required=True, help="folder of a finished or running `meshtrain train`")
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
@@ -62,8 +75,15 @@ def run_generate(args: argparse.Namespace) -> int:
     from meshtrain.generate import load_for_generation, sample_text
 
     model, tok, step = load_for_generation(Path(args.run_dir))
-    text = sample_text(model, tok, args.prompt, args.max_new_tokens, model.rope_cos.device,
-                       temperature=args.temperature, seed=args.seed)
+    text = sample_text(
+        model,
+        tok,
+        args.prompt,
+        args.max_new_tokens,
+        model.rope_cos.device,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
     print(f"# {args.run_dir} @ step {step}", file=sys.stderr)
     print(text)
     return 0
@@ -86,8 +106,9 @@ def run_config_help(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meshtrain", description=__doc__, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="meshtrain", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_train(sub)
     add_generate(sub)

@@ -4,6 +4,7 @@ Every field carries a docstring (the string literal right after it); `describe()
 `--help` and the docs can list them. Validation runs in the launching process, before any worker is
 spawned, and raises `ConfigError` whose message is a single line naming the fields and the fix.
 """
+
 from __future__ import annotations
 
 import ast
@@ -216,8 +217,12 @@ def field_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}
     for stmt, nxt in itertools.pairwise(body):
-        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+        ):
             docs[stmt.target.id] = str(nxt.value.value)
     return docs
 
@@ -238,7 +243,11 @@ def _convert(value: Any, typ: type, key: str) -> Any:
                 return False
             raise ConfigError(f"{key}={value!r} is not a boolean; use true or false")
         try:
-            return typ(float(text)) if typ is int and text.replace(".", "", 1).isdigit() and float(text).is_integer() else typ(text)
+            return (
+                typ(float(text))
+                if typ is int and text.replace(".", "", 1).isdigit() and float(text).is_integer()
+                else typ(text)
+            )
         except ValueError:
             raise ConfigError(f"{key}={value!r} is not a valid {typ.__name__}") from None
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
@@ -287,7 +296,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file '{p}' is not valid TOML: {e}") from None
         for section, table in raw.items():
             if not isinstance(table, dict):
-                raise ConfigError(f"top-level key '{section}' in {p} must be a [section]" + _suggest(section, list(SECTIONS)))
+                raise ConfigError(
+                    f"top-level key '{section}' in {p} must be a [section]" + _suggest(section, list(SECTIONS))
+                )
             for key, value in table.items():
                 _set(cfg, f"{section}.{key}", value)
     return apply_overrides(cfg, overrides or [])

@@ -5,6 +5,7 @@ chatty collectives stay among neighbouring ranks (one node); pipeline stages are
 they only exchange point-to-point activations. Expert parallelism adds no ranks: it borrows the
 dp_shard x cp ranks, as in torchtitan.
 """
+
 from __future__ import annotations
 
 import math

@@ -2,6 +2,7 @@
 
 Nothing here is global: `init_distributed` returns a `DistEnv` that the caller passes on.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,9 +36,14 @@ def _store(rank: int, world_size: int, restart: int, timeout: timedelta) -> dist
     if "MASTER_ADDR" not in os.environ:
         return dist.HashStore()  # a lone process: no rendezvous needed
     use_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                         is_master=(rank == 0 and not use_agent), timeout=timeout,
-                         wait_for_workers=False)
+    base = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=(rank == 0 and not use_agent),
+        timeout=timeout,
+        wait_for_workers=False,
+    )
     # After an elastic restart, keys of the failed attempt (gloo's peer addresses among them) are
     # still in the agent's store; a fresh prefix per attempt keeps workers from reading stale ones.
     return dist.PrefixStore(f"meshtrain/attempt{restart}", base)
@@ -54,8 +60,14 @@ def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> DistEnv:
     timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         store = _store(rank, world_size, restart, timeout)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
-                                device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group(
+            backend,
+            store=store,
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
+            device_id=dev if dev.type == "cuda" else None,
+        )
     return DistEnv(rank, world_size, local_rank, dev, backend, restart)
 
 

@@ -5,6 +5,7 @@ MESHTRAIN_FAULT="<point>:<step>" makes every rank of the first attempt exit abru
   in_save:N     - inside the save of step N, after the shard files are written but before the rename
 Restarted attempts (TORCHELASTIC_RESTART_COUNT > 0) never fail, so a restart can show recovery.
 """
+
 from __future__ import annotations
 
 import os

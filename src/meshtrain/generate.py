@@ -1,4 +1,5 @@
 """Sampling text from a trained model: `meshtrain generate --run-dir DIR --prompt "..."`."""
+
 from __future__ import annotations
 
 import warnings
@@ -13,8 +14,16 @@ from meshtrain.model import Llama, build_model
 
 
 @torch.no_grad()
-def sample_text(model: Llama, tok: Tokenizer, prompt: str, max_new_tokens: int, device: torch.device,
-                temperature: float = 0.8, top_k: int = 40, seed: int = 0) -> str:
+def sample_text(
+    model: Llama,
+    tok: Tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    device: torch.device,
+    temperature: float = 0.8,
+    top_k: int = 40,
+    seed: int = 0,
+) -> str:
     """Top-k sampling; recomputes the whole window each token (no KV cache: the models here are tiny)."""
     gen = torch.Generator().manual_seed(seed)
     ids = tok.encode(prompt).tolist() or [0]

@@ -1,4 +1,5 @@
 """Rank-aware logging, in one place: rank 0 speaks at INFO, other ranks only warn; every line says who."""
+
 from __future__ import annotations
 
 import logging

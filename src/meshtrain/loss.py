@@ -1,4 +1,5 @@
 """The training loss, shared by the plain loop and the pipeline's last stage."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Throughput, MFU and memory figures, the metrics.jsonl writer, and rank 0's live progress bar."""
+
 from __future__ import annotations
 
 import json
@@ -68,19 +69,31 @@ class ProgressBar:
         self.progress: Progress | None = None
         if enabled and console.is_terminal:
             self.progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s  MFU {task.fields[mfu]}  "
-                           "mem {task.fields[mem]}"),
-                TimeRemainingColumn(), console=console, transient=False)
-            self.task = self.progress.add_task("train", total=total, completed=start,
-                                               loss="-", tps="-", mfu="-", mem="-")
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn(
+                    "loss {task.fields[loss]}  {task.fields[tps]} tok/s  MFU {task.fields[mfu]}  mem {task.fields[mem]}"
+                ),
+                TimeRemainingColumn(),
+                console=console,
+                transient=False,
+            )
+            self.task = self.progress.add_task(
+                "train", total=total, completed=start, loss="-", tps="-", mfu="-", mem="-"
+            )
             self.progress.start()
 
     def update(self, step: int, rec: dict[str, Any]) -> None:
         if self.progress is not None:
-            self.progress.update(self.task, completed=step, loss=f"{rec['loss']:.4f}",
-                                 tps=f"{rec['tokens_per_s']:,.0f}", mfu=f"{100 * rec['mfu']:.2f}%",
-                                 mem=human_bytes(rec["peak_rss_bytes"]))
+            self.progress.update(
+                self.task,
+                completed=step,
+                loss=f"{rec['loss']:.4f}",
+                tps=f"{rec['tokens_per_s']:,.0f}",
+                mfu=f"{100 * rec['mfu']:.2f}%",
+                mem=human_bytes(rec["peak_rss_bytes"]),
+            )
 
     def close(self) -> None:
         if self.progress is not None:

@@ -5,6 +5,7 @@ torch.distributed.checkpoint can save and reshard it without index bookkeeping; 
 steps a flat ZeRO shard or a whole parameter alike. State is allocated eagerly so memory accounting
 is exact from step 0 and a checkpoint can be loaded into it before the first step.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,9 @@ from meshtrain.config import OptimizerConfig, TrainingConfig
 
 
 class AdamW:
-    def __init__(self, named_params: list[tuple[str, torch.Tensor]], cfg: OptimizerConfig,
-                 no_decay: set[str] | None = None) -> None:
+    def __init__(
+        self, named_params: list[tuple[str, torch.Tensor]], cfg: OptimizerConfig, no_decay: set[str] | None = None
+    ) -> None:
         self.cfg = cfg
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
@@ -36,8 +38,8 @@ class AdamW:
         torch._foreach_lerp_(self.exp_avg, grads, 1 - c.beta1)
         torch._foreach_mul_(self.exp_avg_sq, c.beta2)
         torch._foreach_addcmul_(self.exp_avg_sq, grads, grads, 1 - c.beta2)
-        bc1 = 1 - c.beta1 ** self.steps
-        bc2 = 1 - c.beta2 ** self.steps
+        bc1 = 1 - c.beta1**self.steps
+        bc2 = 1 - c.beta2**self.steps
         denom = torch._foreach_sqrt(self.exp_avg_sq)
         torch._foreach_div_(denom, math.sqrt(bc2))
         torch._foreach_add_(denom, c.eps)

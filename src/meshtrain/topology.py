@@ -1,6 +1,7 @@
 """The layout of ranks: parallel degrees (meshtrain.degrees) mapped to named DeviceMesh axes, passed
 explicitly. Each parallelism asks the Topology for the group of its own axis; none is global.
 """
+
 from __future__ import annotations
 
 import torch
@@ -10,6 +11,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from meshtrain.degrees import AXES, Degrees
 
 __all__ = ["AXES", "Degrees", "Topology"]
+
 
 class Topology:
     """Degrees plus the live DeviceMesh. Each parallelism asks it for the group of its own axis."""
@@ -40,6 +42,8 @@ class Topology:
         if self.size(axis) == 1:
             return None
         if axis == "dp":
+            if self._dp_mesh is None:
+                raise RuntimeError("Topology has dp > 1 but no flattened dp mesh")
             return self._dp_mesh.get_group()
         return self.mesh.get_group(axis)
 

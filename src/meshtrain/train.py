@@ -4,6 +4,7 @@
 torchrun can start it directly. The config is validated again here against the real world size, so
 a hand-launched run gets the same one-line errors.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,11 +19,18 @@ from meshtrain.validate import validate
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m meshtrain.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m meshtrain.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", required=True, help="TOML config file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config field (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config field (repeatable)",
+    )
     p.add_argument("--run-dir", help="output folder (sets logging.run_dir)")
     return p.parse_args(argv)
 
@@ -54,8 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.logging.sample_prompt and sampler is not None and (env.rank == 0 or trainer.engine.collective_forward):
         from meshtrain.generate import sample_text
 
-        text = sample_text(sampler, trainer.tokenizer, cfg.logging.sample_prompt, cfg.logging.sample_tokens,
-                           env.device, seed=cfg.training.seed)
+        text = sample_text(
+            sampler,
+            trainer.tokenizer,
+            cfg.logging.sample_prompt,
+            cfg.logging.sample_tokens,
+            env.device,
+            seed=cfg.training.seed,
+        )
         if env.rank == 0:
             trainer.console.print("[bold]sample[/bold] " + repr(text)[:400], highlight=False)
     shutdown(hard_exit=world > 1)

@@ -7,6 +7,7 @@ Loss convention: each micro-batch's summed token cross-entropy is divided by the
 the whole global batch. Summing those gradients over micro-steps and ranks therefore yields exactly
 the gradient of the global mean loss, whatever the layout: the basis of the equivalence tests.
 """
+
 from __future__ import annotations
 
 import time
@@ -47,8 +48,14 @@ class Trainer:
         self.optim = AdamW(self.engine.optim_params(), cfg.optimizer, no_decay=self.engine.no_decay())
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         self.dataset = build_dataset(cfg.data, self.tokenizer, cfg.training.seq_len, cfg.training.seed)
-        self.sampler = BatchSampler(len(self.dataset), cfg.training.global_batch, cfg.training.micro_batch,
-                                    self.topo.local_rank("dp"), self.topo.size("dp"), cfg.training.seed)
+        self.sampler = BatchSampler(
+            len(self.dataset),
+            cfg.training.global_batch,
+            cfg.training.micro_batch,
+            self.topo.local_rank("dp"),
+            self.topo.size("dp"),
+            cfg.training.seed,
+        )
         self.step = 0
         self.ckpt_root = self.run_dir / "checkpoints"
         self.global_tokens = cfg.training.global_batch * cfg.training.seq_len
@@ -58,8 +65,11 @@ class Trainer:
 
     # ---- state -------------------------------------------------------------------------------
     def app_state(self) -> dict[str, Any]:
-        return {"model": self.engine.model_state_dict(), "optim": self.engine.optim_state_dict(self.optim.state_dict()),
-                "train": {"step": torch.tensor(self.step)}}
+        return {
+            "model": self.engine.model_state_dict(),
+            "optim": self.engine.optim_state_dict(self.optim.state_dict()),
+            "train": {"step": torch.tensor(self.step)},
+        }
 
     def maybe_resume(self) -> None:
         path = ckpt.latest(self.ckpt_root) if self.cfg.checkpoint.resume == "auto" else None
@@ -69,11 +79,17 @@ class Trainer:
         meta = ckpt.load(path, state)
         self.optim.load_state_dict(state["optim"])
         self.step = int(state["train"]["step"])
-        self.log.info(f"resumed from {path} (step {self.step}, {meta['sampler']['sequences_consumed']:,} sequences seen)")
+        self.log.info(
+            f"resumed from {path} (step {self.step}, {meta['sampler']['sequences_consumed']:,} sequences seen)"
+        )
 
     def save(self) -> None:
-        meta = {"step": self.step, "sampler": self.sampler.state(self.step), "layout": self.topo.describe(),
-                "world_size": self.env.world_size}
+        meta = {
+            "step": self.step,
+            "sampler": self.sampler.state(self.step),
+            "layout": self.topo.describe(),
+            "world_size": self.env.world_size,
+        }
         path = ckpt.save(self.ckpt_root, self.step, self.app_state(), meta, self.cfg.checkpoint.keep)
         self.log.info(f"saved checkpoint {path}")
 
@@ -105,9 +121,14 @@ class Trainer:
     def _record(self, loss: float, lr: float, grad_norm: float, elapsed: float) -> dict[str, Any]:
         tps = self.global_tokens / elapsed
         rec: dict[str, Any] = {
-            "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
+            "step": self.step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tps,
             "mfu": tps * self.flops_per_token / (self.peak_flops * self.env.world_size),
-            "step_time_s": elapsed, "mem_model_state_bytes": self.model_state_bytes(),
+            "step_time_s": elapsed,
+            "mem_model_state_bytes": self.model_state_bytes(),
             "peak_rss_bytes": peak_rss_bytes(),
         }
         if self.env.device.type == "cuda":
@@ -122,12 +143,14 @@ class Trainer:
         n_params = count_params(self.cfg.model)
         c = self.cfg
         runner = self.runner.describe()
-        return (f"model {n_params / 1e6:.2f}M params ({c.model.n_layers} layers, dim {c.model.dim}) | layout "
-                f"{self.topo.describe()} on {self.env.world_size} x {self.env.device.type} ({self.env.backend}) | "
-                f"batch {c.training.global_batch} x {c.training.seq_len} tokens = {c.training.micro_batch} micro x "
-                f"{c.training.grad_accum} accum x {self.topo.size('dp')} dp | model states "
-                f"{human_bytes(self.model_state_bytes())}/rank | data {len(self.dataset):,} sequences"
-                + (f" | {runner}" if runner else ""))
+        return (
+            f"model {n_params / 1e6:.2f}M params ({c.model.n_layers} layers, dim {c.model.dim}) | layout "
+            f"{self.topo.describe()} on {self.env.world_size} x {self.env.device.type} ({self.env.backend}) | "
+            f"batch {c.training.global_batch} x {c.training.seq_len} tokens = {c.training.micro_batch} micro x "
+            f"{c.training.grad_accum} accum x {self.topo.size('dp')} dp | model states "
+            f"{human_bytes(self.model_state_bytes())}/rank | data {len(self.dataset):,} sequences"
+            + (f" | {runner}" if runner else "")
+        )
 
     def fit(self) -> list[dict[str, Any]]:
         self.maybe_resume()
@@ -136,8 +159,9 @@ class Trainer:
         writer = MetricsWriter([self.run_dir / "metrics.jsonl", own] if is_root else [own], truncate=self.step == 0)
         self.log.info(self.summary())
         self.log.info(self.engine.describe())
-        bar = ProgressBar(self.console, self.cfg.training.steps, self.step,
-                          enabled=is_root and self.cfg.logging.progress)
+        bar = ProgressBar(
+            self.console, self.cfg.training.steps, self.step, enabled=is_root and self.cfg.logging.progress
+        )
         history = []
         try:
             while self.step < self.cfg.training.steps:
@@ -155,13 +179,14 @@ class Trainer:
 
     def _log_step(self, rec: dict[str, Any]) -> None:
         if rec["step"] % self.cfg.logging.log_interval == 0 or rec["step"] == self.cfg.training.steps:
-            self.log.info(f"step {rec['step']:>5} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | grad norm "
-                          f"{rec['grad_norm']:.3f} | {rec['tokens_per_s']:,.0f} tok/s | MFU {100 * rec['mfu']:.2f}% | "
-                          f"model states {human_bytes(rec['mem_model_state_bytes'])} | peak RSS "
-                          f"{human_bytes(rec['peak_rss_bytes'])}")
+            self.log.info(
+                f"step {rec['step']:>5} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | grad norm "
+                f"{rec['grad_norm']:.3f} | {rec['tokens_per_s']:,.0f} tok/s | MFU {100 * rec['mfu']:.2f}% | "
+                f"model states {human_bytes(rec['mem_model_state_bytes'])} | peak RSS "
+                f"{human_bytes(rec['peak_rss_bytes'])}"
+            )
 
     def _maybe_save(self) -> None:
         every = self.cfg.checkpoint.interval
         if every and (self.step % every == 0 or self.step == self.cfg.training.steps):
             self.save()
-

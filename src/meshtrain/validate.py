@@ -3,6 +3,7 @@
 Each check raises `ConfigError` with one line: the fields, their values and what to change.
 `SUPPORTED` lists what this build can run; later parallelisms widen it rather than add checks.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,11 +29,27 @@ CHOICES: dict[str, tuple[str, ...]] = {
 SUPPORTED_MAX = {"cp": 1, "ep": 1}
 PENDING = {"cp": "context parallelism", "ep": "expert parallelism"}
 
-POSITIVE = ("model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.vocab_size",
-            "model.max_seq_len", "training.steps", "training.global_batch", "training.micro_batch",
-            "training.seq_len", "training.ac_every", "parallel.dp_replicate",
-            "parallel.tp", "parallel.pp", "parallel.pp_chunks", "parallel.cp", "parallel.ep",
-            "checkpoint.keep", "logging.log_interval")
+POSITIVE = (
+    "model.dim",
+    "model.n_layers",
+    "model.n_heads",
+    "model.n_kv_heads",
+    "model.vocab_size",
+    "model.max_seq_len",
+    "training.steps",
+    "training.global_batch",
+    "training.micro_batch",
+    "training.seq_len",
+    "training.ac_every",
+    "parallel.dp_replicate",
+    "parallel.tp",
+    "parallel.pp",
+    "parallel.pp_chunks",
+    "parallel.cp",
+    "parallel.ep",
+    "checkpoint.keep",
+    "logging.log_interval",
+)
 
 
 def _get(cfg: Config, dotted: str) -> Any:
@@ -49,8 +66,7 @@ def _check_fields(cfg: Config) -> None:
     for key in POSITIVE:
         if _get(cfg, key) < 1:
             raise ConfigError(f"{key}={_get(cfg, key)} must be at least 1")
-    for key in ("training.lr", "training.warmup_steps", "training.grad_clip", "checkpoint.interval",
-                "model.ffn_dim"):
+    for key in ("training.lr", "training.warmup_steps", "training.grad_clip", "checkpoint.interval", "model.ffn_dim"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}={_get(cfg, key)} must not be negative")
     if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
@@ -62,27 +78,43 @@ def _check_fields(cfg: Config) -> None:
 def _check_model(cfg: Config) -> None:
     m, p = cfg.model, cfg.parallel
     if m.dim % m.n_heads:
-        raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}; pick a head count that divides dim")
+        raise ConfigError(
+            f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}; pick a head count that divides dim"
+        )
     if m.n_heads % m.n_kv_heads:
-        raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; grouped-query attention needs whole groups")
+        raise ConfigError(
+            f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}; grouped-query attention needs whole groups"
+        )
     if m.head_dim % 2:
         raise ConfigError(f"head dim = model.dim/model.n_heads = {m.head_dim} must be even for rotary embeddings")
     if m.n_heads % p.tp or m.n_kv_heads % p.tp:
-        raise ConfigError(f"parallel.tp={p.tp} must divide model.n_heads={m.n_heads} and model.n_kv_heads={m.n_kv_heads}; choose tp from the common divisors")
+        raise ConfigError(
+            f"parallel.tp={p.tp} must divide model.n_heads={m.n_heads} and model.n_kv_heads={m.n_kv_heads}; choose tp from the common divisors"
+        )
     if m.hidden_dim % p.tp:
-        raise ConfigError(f"parallel.tp={p.tp} must divide the MLP hidden size {m.hidden_dim} (model.ffn_dim={m.ffn_dim}; 0 derives it from dim); "
-                          f"set model.ffn_dim to a multiple of {p.tp} or choose another tp")
+        raise ConfigError(
+            f"parallel.tp={p.tp} must divide the MLP hidden size {m.hidden_dim} (model.ffn_dim={m.ffn_dim}; 0 derives it from dim); "
+            f"set model.ffn_dim to a multiple of {p.tp} or choose another tp"
+        )
     if m.vocab_size % p.tp:
-        raise ConfigError(f"parallel.tp={p.tp} must divide model.vocab_size={m.vocab_size}; pad the vocabulary to "
-                          f"{-(-m.vocab_size // p.tp) * p.tp} or choose another tp")
+        raise ConfigError(
+            f"parallel.tp={p.tp} must divide model.vocab_size={m.vocab_size}; pad the vocabulary to "
+            f"{-(-m.vocab_size // p.tp) * p.tp} or choose another tp"
+        )
     if p.sequence_parallel and cfg.training.seq_len % p.tp:
-        raise ConfigError(f"training.seq_len={cfg.training.seq_len} must be divisible by parallel.tp={p.tp} with "
-                          f"parallel.sequence_parallel=true; change seq_len or tp")
+        raise ConfigError(
+            f"training.seq_len={cfg.training.seq_len} must be divisible by parallel.tp={p.tp} with "
+            f"parallel.sequence_parallel=true; change seq_len or tp"
+        )
     if cfg.training.seq_len > m.max_seq_len:
-        raise ConfigError(f"training.seq_len={cfg.training.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower seq_len or raise max_seq_len")
+        raise ConfigError(
+            f"training.seq_len={cfg.training.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower seq_len or raise max_seq_len"
+        )
     if p.pp * p.pp_chunks > m.n_layers:
-        raise ConfigError(f"parallel.pp*pp_chunks = {p.pp}*{p.pp_chunks} = {p.pp * p.pp_chunks} stages is more than "
-                          f"model.n_layers={m.n_layers}; every stage needs a block: lower pp or pp_chunks")
+        raise ConfigError(
+            f"parallel.pp*pp_chunks = {p.pp}*{p.pp_chunks} = {p.pp * p.pp_chunks} stages is more than "
+            f"model.n_layers={m.n_layers}; every stage needs a block: lower pp or pp_chunks"
+        )
 
 
 def _check_pipeline(cfg: Config) -> None:
@@ -92,23 +124,31 @@ def _check_pipeline(cfg: Config) -> None:
     if is_custom(p.pp_schedule):
         _check_custom_schedule(cfg)
     elif p.pp_chunks > 1 and p.pp_schedule != "interleaved-1f1b":
-        raise ConfigError(f"parallel.pp_chunks={p.pp_chunks} needs parallel.pp_schedule=interleaved-1f1b "
-                          f"(got {p.pp_schedule!r}); set pp_chunks=1 or switch the schedule")
+        raise ConfigError(
+            f"parallel.pp_chunks={p.pp_chunks} needs parallel.pp_schedule=interleaved-1f1b "
+            f"(got {p.pp_schedule!r}); set pp_chunks=1 or switch the schedule"
+        )
     if p.pp_schedule == "interleaved-1f1b" and t.grad_accum % p.pp:
-        raise ConfigError(f"interleaved-1f1b needs the microbatches (training.grad_accum={t.grad_accum}) to be a "
-                          f"multiple of parallel.pp={p.pp}; set grad_accum to {p.pp * max(1, t.grad_accum // p.pp)} "
-                          f"or {p.pp * (t.grad_accum // p.pp + 1)} and adjust global_batch")
+        raise ConfigError(
+            f"interleaved-1f1b needs the microbatches (training.grad_accum={t.grad_accum}) to be a "
+            f"multiple of parallel.pp={p.pp}; set grad_accum to {p.pp * max(1, t.grad_accum // p.pp)} "
+            f"or {p.pp * (t.grad_accum // p.pp + 1)} and adjust global_batch"
+        )
     if m.tie_embeddings:
-        raise ConfigError("model.tie_embeddings=true is not supported with parallel.pp > 1 (the embedding and "
-                          "lm_head live on different stages); set tie_embeddings=false")
+        raise ConfigError(
+            "model.tie_embeddings=true is not supported with parallel.pp > 1 (the embedding and "
+            "lm_head live on different stages); set tie_embeddings=false"
+        )
     if p.pp_split not in ("params", "uniform"):
         try:
             sizes = [int(x) for x in p.pp_split.split(",")]
         except ValueError:
             sizes = []
         if len(sizes) != p.pp * p.pp_chunks or sum(sizes) != m.n_layers or min(sizes, default=0) < 1:
-            raise ConfigError(f"parallel.pp_split={p.pp_split!r} must be params, uniform, or {p.pp * p.pp_chunks} "
-                              f"positive block counts summing to model.n_layers={m.n_layers}")
+            raise ConfigError(
+                f"parallel.pp_split={p.pp_split!r} must be params, uniform, or {p.pp * p.pp_chunks} "
+                f"positive block counts summing to model.n_layers={m.n_layers}"
+            )
 
 
 def _check_custom_schedule(cfg: Config) -> None:
@@ -118,8 +158,10 @@ def _check_custom_schedule(cfg: Config) -> None:
         schedule, layout = build_schedule(p.pp_schedule, p.pp, t.grad_accum, p.pp_chunks)
         found = 1 + max(a.microbatch for actions in schedule for a in actions)
         if (layout.pp, layout.chunks, found) != (p.pp, p.pp_chunks, t.grad_accum):
-            raise ScheduleError(f"it has pp={layout.pp}, {layout.chunks} chunks and {found} microbatches but the run has "
-                                f"parallel.pp={p.pp}, parallel.pp_chunks={p.pp_chunks}, training.grad_accum={t.grad_accum}")
+            raise ScheduleError(
+                f"it has pp={layout.pp}, {layout.chunks} chunks and {found} microbatches but the run has "
+                f"parallel.pp={p.pp}, parallel.pp_chunks={p.pp_chunks}, training.grad_accum={t.grad_accum}"
+            )
         validate_schedule(schedule, p.pp, p.pp_chunks, t.grad_accum, layout)
     except (OSError, ValueError) as e:  # ScheduleError is a ValueError
         raise ConfigError(f"{where}: {e}") from None
@@ -128,12 +170,16 @@ def _check_custom_schedule(cfg: Config) -> None:
 def _check_zero(cfg: Config) -> None:
     p = cfg.parallel
     if p.offload and p.zero_stage == 0:
-        raise ConfigError("parallel.offload=true needs parallel.zero_stage >= 1 (it offloads the sharded optimizer state); "
-                          "set zero_stage or offload=false")
+        raise ConfigError(
+            "parallel.offload=true needs parallel.zero_stage >= 1 (it offloads the sharded optimizer state); "
+            "set zero_stage or offload=false"
+        )
     if p.zero_stage == 3 and p.pp > 1 and splits_backward(p.pp_schedule):
-        raise ConfigError(f"parallel.zero_stage=3 with parallel.pp_schedule={p.pp_schedule} is not supported: the "
-                          f"zero-bubble W step computes weight gradients after ZeRO-3 has freed the block's gathered "
-                          f"weights; use pp_schedule=1f1b, interleaved-1f1b or gpipe, or zero_stage<=2")
+        raise ConfigError(
+            f"parallel.zero_stage=3 with parallel.pp_schedule={p.pp_schedule} is not supported: the "
+            f"zero-bubble W step computes weight gradients after ZeRO-3 has freed the block's gathered "
+            f"weights; use pp_schedule=1f1b, interleaved-1f1b or gpipe, or zero_stage<=2"
+        )
 
 
 def resolve_dp_shard(cfg: Config, world_size: int) -> int:
@@ -144,7 +190,8 @@ def resolve_dp_shard(cfg: Config, world_size: int) -> int:
     if world_size % other:
         raise ConfigError(
             f"world size {world_size} is not divisible by dp_replicate*cp*tp*pp = {p.dp_replicate}*{p.cp}*{p.tp}*{p.pp} = {other}; "
-            f"change --nproc or the parallel degrees")
+            f"change --nproc or the parallel degrees"
+        )
     return world_size // other
 
 
@@ -154,20 +201,28 @@ def _check_layout(cfg: Config, world_size: int) -> None:
     if product != world_size:
         raise ConfigError(
             f"parallel.dp_replicate*dp_shard*cp*tp*pp = {p.dp_replicate}*{p.dp_shard}*{p.cp}*{p.tp}*{p.pp} = {product} "
-            f"but the world size is {world_size}; set --nproc {product} or parallel.dp_shard=-1")
+            f"but the world size is {world_size}; set --nproc {product} or parallel.dp_shard=-1"
+        )
     if (p.dp_shard * p.cp) % p.ep:
-        raise ConfigError(f"parallel.ep={p.ep} must divide dp_shard*cp = {p.dp_shard * p.cp}; experts borrow those ranks")
+        raise ConfigError(
+            f"parallel.ep={p.ep} must divide dp_shard*cp = {p.dp_shard * p.cp}; experts borrow those ranks"
+        )
     for name, limit in SUPPORTED_MAX.items():
         if getattr(p, name) > limit:
-            raise ConfigError(f"parallel.{name}={getattr(p, name)} is not supported by this build yet ({PENDING[name]}); set parallel.{name}=1")
+            raise ConfigError(
+                f"parallel.{name}={getattr(p, name)} is not supported by this build yet ({PENDING[name]}); set parallel.{name}=1"
+            )
     if p.sequence_parallel and p.tp == 1:
-        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1; set sequence_parallel=false or raise tp")
+        raise ConfigError(
+            "parallel.sequence_parallel=true needs parallel.tp > 1; set sequence_parallel=false or raise tp"
+        )
     dp = p.degrees.dp
     if t.grad_accum == -1:
         if t.global_batch % (t.micro_batch * dp):
             raise ConfigError(
                 f"training.global_batch={t.global_batch} is not divisible by micro_batch*dp = {t.micro_batch}*{dp}; "
-                f"set training.global_batch to a multiple of {t.micro_batch * dp} or change training.micro_batch")
+                f"set training.global_batch to a multiple of {t.micro_batch * dp} or change training.micro_batch"
+            )
         t.grad_accum = t.global_batch // (t.micro_batch * dp)
     if t.grad_accum < 1:
         raise ConfigError(f"training.grad_accum={t.grad_accum} must be -1 (derive it) or at least 1")
@@ -182,8 +237,10 @@ def _batch_message(gb: int, mb: int, ga: int, dp: int) -> str:
         fixes.append(f"training.grad_accum={gb // (mb * dp)}")
     if gb % (ga * dp) == 0:
         fixes.append(f"training.micro_batch={gb // (ga * dp)}")
-    return (f"training.global_batch={gb} != micro_batch*grad_accum*dp = {mb}*{ga}*{dp} = {mb * ga * dp}; "
-            f"set {' or '.join(fixes)}")
+    return (
+        f"training.global_batch={gb} != micro_batch*grad_accum*dp = {mb}*{ga}*{dp} = {mb * ga * dp}; "
+        f"set {' or '.join(fixes)}"
+    )
 
 
 def validate(cfg: Config, world_size: int) -> Config:

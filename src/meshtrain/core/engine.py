@@ -9,6 +9,7 @@ A parallelism that changes only part of the contract (tensor parallelism: the gr
 checkpoint shapes; pipelining: the norm over stages) wraps the engine in an `EngineDecorator` and
 overrides just that part, so engines compose in the build path's order without knowing each other.
 """
+
 from __future__ import annotations
 
 from typing import Protocol
@@ -19,12 +20,17 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 
 class GradEngine(Protocol):
-    shard_group: dist.ProcessGroup | None
-    """The ranks among which optim_grads are disjoint pieces of one gradient (ZeRO's dp_shard group):
-    a norm sums their squares over it. None when every rank holds whole gradients."""
+    # Read-only properties, so that a class attribute, an instance attribute or a property all satisfy them.
+    @property
+    def shard_group(self) -> dist.ProcessGroup | None:
+        """The ranks among which optim_grads are disjoint pieces of one gradient (ZeRO's dp_shard group):
+        a norm sums their squares over it. None when every rank holds whole gradients."""
+        ...
 
-    collective_forward: bool
-    """True when the model's forward runs collectives (ZeRO-3 gathers, TP): every rank must call it together."""
+    @property
+    def collective_forward(self) -> bool:
+        """True when the model's forward runs collectives (ZeRO-3 gathers, TP): every rank must call it together."""
+        ...
 
     def optim_params(self) -> list[tuple[str, torch.Tensor]]:
         """(name, tensor) pairs the optimizer updates in place; names key the optimizer state."""

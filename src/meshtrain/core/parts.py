@@ -4,6 +4,7 @@ grouping that plain DP all-reduces and ZeRO-1/2 reduce-scatter.
 Both strategies fill buckets in reverse registration order, the order in which backward produces
 gradients, so a bucket is complete (and its collective can start) while backward is still running.
 """
+
 from __future__ import annotations
 
 from torch import nn

@@ -7,6 +7,7 @@ convention of trainer.py: each micro-batch's summed token cross-entropy is scale
 the global batch) before backward, so gradients summed over micro-steps and ranks are exactly those
 of the global mean loss, whatever the layout.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,8 +40,9 @@ def with_positions(batch: Batch, device: torch.device) -> Batch:
     """The batch on `device`, its positions explicit. The model is always given them: a rank may see
     a shard of the sequence (sequence or context parallelism) and cannot infer them from its input."""
     positions = batch.positions if batch.positions is not None else torch.arange(batch.tokens.shape[1])
-    return replace(batch, tokens=batch.tokens.to(device), targets=batch.targets.to(device),
-                   positions=positions.to(device))
+    return replace(
+        batch, tokens=batch.tokens.to(device), targets=batch.targets.to(device), positions=positions.to(device)
+    )
 
 
 class StepRunner(Protocol):

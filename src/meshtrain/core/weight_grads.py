@@ -12,6 +12,7 @@ Other parameters (norms, embedding) are small and get their gradients in B as us
 Under sequence parallelism the column layers keep only the input's sequence shard, so their W
 re-gathers it: every tp rank of a stage runs the same actions, so those collectives line up.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -44,6 +45,7 @@ def _accumulate(weight: nn.Parameter, grad: torch.Tensor) -> None:
 
 def defer_weight_grad(queue: WeightGradQueue, weight: nn.Parameter, compute: Callable[[], torch.Tensor]) -> None:
     """Add compute() to weight.grad now (outside a B), or queue that for W (inside one)."""
+
     def weight_grad() -> None:
         with torch.no_grad():  # W runs outside backward, where grad mode is on again
             _accumulate(weight, compute())

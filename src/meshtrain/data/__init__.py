@@ -1,4 +1,5 @@
 """Tokenizers, packed datasets and the distributed batch sampler."""
+
 from meshtrain.data.dataset import build_dataset
 from meshtrain.data.sampler import BatchSampler
 from meshtrain.data.tokenizer import build_tokenizer

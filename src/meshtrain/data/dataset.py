@@ -4,6 +4,7 @@ A corpus becomes one long token stream (documents joined by a newline); sequence
 stream[i*L : i*L + L + 1], whose first L tokens are the input and last L the targets. Files are read
 in sorted order, so every rank and every run sees the same stream.
 """
+
 from __future__ import annotations
 
 import sysconfig

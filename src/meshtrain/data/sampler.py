@@ -5,6 +5,7 @@ permutation of the dataset, and DP rank r takes the r-th contiguous part of it. 
 ranks is the same global batch for every layout (which is what makes DP match one device), and the
 position to resume from is just the step number stored in the checkpoint.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,8 +24,10 @@ class BatchSampler:
 
     def __post_init__(self) -> None:
         if self.n_sequences < self.global_batch:
-            raise ValueError(f"the dataset holds {self.n_sequences} sequences, fewer than one global batch "
-                             f"({self.global_batch}); use more data or a smaller training.global_batch")
+            raise ValueError(
+                f"the dataset holds {self.n_sequences} sequences, fewer than one global batch "
+                f"({self.global_batch}); use more data or a smaller training.global_batch"
+            )
 
     @property
     def steps_per_epoch(self) -> int:
@@ -33,14 +36,18 @@ class BatchSampler:
     def global_indices(self, step: int) -> np.ndarray:
         epoch, k = divmod(step, self.steps_per_epoch)
         perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_sequences)
-        return perm[k * self.global_batch:(k + 1) * self.global_batch]
+        return perm[k * self.global_batch : (k + 1) * self.global_batch]
 
     def rank_indices(self, step: int) -> np.ndarray:
         """(grad_accum, micro_batch) sequence indices for this rank at `step`."""
         per_rank = self.global_batch // self.dp_size
-        mine = self.global_indices(step)[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
+        mine = self.global_indices(step)[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
         return mine.reshape(-1, self.micro_batch)
 
     def state(self, step: int) -> dict[str, int]:
-        return {"step": step, "epoch": step // self.steps_per_epoch, "seed": self.seed,
-                "sequences_consumed": step * self.global_batch}
+        return {
+            "step": step,
+            "epoch": step // self.steps_per_epoch,
+            "seed": self.seed,
+            "sequences_consumed": step * self.global_batch,
+        }

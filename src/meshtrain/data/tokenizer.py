@@ -1,4 +1,5 @@
 """Tokenizers: bytes by default (vocab 256, nothing to download), or a tokenizer.json file."""
+
 from __future__ import annotations
 
 from pathlib import Path

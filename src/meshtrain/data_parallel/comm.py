@@ -1,4 +1,5 @@
 """The collectives data parallelism needs, each one counted in CommStats."""
+
 from __future__ import annotations
 
 import torch

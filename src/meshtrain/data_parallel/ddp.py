@@ -9,9 +9,11 @@ Micro-steps before the last one of an accumulation only accumulate: no communica
 The loss is pre-divided by the global token count, so a plain SUM gives the global mean gradient
 (no division by the DP size, and uneven token counts per rank would still be exact).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -54,7 +56,7 @@ class DataParallel:
             bucket = Bucket(group, buf)
             offset = 0
             for p in group:
-                p.grad = buf[offset:offset + p.numel()].view_as(p)
+                p.grad = buf[offset : offset + p.numel()].view_as(p)
                 offset += p.numel()
                 self._owner[p] = bucket
             self.buckets.append(bucket)
@@ -78,22 +80,23 @@ class DataParallel:
         if bucket.ready == len(bucket.params):
             self._launch(bucket)
 
-    def _launch(self, bucket: Bucket) -> None:
+    def _launch(self, bucket: Bucket) -> dist.Work:
+        if self.group is None:
+            raise RuntimeError("DataParallel reduces only over a group: with one rank there is nothing to launch")
         if self.reduce_dtype == torch.float32:
             bucket.work = all_reduce_async(bucket.buffer, self.group, self.stats)
         else:
             bucket.reduced = bucket.buffer.to(self.reduce_dtype)
             bucket.work = all_reduce_async(bucket.reduced, self.group, self.stats)
+        return bucket.work
 
     def finish(self) -> None:
         """Wait for every bucket; buckets whose params got no gradient this step are sent now."""
         if self.group is None:
             return
-        for bucket in self.buckets:
-            if bucket.work is None:
-                self._launch(bucket)
-        for bucket in self.buckets:
-            bucket.work.wait()
+        works = [bucket.work if bucket.work is not None else self._launch(bucket) for bucket in self.buckets]
+        for bucket, work in zip(self.buckets, works):
+            work.wait()
             if bucket.reduced is not None:
                 bucket.buffer.copy_(bucket.reduced)
             bucket.work, bucket.reduced, bucket.ready = None, None, 0
@@ -106,7 +109,7 @@ class DataParallel:
         return {self._names[id(p)] for p in self.params if p.ndim < 2}
 
     def optim_grads(self) -> list[torch.Tensor]:
-        return [p.grad for p in self.params]
+        return [cast(torch.Tensor, p.grad) for p in self.params]  # views into the buckets, set in __post_init__
 
     def after_step(self) -> None:
         pass  # the optimizer updated the model's own parameters
@@ -128,8 +131,10 @@ class DataParallel:
 
     def describe(self) -> str:
         n = dist.get_world_size(self.group) if self.group is not None else 1
-        return (f"data parallel over {n} ranks: {len(self.buckets)} gradient buckets of <= {self.bucket_bytes / 2**20:g} MiB, "
-                f"all-reduced in {str(self.reduce_dtype).removeprefix('torch.')}")
+        return (
+            f"data parallel over {n} ranks: {len(self.buckets)} gradient buckets of <= {self.bucket_bytes / 2**20:g} MiB, "
+            f"all-reduced in {str(self.reduce_dtype).removeprefix('torch.')}"
+        )
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.params)
@@ -147,4 +152,3 @@ class DataParallel:
     def scale_grads(self, factor: float) -> None:
         for bucket in self.buckets:
             bucket.buffer.mul_(factor)
-

@@ -5,6 +5,7 @@ so import and export are a renaming away. Blocks live in a ModuleDict keyed by t
 a pipeline stage that drops blocks keeps the names of the ones it holds, and so does its checkpoint.
 Submodules that a stage does not own may be set to None; forward skips them.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -101,6 +102,8 @@ class Block(nn.Module):
 
 
 class Backbone(nn.Module):
+    layers: nn.ModuleDict
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
@@ -110,6 +113,9 @@ class Backbone(nn.Module):
 
 class Llama(nn.Module):
     """tokens (b, s) -> logits (b, s, vocab); a stage without the head returns hidden states."""
+
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -121,7 +127,13 @@ class Llama(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         if cfg.tie_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            self.tie_embeddings()
+
+    def tie_embeddings(self) -> None:
+        """Make the head share the embedding's weight; only a model holding both can tie them."""
+        if self.lm_head is None or self.model.embed_tokens is None:
+            raise RuntimeError("tie_embeddings needs both the embedding and the lm_head on this model")
+        self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         h = self.model.embed_tokens(tokens) if self.model.embed_tokens is not None else tokens
@@ -169,6 +181,6 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int 
         model = Llama(cfg)
     model.to_empty(device=device)
     if cfg.tie_embeddings:  # to_empty breaks the tie; restore it before init
-        model.lm_head.weight = model.model.embed_tokens.weight
+        model.tie_embeddings()
     model.init_weights(seed)
     return model

@@ -16,6 +16,7 @@ FLOP conventions (used everywhere in the planner and documented in docs/planner.
 * Backward costs twice the forward. Recomputation adds forward FLOPs to the hardware count
   (HFU) but never to the model count (MFU).
 """
+
 from __future__ import annotations
 
 import math
@@ -69,18 +70,31 @@ class ModelShape:
         if self.kind not in ("llama", "gpt"):
             raise ConfigError(f"model {self.name}: kind={self.kind!r} must be llama or gpt")
         if self.hidden % self.n_heads or self.n_heads % self.n_kv_heads:
-            raise ConfigError(f"model {self.name}: hidden={self.hidden} must divide by n_heads={self.n_heads}, "
-                            f"and n_heads by n_kv_heads={self.n_kv_heads}")
+            raise ConfigError(
+                f"model {self.name}: hidden={self.hidden} must divide by n_heads={self.n_heads}, "
+                f"and n_heads by n_kv_heads={self.n_kv_heads}"
+            )
         if self.is_moe and not (1 <= self.top_k <= self.n_experts and self.expert_ffn >= 1):
-            raise ConfigError(f"model {self.name}: MoE needs 1 <= top_k <= n_experts={self.n_experts} and expert_ffn >= 1")
+            raise ConfigError(
+                f"model {self.name}: MoE needs 1 <= top_k <= n_experts={self.n_experts} and expert_ffn >= 1"
+            )
         return self
 
 
 def from_model_config(cfg: ModelConfig, seq_len: int | None = None, name: str = "config") -> ModelShape:
     """Our own Llama-style model as configured for a run."""
-    return ModelShape(name=name, kind="llama", n_layers=cfg.n_layers, hidden=cfg.dim, n_heads=cfg.n_heads,
-                      n_kv_heads=cfg.n_kv_heads, ffn=cfg.hidden_dim, vocab=cfg.vocab_size,
-                      seq_len=seq_len or cfg.max_seq_len, tie_embeddings=cfg.tie_embeddings)
+    return ModelShape(
+        name=name,
+        kind="llama",
+        n_layers=cfg.n_layers,
+        hidden=cfg.dim,
+        n_heads=cfg.n_heads,
+        n_kv_heads=cfg.n_kv_heads,
+        ffn=cfg.hidden_dim,
+        vocab=cfg.vocab_size,
+        seq_len=seq_len or cfg.max_seq_len,
+        tie_embeddings=cfg.tie_embeddings,
+    )
 
 
 def _mlp_matrices(shape: ModelShape, ffn: int) -> int:

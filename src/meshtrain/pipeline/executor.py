@@ -12,6 +12,7 @@ step, after the last microbatch (the engine's set_sync(False) for the whole step
 With `trace_path` set it records every compute action's (kind, stage, microbatch, start, end) and,
 at close(), writes the last step's to that file; meshtrain.tools.trace reads it back.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -91,8 +92,7 @@ class PipelineExecutor:
                 # perf_counter is the host's monotonic clock, so ranks' traces line up.
                 start = time.perf_counter()
                 self._compute(acts[0])
-                self.trace.append((acts[0].kind.value, acts[0].stage, acts[0].microbatch, start,
-                                   time.perf_counter()))
+                self.trace.append((acts[0].kind.value, acts[0].stage, acts[0].microbatch, start, time.perf_counter()))
         if self.inputs or self.outputs or self.grads or self.outbox or any(self.deferred.values()):
             raise RuntimeError("pipeline schedule left work undone: it does not cover every microbatch")
         return self.loss_sum
@@ -112,6 +112,8 @@ class PipelineExecutor:
     def _communicate(self, acts: list[Action]) -> None:
         sends, recvs, landed = [], [], []
         for a in acts:
+            if a.peer is None:
+                raise RuntimeError(f"{a} names no peer: every send and receive of a schedule must")
             if a.kind in (Kind.SEND_F, Kind.SEND_B):
                 sends.append((self.outbox.pop((a.kind, a.stage, a.microbatch)), a.peer))
             else:
@@ -171,6 +173,8 @@ class PipelineExecutor:
         if stage == 0:
             return
         grad_in = self.inputs.pop(key).grad
+        if grad_in is None:
+            raise RuntimeError(f"stage {stage} microbatch {mb}: backward left the stage's input without a gradient")
         if self.layout.rank_of(stage - 1) == self.me:
             self.grads[(stage - 1, mb)] = grad_in
         else:

@@ -33,6 +33,7 @@ This module holds what running a schedule needs: the data model, the dependency 
 built-in generators, the send/recv placement and CSV input and output. Checking a schedule lives in
 meshtrain.tools.schedule_check, simulating it in meshtrain.tools.simulator.
 """
+
 from __future__ import annotations
 
 import csv
@@ -193,8 +194,9 @@ def drain(ranks: int, advance: Callable[[int], bool]) -> None:
                 moved = True
 
 
-def dataflow_times(schedule: Schedule, layout: Layout, duration: Callable[[Action], float],
-                   latency: float = 0.0) -> list[list[tuple[float, float]]]:
+def dataflow_times(
+    schedule: Schedule, layout: Layout, duration: Callable[[Action], float], latency: float = 0.0
+) -> list[list[tuple[float, float]]]:
     """(start, end) of every action when each starts as soon as its rank and its inputs allow.
 
     Comm actions are zero-length markers here; a remote input simply arrives ``latency`` after it
@@ -219,9 +221,11 @@ def dataflow_times(schedule: Schedule, layout: Layout, duration: Callable[[Actio
     drain(len(schedule), advance)
     stuck = [(r, acts[len(times[r])]) for r, acts in enumerate(schedule) if len(times[r]) < len(acts)]
     if stuck:
-        waits = "; ".join(f"rank {r} waits at {a} for "
-                          + ", ".join(str(Action(*key)) for key in needs(a, layout.num_stages) if key not in done)
-                          for r, a in stuck[:3])
+        waits = "; ".join(
+            f"rank {r} waits at {a} for "
+            + ", ".join(str(Action(*key)) for key in needs(a, layout.num_stages) if key not in done)
+            for r, a in stuck[:3]
+        )
         raise ScheduleError(f"dependency deadlock (orders wait on each other): {waits}")
     return times
 
@@ -289,11 +293,14 @@ def _rank_order(stage: int, microbatches: int, warmup: int, w_lag: int | None) -
     return order
 
 
-def _family(name: str, pp: int, microbatches: int, chunks: int, warmup: Callable[[int], int],
-            w_lag: Callable[[int], int] | None) -> Schedule:
+def _family(
+    name: str, pp: int, microbatches: int, chunks: int, warmup: Callable[[int], int], w_lag: Callable[[int], int] | None
+) -> Schedule:
     _check_sizes(name, pp, microbatches, chunks)
-    compute = [_rank_order(r, microbatches, min(warmup(r), microbatches), None if w_lag is None else w_lag(r))
-               for r in range(pp)]
+    compute = [
+        _rank_order(r, microbatches, min(warmup(r), microbatches), None if w_lag is None else w_lag(r))
+        for r in range(pp)
+    ]
     return add_comms(compute, Layout.looped(pp))
 
 
@@ -323,8 +330,9 @@ def interleaved_1f1b(pp: int, microbatches: int, chunks: int = 1) -> Schedule:
     """Megatron's interleaved 1F1B: each rank runs ``chunks`` looped stages, in groups of pp microbatches."""
     _check_sizes("interleaved-1f1b", pp, microbatches, chunks, max_chunks=None)
     if microbatches % pp:
-        raise ValueError(f"interleaved-1f1b needs microbatches to be a multiple of pp "
-                         f"(got microbatches={microbatches}, pp={pp})")
+        raise ValueError(
+            f"interleaved-1f1b needs microbatches to be a multiple of pp (got microbatches={microbatches}, pp={pp})"
+        )
     if chunks == 1:
         return one_f_one_b(pp, microbatches)
     total = microbatches * chunks
@@ -349,7 +357,12 @@ def interleaved_1f1b(pp: int, microbatches: int, chunks: int = 1) -> Schedule:
 
 
 SCHEDULES: dict[str, Callable[..., Schedule]] = {
-    "gpipe": gpipe, "1f1b": one_f_one_b, "interleaved-1f1b": interleaved_1f1b, "zb-h1": zb_h1, "zb-h2": zb_h2}
+    "gpipe": gpipe,
+    "1f1b": one_f_one_b,
+    "interleaved-1f1b": interleaved_1f1b,
+    "zb-h1": zb_h1,
+    "zb-h2": zb_h2,
+}
 # Schedules with W actions: their weight gradients are accumulated outside autograd (split_backward.py),
 # so no post-accumulate-grad hook sees them.
 SPLIT_BACKWARD = frozenset({"zb-h1", "zb-h2"})
@@ -385,8 +398,11 @@ def to_csv(schedule: Schedule, path: str | Path) -> None:
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(_COLUMNS)
-        writer.writerows([rank, idx, a.kind.value, a.stage, a.microbatch, "" if a.peer is None else a.peer]
-                         for rank, actions in enumerate(schedule) for idx, a in enumerate(actions))
+        writer.writerows(
+            [rank, idx, a.kind.value, a.stage, a.microbatch, "" if a.peer is None else a.peer]
+            for rank, actions in enumerate(schedule)
+            for idx, a in enumerate(actions)
+        )
 
 
 def from_csv(path: str | Path) -> Schedule:

@@ -6,6 +6,7 @@ Block names keep their global index, so a stage's parameters and its checkpoint 
 the single-device model's. Stages are built on the meta device and only their own part is
 materialised and initialised, with the same name-keyed init as the full model.
 """
+
 from __future__ import annotations
 
 import torch
@@ -69,8 +70,7 @@ def stage_ranges(sizes: list[int]) -> list[range]:
     return out
 
 
-def build_stage(cfg: ModelConfig, stage: int, blocks: range, n_stages: int, device: torch.device,
-                seed: int) -> Llama:
+def build_stage(cfg: ModelConfig, stage: int, blocks: range, n_stages: int, device: torch.device, seed: int) -> Llama:
     with torch.device("meta"):
         model = Llama(cfg)
     if stage > 0:

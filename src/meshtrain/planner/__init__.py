@@ -2,6 +2,7 @@
 
 The public entry points are re-exported here; docs/planner.md describes the model behind them.
 """
+
 from meshtrain.model.math import flops_per_token
 from meshtrain.planner.cli import add_parser, run
 from meshtrain.planner.predict import predict_run

@@ -3,6 +3,7 @@
 The main CLI calls `add_parser(subparsers)`; `main()` runs the subcommand on its own
 (`python -m meshtrain.planner ...`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,7 @@ import json
 import math
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 from rich.console import Console
 
@@ -36,8 +37,8 @@ layouts that fit. Three ways to call it:
   sizing:  meshtrain plan --budget 5.76e23   (Chinchilla and Kaplan sizes for a FLOP budget)
 """
 EPILOG = f"""\
-model presets:   {', '.join(MODELS)} (or a .toml file with a [model] table)
-cluster presets: {', '.join(CLUSTERS)} (or a .toml file with a [cluster] table)
+model presets:   {", ".join(MODELS)} (or a .toml file with a [model] table)
+cluster presets: {", ".join(CLUSTERS)} (or a .toml file with a [cluster] table)
 Counts accept suffixes K, M, B, T and exponents: --tokens 15T, --budget 3.1e23.
 Formulas, conventions and a worked example: docs/planner.md.
 """
@@ -46,9 +47,13 @@ SUFFIX = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12, "P": 1e15}
 
 def add_parser(subparsers: Any) -> None:
     """Register `plan` on an argparse subparsers object; it dispatches to `run`."""
-    p = subparsers.add_parser("plan", help="predict memory and step time; recommend a parallel layout",
-                              description=DESCRIPTION, epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "plan",
+        help="predict memory and step time; recommend a parallel layout",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     what = p.add_argument_group("what to plan")
     what.add_argument("--model", help="model preset or TOML file: search layouts for it")
     what.add_argument("--config", help="a meshtrain run config: estimate that one run")
@@ -58,23 +63,48 @@ def add_parser(subparsers: Any) -> None:
     where.add_argument("--gpus", metavar="N", help="devices to plan for (search)")
     where.add_argument("--global-batch", metavar="B", help="sequences per optimizer step (search)")
     where.add_argument("--seq", metavar="S", help="sequence length (default: the model's)")
-    where.add_argument("--tokens", metavar="T", help="training tokens for the 'time for' column (default: 20 x params; the run's own with --config)")
+    where.add_argument(
+        "--tokens",
+        metavar="T",
+        help="training tokens for the 'time for' column (default: 20 x params; the run's own with --config)",
+    )
     where.add_argument("--efficiency", metavar="F", help="achievable fraction of peak FLOP/s (default: the cluster's)")
-    where.add_argument("--attention", choices=("flash", "naive"), default="flash",
-                       help="flash never stores the s x s scores; naive is Korthikanti's 5as^2b (default: flash)")
+    where.add_argument(
+        "--attention",
+        choices=("flash", "naive"),
+        default="flash",
+        help="flash never stores the s x s scores; naive is Korthikanti's 5as^2b (default: flash)",
+    )
     cfg = p.add_argument_group("with --config")
-    cfg.add_argument("--nproc", metavar="N", help="world size (default: the product of the parallel degrees, dp_shard=-1 counting as 1)")
-    cfg.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
+    cfg.add_argument(
+        "--nproc",
+        metavar="N",
+        help="world size (default: the product of the parallel degrees, dp_shard=-1 counting as 1)",
+    )
+    cfg.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)"
+    )
     out = p.add_argument_group("search and output")
     out.add_argument("--top", default="10", metavar="K", help="rows in the ranked table (default: 10)")
-    out.add_argument("--schedules", default="1f1b,interleaved-1f1b", metavar="LIST",
-                     help="pipeline schedules to try, comma-separated (also gpipe, zb-h1, zb-h2)")
-    out.add_argument("--zero", default="0,1,2,3", metavar="STAGES", help="ZeRO stages to try, comma-separated (default: 0,1,2,3)")
+    out.add_argument(
+        "--schedules",
+        default="1f1b,interleaved-1f1b",
+        metavar="LIST",
+        help="pipeline schedules to try, comma-separated (also gpipe, zb-h1, zb-h2)",
+    )
+    out.add_argument(
+        "--zero", default="0,1,2,3", metavar="STAGES", help="ZeRO stages to try, comma-separated (default: 0,1,2,3)"
+    )
     out.add_argument("--offload", action="store_true", help="also try ZeRO CPU offload of optimizer state")
     out.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=run)
 
 
+# whole counts come back as int, fractions (integer=False) as float
+@overload
+def parse_count(text: str | None, name: str, integer: Literal[True] = True) -> int | None: ...
+@overload
+def parse_count(text: str | None, name: str, integer: Literal[False]) -> float | None: ...
 def parse_count(text: str | None, name: str, integer: bool = True) -> float | None:
     """'15T', '3.1e23', '512' -> a number; a one-line PlanError otherwise."""
     if text is None:
@@ -114,15 +144,22 @@ def _search_options(args: argparse.Namespace) -> SearchOptions:
     stages = tuple(sorted({s.strip() for s in args.zero.split(",") if s.strip()}))
     if not stages or any(s not in ("0", "1", "2", "3") for s in stages):
         raise PlanError(f"--zero {args.zero!r} must list stages from 0, 1, 2, 3, e.g. --zero 0,1")
-    return SearchOptions(schedules=schedules or ("1f1b",), zero_stages=tuple(int(s) for s in stages),
-                         allow_offload=args.offload)
+    return SearchOptions(
+        schedules=schedules or ("1f1b",), zero_stages=tuple(int(s) for s in stages), allow_offload=args.offload
+    )
 
 
 def _no_fit_message(result: SearchResult, ws: Workload) -> str:
     smallest = result.smallest
-    need = f"; the smallest ({smallest.layout.label()}) needs {report.fmt_bytes(smallest.memory_total)}" if smallest else ""
-    return (f"error: no layout of {ws.shape.name} on {ws.n_gpus} x {ws.cluster.name} fits in "
-            f"{report.fmt_bytes(ws.cluster.usable_bytes)}{need}; add devices or lower --global-batch/--seq")
+    need = (
+        f"; the smallest ({smallest.layout.label()}) needs {report.fmt_bytes(smallest.memory_total)}"
+        if smallest
+        else ""
+    )
+    return (
+        f"error: no layout of {ws.shape.name} on {ws.n_gpus} x {ws.cluster.name} fits in "
+        f"{report.fmt_bytes(ws.cluster.usable_bytes)}{need}; add devices or lower --global-batch/--seq"
+    )
 
 
 def _plan_search(args: argparse.Namespace, console: Console, extra: dict[str, Any]) -> int:
@@ -140,14 +177,30 @@ def _plan_search(args: argparse.Namespace, console: Console, extra: dict[str, An
         return 1
     best, why = result.ranked[0], explain(result.ranked)
     if args.json:
-        print(json.dumps({"model": dataclasses.asdict(shape), "cluster": dataclasses.asdict(cluster), "gpus": gpus,
-                          "global_batch": batch, "seq_len": seq, "tokens": tokens, "attention": args.attention,
-                          "considered": result.considered, "fit": len(result.ranked),
-                          "layouts": [report.plan_dict(p, tokens) for p in result.ranked[:top]], "why": why,
-                          **extra}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": dataclasses.asdict(shape),
+                    "cluster": dataclasses.asdict(cluster),
+                    "gpus": gpus,
+                    "global_batch": batch,
+                    "seq_len": seq,
+                    "tokens": tokens,
+                    "attention": args.attention,
+                    "considered": result.considered,
+                    "fit": len(result.ranked),
+                    "layouts": [report.plan_dict(p, tokens) for p in result.ranked[:top]],
+                    "why": why,
+                    **extra,
+                },
+                indent=2,
+            )
+        )
         return 0
-    title = (f"{shape.name} ({report.fmt_count(param_count(shape))} params) on {gpus} x {cluster.name}, "
-             f"batch {batch} x {seq}: {len(result.ranked)} of {result.considered} layouts fit")
+    title = (
+        f"{shape.name} ({report.fmt_count(param_count(shape))} params) on {gpus} x {cluster.name}, "
+        f"batch {batch} x {seq}: {len(result.ranked)} of {result.considered} layouts fit"
+    )
     console.print(report.ranked_table(result.ranked[:top], tokens, title))
     console.print(report.breakdown_table(best, cluster.usable_bytes))
     console.print(f"[bold]why:[/] {why}")
@@ -166,9 +219,17 @@ def _config_workload(args: argparse.Namespace, cfg: Config, world: int) -> Workl
     cluster = _cluster(args, "cpu")
     if cfg.logging.peak_tflops > 0:
         cluster = dataclasses.replace(cluster, peak_tflops=cfg.logging.peak_tflops)
-    return Workload(from_model_config(cfg.model, t.seq_len, name=args.config), cluster, world, t.global_batch,
-                    t.seq_len, attention=args.attention, bucket_mb=cfg.parallel.bucket_mb, state_dtypes=FP32,
-                    activation_bytes=2 if t.dtype == "bf16" else 4)
+    return Workload(
+        from_model_config(cfg.model, t.seq_len, name=args.config),
+        cluster,
+        world,
+        t.global_batch,
+        t.seq_len,
+        attention=args.attention,
+        bucket_mb=cfg.parallel.bucket_mb,
+        state_dtypes=FP32,
+        activation_bytes=2 if t.dtype == "bf16" else 4,
+    )
 
 
 def _plan_config(args: argparse.Namespace, console: Console, extra: dict[str, Any]) -> int:
@@ -181,16 +242,31 @@ def _plan_config(args: argparse.Namespace, console: Console, extra: dict[str, An
     ws = _config_workload(args, cfg, world)
     plan = evaluate(ws, config_layout(cfg))
     if args.json:
-        print(json.dumps({"config": args.config, "cluster": dataclasses.asdict(ws.cluster), "tokens": tokens,
-                          "prediction": pred, "plan": report.plan_dict(plan, tokens), **extra}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "config": args.config,
+                    "cluster": dataclasses.asdict(ws.cluster),
+                    "tokens": tokens,
+                    "prediction": pred,
+                    "plan": report.plan_dict(plan, tokens),
+                    **extra,
+                },
+                indent=2,
+            )
+        )
         return 0
-    console.print(f"[bold]{args.config}[/] on {world} x {ws.cluster.name}: {plan.layout.label()}, "
-                  f"{report.fmt_count(pred['n_params'])} params, {report.fmt_seconds(plan.step_time)}/step, "
-                  f"{report.fmt_count(plan.tokens_per_s)} tokens/s, MFU {plan.mfu:.1%}, "
-                  f"{report.fmt_seconds(tokens / plan.tokens_per_s)} for {report.fmt_count(tokens)} tokens")
+    console.print(
+        f"[bold]{args.config}[/] on {world} x {ws.cluster.name}: {plan.layout.label()}, "
+        f"{report.fmt_count(pred['n_params'])} params, {report.fmt_seconds(plan.step_time)}/step, "
+        f"{report.fmt_count(plan.tokens_per_s)} tokens/s, MFU {plan.mfu:.1%}, "
+        f"{report.fmt_seconds(tokens / plan.tokens_per_s)} for {report.fmt_count(tokens)} tokens"
+    )
     if not plan.fits:
-        console.print(f"[bold red]does not fit:[/] needs {report.fmt_bytes(plan.memory_total)} "
-                      f"of {report.fmt_bytes(ws.cluster.usable_bytes)}")
+        console.print(
+            f"[bold red]does not fit:[/] needs {report.fmt_bytes(plan.memory_total)} "
+            f"of {report.fmt_bytes(ws.cluster.usable_bytes)}"
+        )
     console.print(report.breakdown_table(plan, ws.cluster.usable_bytes))
     console.print(report.predictions_table(pred))
     return 0

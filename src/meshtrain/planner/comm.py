@@ -6,6 +6,7 @@ of latency alpha each. Point-to-point moves the payload once. The bandwidth is t
 NVLink when the group fits in a node and the per-device network bandwidth otherwise; the
 slowest link sets a ring's pace.
 """
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """The planner's user-facing error type."""
+
 from __future__ import annotations
 
 from meshtrain.config import ConfigError

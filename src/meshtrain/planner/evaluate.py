@@ -1,4 +1,5 @@
 """Predict one layout: memory of its fullest rank, step time of its slowest, MFU and HFU."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -70,8 +71,10 @@ def _stage_params(ws: Workload, lay: Layout) -> list[tuple[int, RankParams]]:
     """(pipeline rank, params) for the first and the last stage, one entry when pp == 1."""
     if lay.pp == 1:
         return [(0, rank_params(ws.shape, lay, first=True, last=True))]
-    return [(0, rank_params(ws.shape, lay, first=True, last=False)),
-            (lay.pp - 1, rank_params(ws.shape, lay, first=False, last=True))]
+    return [
+        (0, rank_params(ws.shape, lay, first=True, last=False)),
+        (lay.pp - 1, rank_params(ws.shape, lay, first=False, last=True)),
+    ]
 
 
 def plan_memory(ws: Workload, lay: Layout) -> tuple[dict[str, float], RankParams]:
@@ -107,5 +110,15 @@ def evaluate(ws: Workload, lay: Layout, memory_only: bool = False) -> Plan:
     redo = "none" if lay.recompute == "selective" and ws.attention == "flash" else lay.recompute
     model, hardware = iteration_flops(ws.shape, tokens, ws.seq_len, redo)
     peak = ws.cluster.peak_flops
-    return Plan(lay, mem, total, fits, times, step, tokens / step, utilization(model, step, ws.n_gpus, peak),
-                utilization(hardware, step, ws.n_gpus, peak), model)
+    return Plan(
+        lay,
+        mem,
+        total,
+        fits,
+        times,
+        step,
+        tokens / step,
+        utilization(model, step, ws.n_gpus, peak),
+        utilization(hardware, step, ws.n_gpus, peak),
+        model,
+    )

@@ -6,6 +6,7 @@ Ranks are laid out like torchtitan's device mesh, outermost to innermost:
 pp, dp_replicate, dp_shard, cp, tp. A group of `size` ranks spaced `stride` apart stays inside
 one node when size*stride <= gpus_per_node, so tp is always the first to get NVLink.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,21 @@ from meshtrain.pipeline.schedules import splits_backward
 __all__ = ["Group", "Layout", "RankParams", "groups", "layers_per_rank", "rank_params"]
 
 
-KNOBS = ("tp", "pp", "v", "schedule", "cp", "dp_replicate", "dp_shard", "ep", "zero", "micro_batch", "recompute", "sp",
-         "offload")
+KNOBS = (
+    "tp",
+    "pp",
+    "v",
+    "schedule",
+    "cp",
+    "dp_replicate",
+    "dp_shard",
+    "ep",
+    "zero",
+    "micro_batch",
+    "recompute",
+    "sp",
+    "offload",
+)
 """Every field of a Layout, in the order the search breaks ties and explanations list them."""
 
 

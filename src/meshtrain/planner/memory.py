@@ -9,6 +9,7 @@ runs hold 4 + 4 + (0 + 8) = 16 psi too, but split 8 psi + 8 psi/N at stage 1 and
 Activations follow Korthikanti et al. 2022, rebuilt term by term so the same code covers GPT
 (which gives their sbh(34 + 5as/h) exactly), Llama's SwiGLU and GQA, and flash attention.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -64,15 +65,22 @@ def activation_terms(shape: ModelShape, key_len: int, act: int, attention: str) 
     """
     d, kv, a = shape.hidden, shape.kv_dim, shape.n_heads
     mask = 1 if shape.dropout else 0
-    terms = [("norm inputs", 2 * act * d, False), ("qkv input", act * d, False),
-             ("q, k", act * (d + kv), True), ("v", act * kv, True)]
+    terms: list[tuple[str, float, bool]] = [
+        ("norm inputs", 2 * act * d, False),
+        ("qkv input", act * d, False),
+        ("q, k", act * (d + kv), True),
+        ("v", act * kv, True),
+    ]
     if attention == "naive":
         # softmax output, and with dropout its mask and the dropped probabilities
         terms.append(("attention scores", a * key_len * (act + mask * (1 + act)), True))
     else:
         terms.append(("softmax stats", a * 4, True))  # flash keeps only the fp32 log-sum-exp
-    terms += [("attention output", act * d, True), ("attention dropout mask", mask * d, False),
-              ("mlp input", act * d, False)]
+    terms += [
+        ("attention output", act * d, True),
+        ("attention dropout mask", mask * d, False),
+        ("mlp input", act * d, False),
+    ]
     if shape.is_moe:
         # each routed copy keeps its input and the four SwiGLU tensors below
         terms.append(("expert activations", shape.top_k * act * (d + 4 * shape.expert_ffn), True))
@@ -85,8 +93,9 @@ def activation_terms(shape: ModelShape, key_len: int, act: int, attention: str) 
     return terms
 
 
-def layer_activation_bytes(shape: ModelShape, tokens: float, key_len: int, act: int, attention: str,
-                           tp: int, sp: bool, recompute: str) -> float:
+def layer_activation_bytes(
+    shape: ModelShape, tokens: float, key_len: int, act: int, attention: str, tp: int, sp: bool, recompute: str
+) -> float:
     """Bytes one block keeps per microbatch between its forward and backward.
 
     none: every term; selective: all but the attention scores (34sbh/t with SP);

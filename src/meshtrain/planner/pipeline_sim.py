@@ -6,6 +6,7 @@ where a schedule is small enough to simulate, the planner uses meshtrain.tools.s
 same action lists the executor runs. With zero communication latency a timeline scales linearly
 with its costs, so results are cached on the cost ratios and rescaled.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache

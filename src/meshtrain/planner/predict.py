@@ -12,6 +12,7 @@ activations forward (but the last stage's) and each chunk's input gradient back 
 stage's), always in fp32 (the residual stream stays fp32 under autocast), 1/tp of them under
 sequence parallelism.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -32,10 +33,21 @@ COMM_KINDS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "p2p")
 def config_layout(cfg: Config) -> Layout:
     """The Layout a validated config runs (partial activation checkpointing counts as full)."""
     p, t = cfg.parallel, cfg.training
-    return Layout(tp=p.tp, pp=p.pp, v=p.pp_chunks, schedule=p.pp_schedule, cp=p.cp, dp_replicate=p.dp_replicate,
-                  dp_shard=p.dp_shard, ep=p.ep, zero=p.zero_stage, micro_batch=t.micro_batch,
-                  recompute="full" if t.activation_checkpointing == "full" else "none", sp=p.sequence_parallel,
-                  offload=p.offload)
+    return Layout(
+        tp=p.tp,
+        pp=p.pp,
+        v=p.pp_chunks,
+        schedule=p.pp_schedule,
+        cp=p.cp,
+        dp_replicate=p.dp_replicate,
+        dp_shard=p.dp_shard,
+        ep=p.ep,
+        zero=p.zero_stage,
+        micro_batch=t.micro_batch,
+        recompute="full" if t.activation_checkpointing == "full" else "none",
+        sp=p.sequence_parallel,
+        offload=p.offload,
+    )
 
 
 def _exact(x: float) -> int | float:
@@ -84,8 +96,9 @@ def predict_run(cfg: Config, world_size: int, rank: int = 0) -> dict[str, Any]:
     # ZeRO-3 gathers parameters in the compute dtype (FSDP's param_dtype); ZeRO-1/2 gather fp32 weights
     gathered = StateDtypes(param=2, grad=4, master=0, optim=8) if p.zero_stage == 3 and t.dtype == "bf16" else FP32
     # the residual stream (the embedding's output, what pipeline stages exchange) stays fp32 under autocast
-    ti = TrafficInputs(t.seq_len, t.grad_accum, gathered, act, 4 if p.reduce_dtype == "fp32" else 2, p.bucket_mb,
-                       residual_bytes=4)
+    ti = TrafficInputs(
+        t.seq_len, t.grad_accum, gathered, act, 4 if p.reduce_dtype == "fp32" else 2, p.bucket_mb, residual_bytes=4
+    )
     sizes = groups(lay, gpus_per_node=1)
     payload: dict[str, float] = defaultdict(float)
     wire = 0.0

@@ -24,6 +24,7 @@ Model TOML (`--model my.toml`): a `[model]` table with either meshtrain's own Mo
 such as configs/tiny.toml works) or the planner's ModelShape keys (kind, n_layers, hidden,
 n_heads, n_kv_heads, ffn, vocab, seq_len, tie_embeddings, n_experts, top_k, expert_ffn, dropout).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,8 +67,16 @@ class ClusterSpec:
         return self.memory_gib * 2**30 * self.usable_memory_fraction
 
     def check(self) -> ClusterSpec:
-        for key in ("peak_tflops", "memory_gib", "gpus_per_node", "intra_bw_gbs", "inter_bw_gbs",
-                    "hbm_bw_gbs", "pcie_bw_gbs", "host_bw_gbs"):
+        for key in (
+            "peak_tflops",
+            "memory_gib",
+            "gpus_per_node",
+            "intra_bw_gbs",
+            "inter_bw_gbs",
+            "hbm_bw_gbs",
+            "pcie_bw_gbs",
+            "host_bw_gbs",
+        ):
             if getattr(self, key) <= 0:
                 raise PlanError(f"cluster {self.name}: {key}={getattr(self, key)} must be positive")
         for key in ("efficiency", "usable_memory_fraction"):
@@ -88,19 +97,35 @@ CLUSTERS: dict[str, ClusterSpec] = {
     "h100-80gb": ClusterSpec("h100-80gb", 989.0, 80.0, 8, 450.0, 50.0, efficiency=0.55, hbm_bw_gbs=3350.0),
     # Our laptop runs: fp32, one device = one core, gloo over shared memory, one "node". Calibrated on
     # the 2-core development machine: the DP benchmark reaches ~0.077 TF/s per core (0.15 x 0.5).
-    "cpu": ClusterSpec("cpu", 0.15, 16.0, 8, 5.0, 1.0, efficiency=0.5, usable_memory_fraction=0.8,
-                       intra_latency_us=50.0, inter_latency_us=200.0, hbm_bw_gbs=20.0, pcie_bw_gbs=20.0,
-                       host_bw_gbs=20.0, precision="fp32"),
+    "cpu": ClusterSpec(
+        "cpu",
+        0.15,
+        16.0,
+        8,
+        5.0,
+        1.0,
+        efficiency=0.5,
+        usable_memory_fraction=0.8,
+        intra_latency_us=50.0,
+        inter_latency_us=200.0,
+        hbm_bw_gbs=20.0,
+        pcie_bw_gbs=20.0,
+        host_bw_gbs=20.0,
+        precision="fp32",
+    ),
 }
 
 MODELS: dict[str, ModelShape] = {
-    "gpt3-175b": ModelShape("gpt3-175b", "gpt", 96, 12288, 96, 96, 4 * 12288, 50257, seq_len=2048,
-                            tie_embeddings=True, dropout=True),
+    "gpt3-175b": ModelShape(
+        "gpt3-175b", "gpt", 96, 12288, 96, 96, 4 * 12288, 50257, seq_len=2048, tie_embeddings=True, dropout=True
+    ),
     "llama3-8b": ModelShape("llama3-8b", "llama", 32, 4096, 32, 8, 14336, 128256, seq_len=8192),
     "llama3-70b": ModelShape("llama3-70b", "llama", 80, 8192, 64, 8, 28672, 128256, seq_len=8192),
     # = configs/tiny.toml: dim 64, 2 layers, 4 heads, 2 kv heads, vocab 256, ffn derived (192), untied.
-    "tiny": from_model_config(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256,
-                                          ffn_dim=0, max_seq_len=128), name="tiny"),
+    "tiny": from_model_config(
+        ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, ffn_dim=0, max_seq_len=128),
+        name="tiny",
+    ),
 }
 
 
@@ -164,7 +189,9 @@ def load_cluster(spec: str) -> ClusterSpec:
     base: dict[str, Any] = {}
     if base_name is not None:
         if base_name not in CLUSTERS:
-            raise PlanError(f"{path}: unknown base cluster '{base_name}'" + did_you_mean(str(base_name), sorted(CLUSTERS)))
+            raise PlanError(
+                f"{path}: unknown base cluster '{base_name}'" + did_you_mean(str(base_name), sorted(CLUSTERS))
+            )
         base = dataclasses.asdict(CLUSTERS[base_name])
     base["name"] = path.stem  # a custom cluster is named after its file unless it says otherwise
     merged = {**base, **_coerce(values, ClusterSpec, str(path))}

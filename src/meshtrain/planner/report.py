@@ -1,4 +1,5 @@
 """Rendering: rich tables for people, plain dicts for --json."""
+
 from __future__ import annotations
 
 import math
@@ -66,13 +67,34 @@ def plan_dict(plan: Plan, tokens: float) -> dict[str, Any]:
 
 def ranked_table(plans: list[Plan], tokens: float, title: str) -> Table:
     table = Table(title=title, title_justify="left", header_style="bold")
-    for name in ("#", "layout", "ZeRO", "mb", "recompute", "memory", "step", "tokens/s", "MFU", f"time for {fmt_count(tokens)}"):
+    for name in (
+        "#",
+        "layout",
+        "ZeRO",
+        "mb",
+        "recompute",
+        "memory",
+        "step",
+        "tokens/s",
+        "MFU",
+        f"time for {fmt_count(tokens)}",
+    ):
         table.add_column(name, justify="left" if name in ("layout", "recompute") else "right", no_wrap=True)
     for i, p in enumerate(plans, 1):
         lay = p.layout
         zero = f"{lay.zero}" + ("+off" if lay.offload else "")
-        table.add_row(str(i), lay.label(), zero, str(lay.micro_batch), lay.recompute, fmt_bytes(p.memory_total),
-                      fmt_seconds(p.step_time), fmt_count(p.tokens_per_s), f"{p.mfu:.1%}", fmt_duration(days(p, tokens) * DAY))
+        table.add_row(
+            str(i),
+            lay.label(),
+            zero,
+            str(lay.micro_batch),
+            lay.recompute,
+            fmt_bytes(p.memory_total),
+            fmt_seconds(p.step_time),
+            fmt_count(p.tokens_per_s),
+            f"{p.mfu:.1%}",
+            fmt_duration(days(p, tokens) * DAY),
+        )
     return table
 
 
@@ -88,17 +110,25 @@ def _terms_table(title: str, rows: list[tuple[str, str]]) -> Table:
 def breakdown_table(plan: Plan, usable: float) -> Table:
     """Memory terms and time terms of one plan side by side (zero terms left out)."""
     mem = [(k, fmt_bytes(v)) for k, v in plan.memory.items() if v]
-    mem += [("[bold]total on device[/]", f"[bold]{fmt_bytes(device_total(plan.memory))}[/]"), ("usable", fmt_bytes(usable))]
+    mem += [
+        ("[bold]total on device[/]", f"[bold]{fmt_bytes(device_total(plan.memory))}[/]"),
+        ("usable", fmt_bytes(usable)),
+    ]
     tim = [(k, fmt_seconds(v)) for k, v in plan.time.items() if v]
-    tim += [("[bold]step[/]", f"[bold]{fmt_seconds(plan.step_time)}[/]"), ("MFU / HFU", f"{plan.mfu:.1%} / {plan.hfu:.1%}")]
+    tim += [
+        ("[bold]step[/]", f"[bold]{fmt_seconds(plan.step_time)}[/]"),
+        ("MFU / HFU", f"{plan.mfu:.1%} / {plan.hfu:.1%}"),
+    ]
     grid = Table.grid(padding=(0, 4))
     grid.add_row(_terms_table("memory / device", mem), _terms_table("step time", tim))
     return grid
 
 
 def sizing_rows(budget: float) -> list[dict[str, Any]]:
-    return [{"rule": s.rule, "params": s.params, "tokens": s.tokens, "flops": s.flops}
-            for s in (chinchilla(budget), kaplan(budget))]
+    return [
+        {"rule": s.rule, "params": s.params, "tokens": s.tokens, "flops": s.flops}
+        for s in (chinchilla(budget), kaplan(budget))
+    ]
 
 
 def sizing_table(budget: float) -> Table:
@@ -107,8 +137,12 @@ def sizing_table(budget: float) -> Table:
         table.add_column(name, justify="right" if name != "rule" else "left")
     labels = {"chinchilla": "Chinchilla (D = 20N)", "kaplan": "Kaplan 2020 (N ~ C^0.73)"}
     for row in sizing_rows(budget):
-        table.add_row(labels[row["rule"]], fmt_count(row["params"]), fmt_count(row["tokens"]),
-                      f"{row['tokens'] / row['params']:.1f}")
+        table.add_row(
+            labels[row["rule"]],
+            fmt_count(row["params"]),
+            fmt_count(row["tokens"]),
+            f"{row['tokens'] / row['params']:.1f}",
+        )
     return table
 
 

@@ -1,4 +1,5 @@
 """Enumerate the layouts a cluster can run, keep those that fit, rank them by step time."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -95,9 +96,21 @@ def enumerate_layouts(ws: Workload, opts: SearchOptions) -> Iterator[Layout]:
                             continue
                         for rc in recomputes:
                             for off in (False, True) if opts.allow_offload and zero else (False,):
-                                yield Layout(tp=tp, pp=pp, v=v, schedule=schedule, cp=cp, dp_replicate=rep,
-                                             dp_shard=shard, ep=ep, zero=zero, micro_batch=mb, recompute=rc,
-                                             sp=tp > 1, offload=off)
+                                yield Layout(
+                                    tp=tp,
+                                    pp=pp,
+                                    v=v,
+                                    schedule=schedule,
+                                    cp=cp,
+                                    dp_replicate=rep,
+                                    dp_shard=shard,
+                                    ep=ep,
+                                    zero=zero,
+                                    micro_batch=mb,
+                                    recompute=rc,
+                                    sp=tp > 1,
+                                    offload=off,
+                                )
 
 
 def _rank_key(plan: Plan) -> tuple[float, tuple[int | str | bool, ...]]:
@@ -141,12 +154,18 @@ def explain(ranked: list[Plan]) -> str:
     runner_up = next((p for p in ranked[1:] if not _same_time(best, p)), None)
     tie_note = f" {len(ties)} layout(s) tie with it (e.g. {_knobs(best.layout, ties[0].layout)})." if ties else ""
     if runner_up is None:
-        return f"{best.layout.label()} is the only layout that fits.{tie_note}" if not ties else f"All fitting layouts tie.{tie_note}"
+        return (
+            f"{best.layout.label()} is the only layout that fits.{tie_note}"
+            if not ties
+            else f"All fitting layouts tie.{tie_note}"
+        )
     gap = runner_up.step_time - best.step_time
     diffs = sorted((best.time[k] - runner_up.time.get(k, 0.0), k) for k in best.time)
     # the two terms where the best saves most, then the one where it pays most
     picked = [d for d in diffs if d[0] < -1e-9][:2] + [d for d in reversed(diffs) if d[0] > 1e-9][:1]
     terms = "; ".join(f"{k} {fmt_seconds(best.time[k])} vs {fmt_seconds(runner_up.time[k])}" for _, k in picked)
-    return (f"{best.layout.label()} beats the next-fastest {runner_up.layout.label()} by {fmt_seconds(gap)}/step "
-            f"({100 * gap / runner_up.step_time:.2g}%): {terms or 'equal terms'} (differs in "
-            f"{_knobs(best.layout, runner_up.layout)}).{tie_note}")
+    return (
+        f"{best.layout.label()} beats the next-fastest {runner_up.layout.label()} by {fmt_seconds(gap)}/step "
+        f"({100 * gap / runner_up.step_time:.2g}%): {terms or 'equal terms'} (differs in "
+        f"{_knobs(best.layout, runner_up.layout)}).{tie_note}"
+    )

@@ -4,6 +4,7 @@ Chinchilla (Hoffmann et al. 2022): C = 6 N D with D = 20 N, so N = sqrt(C / 120)
 Kaplan et al. 2020 (section 6.1): N_opt = 1.3e9 * (C / 1 PF-day)^0.73, D = C / (6 N); their
 fit favours larger models trained on fewer tokens.
 """
+
 from __future__ import annotations
 
 import math

@@ -1,5 +1,6 @@
 """Step time: compute at a settable fraction of peak, collectives from the alpha-beta model
 with per-strategy overlap, and the pipeline bubble from the simulator or the schedule's closed form."""
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -33,7 +34,9 @@ class MicroCompute:
     recompute: float
 
 
-def microbatch_compute(shape: ModelShape, lay: Layout, seq_len: int, attention: str, flops_per_s: float) -> MicroCompute:
+def microbatch_compute(
+    shape: ModelShape, lay: Layout, seq_len: int, attention: str, flops_per_s: float
+) -> MicroCompute:
     """A rank runs its blocks on tokens/cp tokens split tp ways; the last stage adds the head."""
     tokens = lay.micro_batch * seq_len / lay.cp
     layers = layers_per_rank(shape, lay)
@@ -48,8 +51,13 @@ def microbatch_compute(shape: ModelShape, lay: Layout, seq_len: int, attention: 
     else:
         redo = 0.0
     wgrad = tokens * (layers * 2.0 * active_layer_matmul_params(shape) + head) / lay.tp
-    return MicroCompute(fwd=fwd / flops_per_s, bwd=(2 * fwd + redo) / flops_per_s, wgrad=wgrad / flops_per_s,
-                        attention_fwd=attn / flops_per_s, recompute=redo / flops_per_s)
+    return MicroCompute(
+        fwd=fwd / flops_per_s,
+        bwd=(2 * fwd + redo) / flops_per_s,
+        wgrad=wgrad / flops_per_s,
+        attention_fwd=attn / flops_per_s,
+        recompute=redo / flops_per_s,
+    )
 
 
 def bubble_time(schedule: str, p: int, v: int, t_f: float, t_b: float, t_w: float, m: int | None = None) -> float:
@@ -71,7 +79,9 @@ def bubble_time(schedule: str, p: int, v: int, t_f: float, t_b: float, t_w: floa
     return max(0.0, closed_form(name, p, m or p, v, costs).bubble_time)
 
 
-def _phase_costs(colls: list[Collective], lay: Layout, cluster: ClusterSpec) -> tuple[dict[str, float], dict[str, float]]:
+def _phase_costs(
+    colls: list[Collective], lay: Layout, cluster: ClusterSpec
+) -> tuple[dict[str, float], dict[str, float]]:
     """Per phase: total seconds per step, and the tail one last bucket or unit leaves exposed."""
     grp = groups(lay, cluster.gpus_per_node)
     total: dict[str, float] = defaultdict(float)
@@ -89,12 +99,16 @@ def _hidden(comm: float, window: float, tail: float) -> float:
     return max(0.0, comm - window) + tail if comm > 0 else 0.0
 
 
-def _optimizer_time(state_bytes: float, host_bytes: float, cluster: ClusterSpec, psi_offloaded: float, param_bytes: int) -> float:
+def _optimizer_time(
+    state_bytes: float, host_bytes: float, cluster: ClusterSpec, psi_offloaded: float, param_bytes: int
+) -> float:
     """Adam reads and writes every state once: memory-bound on the device, or on the host plus
     PCIe transfers (grads down, params up) when offloaded."""
     t = 2 * state_bytes / (cluster.hbm_bw_gbs * 1e9)
     if host_bytes:
-        t += 2 * host_bytes / (cluster.host_bw_gbs * 1e9) + 2 * psi_offloaded * param_bytes / (cluster.pcie_bw_gbs * 1e9)
+        t += 2 * host_bytes / (cluster.host_bw_gbs * 1e9) + 2 * psi_offloaded * param_bytes / (
+            cluster.pcie_bw_gbs * 1e9
+        )
     return t
 
 
@@ -107,7 +121,9 @@ class StepInputs:
     param_bytes: int
 
 
-def step_breakdown(mc: MicroCompute, colls: list[Collective], lay: Layout, cluster: ClusterSpec, si: StepInputs) -> dict[str, float]:
+def step_breakdown(
+    mc: MicroCompute, colls: list[Collective], lay: Layout, cluster: ClusterSpec, si: StepInputs
+) -> dict[str, float]:
     """Named seconds of one optimizer step on the critical path; they add up to the step time."""
     m = si.microbatches
     total, tail = _phase_costs(colls, lay, cluster)
@@ -123,10 +139,12 @@ def step_breakdown(mc: MicroCompute, colls: list[Collective], lay: Layout, clust
         "cp comm (exposed)": m * (cp_f + cp_b),
         "pipeline bubble": bubble_time(lay.schedule, lay.pp, lay.v, t_f, t_b, mc.wgrad, m),
         "pp p2p": 0.0,
-        "dp/zero comm (exposed)": (_hidden(total["bwd_last"], mc.bwd, tail["bwd_last"])
-                                   + _hidden(total["fwd_first"], mc.fwd, tail["fwd_first"])
-                                   + m * _hidden(total["bwd_each"] / m, mc.bwd, tail["bwd_each"])
-                                   + m * _hidden(total["fwd_each"] / m, mc.fwd, tail["fwd_each"])),
+        "dp/zero comm (exposed)": (
+            _hidden(total["bwd_last"], mc.bwd, tail["bwd_last"])
+            + _hidden(total["fwd_first"], mc.fwd, tail["fwd_first"])
+            + m * _hidden(total["bwd_each"] / m, mc.bwd, tail["bwd_each"])
+            + m * _hidden(total["fwd_each"] / m, mc.fwd, tail["fwd_each"])
+        ),
         "optimizer step": _optimizer_time(si.state_bytes, si.host_bytes, cluster, si.psi_sharded, si.param_bytes),
     }
     if total["pipeline"]:

@@ -15,6 +15,7 @@ Data-parallel traffic per optimizer step (psi = params on this rank, m = microba
   HSDP (dp_replicate > 1 with ZeRO): the grad shard is all-reduced across replicas once.
 With one microbatch these are the 2 psi, 2 psi and 3 psi of Rajbhandari et al. 2020.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,8 +59,16 @@ class TrafficInputs:
     gradient); None: act_bytes, as in Megatron's bf16 models. meshtrain's autocast keeps it fp32."""
 
 
-def _tp_collectives(shape: ModelShape, lay: Layout, ti: TrafficInputs, layers: float, tokens: float, hidden: float,
-                    redo: int, ends: tuple[bool, bool]) -> list[Collective]:
+def _tp_collectives(
+    shape: ModelShape,
+    lay: Layout,
+    ti: TrafficInputs,
+    layers: float,
+    tokens: float,
+    hidden: float,
+    redo: int,
+    ends: tuple[bool, bool],
+) -> list[Collective]:
     """Megatron TP traffic of a rank holding `layers` blocks, plus the embedding / head it holds.
 
     Per block and microbatch, two regions (attention, MLP), each one collective forward and one
@@ -81,32 +90,41 @@ def _tp_collectives(shape: ModelShape, lay: Layout, ti: TrafficInputs, layers: f
     resid = hidden / ti.act_bytes * (ti.residual_bytes or ti.act_bytes)
     out: list[Collective] = []
     if lay.sp:
-        out += [Collective("tp all_gather", "all_gather", hidden, "tp", entries, "exposed_fwd"),
-                Collective("tp reduce_scatter", "reduce_scatter", hidden, "tp", exits, "exposed_fwd"),
-                Collective("tp all_gather", "all_gather", hidden, "tp", exits, "exposed_bwd"),
-                Collective("tp reduce_scatter", "reduce_scatter", hidden, "tp", entries, "exposed_bwd"),
-                Collective("tp sp regather", "all_gather", hidden, "tp", entries, "exposed_bwd")]
+        out += [
+            Collective("tp all_gather", "all_gather", hidden, "tp", entries, "exposed_fwd"),
+            Collective("tp reduce_scatter", "reduce_scatter", hidden, "tp", exits, "exposed_fwd"),
+            Collective("tp all_gather", "all_gather", hidden, "tp", exits, "exposed_bwd"),
+            Collective("tp reduce_scatter", "reduce_scatter", hidden, "tp", entries, "exposed_bwd"),
+            Collective("tp sp regather", "all_gather", hidden, "tp", entries, "exposed_bwd"),
+        ]
         if first:
-            out += [Collective("tp embedding", "reduce_scatter", resid, "tp", m, "exposed_fwd"),
-                    Collective("tp embedding", "all_gather", resid, "tp", m, "exposed_bwd")]
+            out += [
+                Collective("tp embedding", "reduce_scatter", resid, "tp", m, "exposed_fwd"),
+                Collective("tp embedding", "all_gather", resid, "tp", m, "exposed_bwd"),
+            ]
         norms = (2 * layers + last) * shape.hidden * ti.dtypes.grad
         out.append(Collective("tp sp norm grads", "all_reduce", norms, "tp", 1, "bwd_last"))
     else:
-        out += [Collective("tp all_reduce", "all_reduce", hidden, "tp", exits, "exposed_fwd"),
-                Collective("tp all_reduce", "all_reduce", hidden, "tp", entries, "exposed_bwd")]
+        out += [
+            Collective("tp all_reduce", "all_reduce", hidden, "tp", exits, "exposed_fwd"),
+            Collective("tp all_reduce", "all_reduce", hidden, "tp", entries, "exposed_bwd"),
+        ]
         if first:
             out.append(Collective("tp embedding", "all_reduce", resid, "tp", m, "exposed_fwd"))
     if redo > 1:
         replay = [("all_gather", 2), ("reduce_scatter", 1)] if lay.sp else [("all_reduce", 1)]
-        out += [Collective(f"tp recompute {kind}", kind, hidden, "tp", per_block * layers * m, "exposed_bwd")
-                for kind, per_block in replay]
+        out += [
+            Collective(f"tp recompute {kind}", kind, hidden, "tp", per_block * layers * m, "exposed_bwd")
+            for kind, per_block in replay
+        ]
     if last:
         out.append(Collective("tp vocab loss", "all_reduce", 3 * tokens * 4, "tp", m, "exposed_fwd"))
     return out
 
 
-def _activation_collectives(shape: ModelShape, lay: Layout, ti: TrafficInputs, ends: tuple[bool, bool],
-                            layers: int) -> list[Collective]:
+def _activation_collectives(
+    shape: ModelShape, lay: Layout, ti: TrafficInputs, ends: tuple[bool, bool], layers: int
+) -> list[Collective]:
     """TP, CP, EP and PP traffic, all proportional to one microbatch's activations."""
     m = ti.microbatches
     tokens = lay.micro_batch * ti.seq_len / lay.cp
@@ -143,21 +161,42 @@ def _dp_collectives(psi: float, lay: Layout, ti: TrafficInputs, unit: float, exp
         return [Collective(f"{tag}dp grads", "all_reduce", grads, grad_group, 1, "bwd_last", bucket)]
     out: list[Collective] = []
     if lay.zero == 3:
-        out.append(Collective(f"{tag}zero3 params", "all_gather", params, zero_group, m, "fwd_each", unit * ti.dtypes.param))
-        out.append(Collective(f"{tag}zero3 params", "all_gather", params, zero_group, m, "bwd_each", unit * ti.dtypes.param))
-        out.append(Collective(f"{tag}zero3 grads", "reduce_scatter", grads, zero_group, m, "bwd_each", unit * ti.reduce_bytes))
+        out.append(
+            Collective(f"{tag}zero3 params", "all_gather", params, zero_group, m, "fwd_each", unit * ti.dtypes.param)
+        )
+        out.append(
+            Collective(f"{tag}zero3 params", "all_gather", params, zero_group, m, "bwd_each", unit * ti.dtypes.param)
+        )
+        out.append(
+            Collective(f"{tag}zero3 grads", "reduce_scatter", grads, zero_group, m, "bwd_each", unit * ti.reduce_bytes)
+        )
     else:
         per_micro = lay.zero == 2 and not deferred_weight_grads(lay)
-        out.append(Collective(f"{tag}zero grads", "reduce_scatter", grads, zero_group, m if per_micro else 1,
-                              "bwd_each" if per_micro else "bwd_last", bucket))
+        out.append(
+            Collective(
+                f"{tag}zero grads",
+                "reduce_scatter",
+                grads,
+                zero_group,
+                m if per_micro else 1,
+                "bwd_each" if per_micro else "bwd_last",
+                bucket,
+            )
+        )
         out.append(Collective(f"{tag}zero params", "all_gather", params, zero_group, 1, "fwd_first", bucket))
     if lay.dp_replicate > 1:
         out.append(Collective(f"{tag}hsdp grads", "all_reduce", grads / zero_n, "replicate", 1, "bwd_last", bucket))
     return out
 
 
-def step_collectives(shape: ModelShape, lay: Layout, ti: TrafficInputs, rp: RankParams,
-                     ends: tuple[bool, bool] = (True, True), layers: int | None = None) -> list[Collective]:
+def step_collectives(
+    shape: ModelShape,
+    lay: Layout,
+    ti: TrafficInputs,
+    rp: RankParams,
+    ends: tuple[bool, bool] = (True, True),
+    layers: int | None = None,
+) -> list[Collective]:
     """All traffic of one optimizer step on a rank holding `rp` (grad-norm scalars excluded).
 
     `ends` says whether the rank holds the embedding and the head (first and last pipeline stage),

@@ -5,6 +5,7 @@ Activations are batch-first, (b, s, ...), and sequence parallelism shards dim 1.
 collectives work along dim 0, so the sequence chunks are moved to the front before a collective and
 back after it: one copy each way, the price of keeping the model's layout untouched.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -39,7 +40,9 @@ def _nbytes(x: torch.Tensor) -> int:
     return x.numel() * x.element_size()
 
 
-def all_reduce(x: torch.Tensor, comm: TPComm, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+def all_reduce(
+    x: torch.Tensor, comm: TPComm, op: dist.ReduceOp | dist.ReduceOp.RedOpType = dist.ReduceOp.SUM
+) -> torch.Tensor:
     """Sum (or `op`) of `x` over the group, out of place."""
     out = x.contiguous().clone()
     comm.stats.record("all_reduce", _nbytes(out), comm.size)
@@ -57,8 +60,7 @@ class PendingGather:
         self.stacked = torch.empty((t, *x.shape), dtype=x.dtype, device=x.device)
         comm.stats.record("all_gather", _nbytes(self.stacked), t)
         # Flat views: gloo checks dim 0 of output against world size times dim 0 of input.
-        self.work = dist.all_gather_single(self.stacked.view(-1), self.src.view(-1), group=comm.group,
-                                           async_op=True)
+        self.work = dist.all_gather_single(self.stacked.view(-1), self.src.view(-1), group=comm.group, async_op=True)
         self.shape = list(x.shape)
         self.shape[self.dim] *= t
 
@@ -128,21 +130,37 @@ def _split_last(x: torch.Tensor, comm: TPComm) -> torch.Tensor:
 def _pair(forward_op: Op, backward_op: Op, doc: str) -> Op:
     def apply(x: torch.Tensor, comm: TPComm) -> torch.Tensor:
         return _Conjugate.apply(x, comm, forward_op, backward_op)
+
     apply.__doc__ = doc
     return apply
 
 
-copy_to_region: Op = _pair(_identity, all_reduce, "f: the input enters a region whole; each rank's gradient is "
-                                                  "partial, so backward sums them.")
-reduce_from_region: Op = _pair(all_reduce, _identity, "g: partial outputs leave the region summed; the gradient "
-                                                      "is already whole on every rank.")
-gather_seq_to_region: Op = _pair(all_gather_seq, reduce_scatter_seq, "SP's f: all-gather the sequence shards; "
-                                                                     "backward reduce-scatters the partial gradient.")
-reduce_scatter_from_region: Op = _pair(reduce_scatter_seq, all_gather_seq, "SP's g: reduce-scatter partial outputs "
-                                                                           "along the sequence; backward all-gathers.")
-scatter_seq: Op = _pair(_split_seq, all_gather_seq, "Whole (replicated) sequence -> this rank's shard; backward "
-                                                    "gathers the gradient's shards.")
-gather_seq: Op = _pair(all_gather_seq, _split_seq, "Shards -> the whole sequence on every rank; its gradient is "
-                                                   "whole too, so backward keeps this rank's chunk.")
-gather_last_dim: Op = _pair(_gather_last, _split_last, "Feature shards -> all features on every rank (the head's "
-                                                       "logits in eval mode).")
+copy_to_region: Op = _pair(
+    _identity, all_reduce, "f: the input enters a region whole; each rank's gradient is partial, so backward sums them."
+)
+reduce_from_region: Op = _pair(
+    all_reduce, _identity, "g: partial outputs leave the region summed; the gradient is already whole on every rank."
+)
+gather_seq_to_region: Op = _pair(
+    all_gather_seq,
+    reduce_scatter_seq,
+    "SP's f: all-gather the sequence shards; backward reduce-scatters the partial gradient.",
+)
+reduce_scatter_from_region: Op = _pair(
+    reduce_scatter_seq,
+    all_gather_seq,
+    "SP's g: reduce-scatter partial outputs along the sequence; backward all-gathers.",
+)
+scatter_seq: Op = _pair(
+    _split_seq,
+    all_gather_seq,
+    "Whole (replicated) sequence -> this rank's shard; backward gathers the gradient's shards.",
+)
+gather_seq: Op = _pair(
+    all_gather_seq,
+    _split_seq,
+    "Shards -> the whole sequence on every rank; its gradient is whole too, so backward keeps this rank's chunk.",
+)
+gather_last_dim: Op = _pair(
+    _gather_last, _split_last, "Feature shards -> all features on every rank (the head's logits in eval mode)."
+)

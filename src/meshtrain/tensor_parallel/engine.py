@@ -14,9 +14,11 @@ about gradients and state.
   any tp degree, ZeRO stage or shard count, or into a run without tensor parallelism (and the other
   way round).
 """
+
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -44,7 +46,9 @@ class FullShapeState:
         self._inner.load_state_dict({k: v.to_local() if isinstance(v, DTensor) else v for k, v in sd.items()})
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        return self._inner[key]  # AdamW.load_state_dict reads the restored step count from here
+        # AdamW.load_state_dict reads the restored step count from here; only the optimizer's view is
+        # indexed, and ZeRO's (OptimState) is a dict
+        return cast(Mapping[str, torch.Tensor], self._inner)[key]
 
 
 class TensorParallelEngine(EngineDecorator):
@@ -83,12 +87,14 @@ class TensorParallelEngine(EngineDecorator):
 
     def optim_state_dict(self, optim_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | Stateful:
         """Keys are `exp_avg.<param name>` and the like: moments of a sharded weight are sharded alike."""
-        return self._full_shape(self.inner.optim_state_dict(optim_sd),
-                                lambda key, value: self._as_full(key.partition(".")[2], value))
+        return self._full_shape(
+            self.inner.optim_state_dict(optim_sd), lambda key, value: self._as_full(key.partition(".")[2], value)
+        )
 
     @staticmethod
-    def _full_shape(inner: dict[str, torch.Tensor] | Stateful,
-                    as_full: Callable[[str, torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor] | Stateful:
+    def _full_shape(
+        inner: dict[str, torch.Tensor] | Stateful, as_full: Callable[[str, torch.Tensor], torch.Tensor]
+    ) -> dict[str, torch.Tensor] | Stateful:
         # ZeRO hands out a Stateful that gathers its shards only when DCP asks: convert then, not now.
         if isinstance(inner, Stateful):
             return FullShapeState(inner, as_full)
@@ -101,8 +107,11 @@ class TensorParallelEngine(EngineDecorator):
         return {n: v.full_tensor() if isinstance(v, DTensor) else v.detach() for n, v in sd.items()}
 
     def num_params(self) -> int:
-        return sum(p.numel() * (self.tp.size if n in self.tp.shard_dims else 1)
-                   for part in self.parts for n, p in part.named_parameters())
+        return sum(
+            p.numel() * (self.tp.size if n in self.tp.shard_dims else 1)
+            for part in self.parts
+            for n, p in part.named_parameters()
+        )
 
     def step_metrics(self) -> dict[str, float]:
         """The tensor-parallel bytes one block sent this step (payload, all kinds), mean over blocks."""
@@ -117,8 +126,10 @@ class TensorParallelEngine(EngineDecorator):
 
     def describe(self) -> str:
         sp = " with sequence parallelism" if self.tp.sequence_parallel else ""
-        return (f"tensor parallel over {self.tp.size} ranks{sp}: {len(self.tp.shard_dims)} weights sharded, "
-                f"the rest replicated | {self.inner.describe()}")
+        return (
+            f"tensor parallel over {self.tp.size} ranks{sp}: {len(self.tp.shard_dims)} weights sharded, "
+            f"the rest replicated | {self.inner.describe()}"
+        )
 
     def _as_full(self, name: str, local: torch.Tensor) -> torch.Tensor:
         """A sharded parameter's local tensor (or its moments) as a DTensor of the full shape."""
@@ -128,5 +139,6 @@ class TensorParallelEngine(EngineDecorator):
         shape = list(local.shape)
         shape[dim] *= self.tp.size
         stride = torch.empty(shape, device="meta").stride()
-        return DTensor.from_local(local.detach(), self.mesh, [Shard(dim)], run_check=False,
-                                  shape=torch.Size(shape), stride=stride)
+        return DTensor.from_local(
+            local.detach(), self.mesh, [Shard(dim)], run_check=False, shape=torch.Size(shape), stride=stride
+        )

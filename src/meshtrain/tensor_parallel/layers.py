@@ -13,6 +13,7 @@ Sequence parallelism is a training-time memory saving: in eval mode the layers r
 parallelism, so sequences of any length work (generation grows them one token at a time), and the
 vocab-parallel head returns whole logits, like Megatron's parallel_output=False for inference.
 """
+
 from __future__ import annotations
 
 import torch
@@ -54,6 +55,8 @@ class _Regather:
 
     def get(self) -> torch.Tensor:
         if self.full is None:
+            if self.pending is None:
+                raise RuntimeError("_Regather.get() called before start(): no gather in flight")
             self.full, self.pending = self.pending.wait(), None
         full = self.full
         self.users -= 1
@@ -79,8 +82,14 @@ class _ShardSavingLinear(torch.autograd.Function):
     """y = x_full @ w.T, saving the sequence shard of x_full rather than x_full itself."""
 
     @staticmethod
-    def forward(ctx, x_full: torch.Tensor, shard: torch.Tensor, weight: nn.Parameter, regather: _Regather,
-                queue: WeightGradQueue | None) -> torch.Tensor:
+    def forward(
+        ctx,
+        x_full: torch.Tensor,
+        shard: torch.Tensor,
+        weight: nn.Parameter,
+        regather: _Regather,
+        queue: WeightGradQueue | None,
+    ) -> torch.Tensor:
         ctx.save_for_backward(shard, weight)
         ctx.regather, ctx.queue, ctx.weight = regather, queue, weight
         regather.users += 1
@@ -132,8 +141,14 @@ class ColumnParallelLinear(nn.Module):
     `gather_in_eval`: in eval mode, return every rank's features (the head's whole logits).
     """
 
-    def __init__(self, full_weight: torch.Tensor, comm: TPComm, sequence_parallel: bool, entry: bool,
-                 gather_in_eval: bool = False) -> None:
+    def __init__(
+        self,
+        full_weight: torch.Tensor,
+        comm: TPComm,
+        sequence_parallel: bool,
+        entry: bool,
+        gather_in_eval: bool = False,
+    ) -> None:
         super().__init__()
         self.comm, self.sequence_parallel, self.entry = comm, sequence_parallel, entry
         self.gather_in_eval = gather_in_eval

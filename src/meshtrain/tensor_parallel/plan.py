@@ -23,13 +23,14 @@ Styles:
   sequence_sharded  a norm that sees only a sequence shard under SP: its weight gradient is partial,
                     summed over the group once per step (TensorParallel.sum_partial_grads)
 """
+
 from __future__ import annotations
 
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 import torch.distributed as dist
@@ -64,6 +65,13 @@ LLAMA_PLAN: dict[str, str] = {
 }
 STYLES = ("vocab_embedding", "attention", "region", "colwise", "rowwise", "vocab_head", "sequence_sharded")
 SHARD_DIM = {"colwise": 0, "rowwise": 1, "vocab_embedding": 0, "vocab_head": 0}
+
+
+class _HeadCounts(Protocol):
+    """What the attention style needs of its module (the model's attention): per-rank head counts."""
+
+    n_heads: int
+    n_kv_heads: int
 
 
 class _Tee:
@@ -158,9 +166,11 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def _parallel_module(name: str, module: nn.Module, style: str, tp: TensorParallel, comm: TPComm) -> nn.Module:
+def _parallel_module(
+    name: str, module: nn.Module, style: str, tp: TensorParallel, comm: TPComm
+) -> ColumnParallelLinear | RowParallelLinear | VocabParallelEmbedding:
     dim = SHARD_DIM[style]
-    weight = module.weight
+    weight = cast(torch.Tensor, module.weight)  # the sharded styles name linears and embeddings
     if getattr(module, "bias", None) is not None:
         raise ValueError(f"{name}: tensor-parallel layers here have no bias; the Llama model uses none")
     _check_divisible(name, weight.shape[dim], "vocabulary size" if style.startswith("vocab") else "features", tp.size)
@@ -180,20 +190,33 @@ def _apply_hook_style(name: str, module: nn.Module, style: str, tp: TensorParall
             tp.partial_grads.extend(module.parameters())
         return
     if style == "attention":
-        _check_divisible(name, module.n_heads, "n_heads", tp.size)
-        _check_divisible(name, module.n_kv_heads, "n_kv_heads", tp.size)
-        module.n_heads, module.n_kv_heads = module.n_heads // tp.size, module.n_kv_heads // tp.size
+        heads = cast(_HeadCounts, module)
+        _check_divisible(name, heads.n_heads, "n_heads", tp.size)
+        _check_divisible(name, heads.n_kv_heads, "n_kv_heads", tp.size)
+        heads.n_heads, heads.n_kv_heads = heads.n_heads // tp.size, heads.n_kv_heads // tp.size
     module.register_forward_pre_hook(_RegionEntry(comm, tp.sequence_parallel))
 
 
-def apply_tensor_parallel(model: nn.Module, tp_group: dist.ProcessGroup, plan: dict[str, str],
-                          sequence_parallel: bool, stats: Recorder, strict: bool = True) -> TensorParallel:
+def apply_tensor_parallel(
+    model: nn.Module,
+    tp_group: dist.ProcessGroup,
+    plan: dict[str, str],
+    sequence_parallel: bool,
+    stats: Recorder,
+    strict: bool = True,
+) -> TensorParallel:
     """Rewrite `model` in place into this rank's tensor-parallel part; return what was sharded."""
     return apply_tensor_parallel_parts([model], tp_group, plan, sequence_parallel, stats, strict)
 
 
-def apply_tensor_parallel_parts(parts: list[nn.Module], tp_group: dist.ProcessGroup, plan: dict[str, str],
-                                sequence_parallel: bool, stats: Recorder, strict: bool = True) -> TensorParallel:
+def apply_tensor_parallel_parts(
+    parts: list[nn.Module],
+    tp_group: dist.ProcessGroup,
+    plan: dict[str, str],
+    sequence_parallel: bool,
+    stats: Recorder,
+    strict: bool = True,
+) -> TensorParallel:
     """`apply_tensor_parallel` over several disjoint parts of one model (a rank's pipeline stages),
     recorded in one TensorParallel. A stage holds a subset of the modules, so pass strict=False there:
     the embedding's, final norm's and head's entries then match nothing on most stages."""

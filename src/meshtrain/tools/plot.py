@@ -1,4 +1,5 @@
 """Gantt chart of a simulated or traced pipeline timeline."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +8,12 @@ from meshtrain.pipeline.schedules import Kind
 from meshtrain.tools.simulator import SimResult
 
 # Forward, input-gradient, weight-gradient and fused backward must read apart at a glance.
-_BASE = {Kind.F: (0.22, 0.47, 0.80), Kind.B: (0.93, 0.55, 0.16), Kind.W: (0.30, 0.66, 0.35),
-         Kind.BW: (0.62, 0.38, 0.72)}
+_BASE = {
+    Kind.F: (0.22, 0.47, 0.80),
+    Kind.B: (0.93, 0.55, 0.16),
+    Kind.W: (0.30, 0.66, 0.35),
+    Kind.BW: (0.62, 0.38, 0.72),
+}
 
 
 def _shade(kind: Kind, chunk: int, chunks: int) -> tuple[float, float, float]:
@@ -38,17 +43,34 @@ def plot_schedule(result: SimResult, path: str | Path, title: str = "") -> Path:
     width_pts = fig.get_figwidth() * 72 * 0.8
     for s in result.spans:
         chunk = s.stage // result.pp
-        ax.barh(s.rank, s.end - s.start, left=s.start, height=0.8, color=_shade(s.kind, chunk, result.chunks),
-                edgecolor="white", linewidth=0.6)
+        ax.barh(
+            s.rank,
+            s.end - s.start,
+            left=s.start,
+            height=0.8,
+            color=_shade(s.kind, chunk, result.chunks),
+            edgecolor="white",
+            linewidth=0.6,
+        )
         # Only label blocks wide enough to hold the digits.
         if (s.end - s.start) / span * width_pts >= 6 * len(str(s.microbatch)):
             ax.text((s.start + s.end) / 2, s.rank, str(s.microbatch), ha="center", va="center", fontsize=7)
     order = list(_BASE)
     used = sorted({(s.kind, s.stage // result.pp) for s in result.spans}, key=lambda kc: (order.index(kc[0]), kc[1]))
-    handles = [Patch(color=_shade(kind, chunk, result.chunks),
-                     label=f"{kind} chunk {chunk}" if result.chunks > 1 else str(kind)) for kind, chunk in used]
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.25 if result.pp > 1 else -0.5),
-              ncol=len(handles), frameon=False, fontsize=8)
+    handles = [
+        Patch(
+            color=_shade(kind, chunk, result.chunks), label=f"{kind} chunk {chunk}" if result.chunks > 1 else str(kind)
+        )
+        for kind, chunk in used
+    ]
+    ax.legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.25 if result.pp > 1 else -0.5),
+        ncol=len(handles),
+        frameon=False,
+        fontsize=8,
+    )
     ax.set_yticks(range(result.pp), [f"rank {r}" for r in range(result.pp)])
     ax.set_ylim(result.pp - 0.5, -0.5)
     ax.set_xlim(0, span)

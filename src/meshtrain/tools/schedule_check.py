@@ -5,11 +5,12 @@ contract of meshtrain.pipeline.schedules.
 starts, and what the tests run over every built-in schedule; `check_deadlock` simulates the contract
 with blocking batches.
 """
+
 from __future__ import annotations
 
 import itertools
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from meshtrain.pipeline.schedules import (
     RECV_OF,
@@ -46,8 +47,10 @@ def _pair_messages(schedule: Schedule) -> dict[tuple[int, int], tuple[int, int]]
         for s_idx, r_idx in zip(out, inc):
             a, b = schedule[src][s_idx], schedule[dst][r_idx]
             if (RECV_OF[a.kind], a.stage, a.microbatch) != (b.kind, b.stage, b.microbatch):
-                raise ScheduleError(f"rank {src} sends {a} but the matching receive on rank {dst} is {b} "
-                                    "(messages between two ranks pair up in order)")
+                raise ScheduleError(
+                    f"rank {src} sends {a} but the matching receive on rank {dst} is {b} "
+                    "(messages between two ranks pair up in order)"
+                )
             pairs[(src, s_idx)], pairs[(dst, r_idx)] = (dst, r_idx), (src, s_idx)
         if len(out) != len(inc):
             raise ScheduleError(f"rank {src} sends {len(out)} messages to rank {dst}, which posts {len(inc)} receives")
@@ -74,19 +77,24 @@ def check_deadlock(schedule: Schedule) -> None:
     drain(len(schedule), advance)
     stuck = [r for r in range(len(schedule)) if at[r] < len(steps[r])]
     if stuck:
-        where = "; ".join(f"rank {r} at [{', '.join(str(schedule[r][i]) for i in steps[r][at[r]])}]"
-                          for r in stuck[:3])
+        where = "; ".join(f"rank {r} at [{', '.join(str(schedule[r][i]) for i in steps[r][at[r]])}]" for r in stuck[:3])
         raise ScheduleError(f"deadlock under the execution contract: {where}")
 
 
-def validate_schedule(schedule: Schedule, pp: int, chunks: int, microbatches: int,
-                      placement: Layout | Callable[[int], int] | None = None) -> None:
+def validate_schedule(
+    schedule: Schedule, pp: int, chunks: int, microbatches: int, placement: Layout | Callable[[int], int] | None = None
+) -> None:
     """Raise ScheduleError (one line) unless the schedule is complete, ordered and deadlock-free."""
-    layout = placement if isinstance(placement, Layout) else Layout(
-        pp, tuple(map(placement or (lambda s: s % pp), range(pp * chunks))))
+    layout = (
+        placement
+        if isinstance(placement, Layout)
+        else Layout(pp, tuple(map(placement or (lambda s: s % pp), range(pp * chunks))))
+    )
     if len(schedule) != pp or layout.pp != pp or layout.num_stages != pp * chunks:
-        raise ScheduleError(f"expected {pp} ranks and {pp * chunks} stages, got {len(schedule)} ranks "
-                            f"and a placement for {layout.num_stages} stages")
+        raise ScheduleError(
+            f"expected {pp} ranks and {pp * chunks} stages, got {len(schedule)} ranks "
+            f"and a placement for {layout.num_stages} stages"
+        )
     position = _check_actions(schedule, layout, microbatches)
     _check_local_order(schedule, layout, position)
     _check_messages(schedule, layout, position)
@@ -100,12 +108,15 @@ def _check_actions(schedule: Schedule, layout: Layout, microbatches: int) -> Pos
     for rank, actions in enumerate(schedule):
         for idx, a in enumerate(actions):
             if not (0 <= a.stage < layout.num_stages and 0 <= a.microbatch < microbatches):
-                raise ScheduleError(f"rank {rank} action {idx} {a} is out of range "
-                                    f"({layout.num_stages} stages, {microbatches} microbatches)")
+                raise ScheduleError(
+                    f"rank {rank} action {idx} {a} is out of range "
+                    f"({layout.num_stages} stages, {microbatches} microbatches)"
+                )
             if not a.kind.is_comm and layout.rank_of(a.stage) != rank:
                 home = layout.rank_of(a.stage)
                 raise ScheduleError(f"{a} is on rank {rank}, but stage {a.stage} lives on rank {home}")
-            for key in provides(a) or [a]:
+            keys: Sequence[Key | Action] = provides(a) or [a]
+            for key in keys:
                 if key in position:
                     raise ScheduleError(f"{a} on rank {rank} repeats work already done at rank/index {position[key]}")
                 position[key] = (rank, idx)
@@ -140,5 +151,7 @@ def _check_messages(schedule: Schedule, layout: Layout, position: Position) -> N
                         raise ScheduleError(f"{want} must be on rank {where} {side} {ref} (add_comms() builds them)")
     found = sum(a.kind.is_comm for actions in schedule for a in actions)
     if found != needed:
-        raise ScheduleError(f"schedule has {found} comm actions but its placement needs {needed}; "
-                            "stages on the same rank hand tensors over without send/recv")
+        raise ScheduleError(
+            f"schedule has {found} comm actions but its placement needs {needed}; "
+            "stages on the same rank hand tensors over without send/recv"
+        )

@@ -1,4 +1,5 @@
 """`meshtrain schedule`: build, simulate, check, export and plot a pipeline schedule."""
+
 from __future__ import annotations
 
 import argparse
@@ -31,21 +32,33 @@ examples:
 def add_parser(subparsers: Any) -> None:
     """Register the `schedule` subcommand on an argparse subparsers object."""
     parser = subparsers.add_parser(
-        "schedule", help="simulate a pipeline-parallel schedule and report its bubble",
-        description=_DESCRIPTION, epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "schedule",
+        help="simulate a pipeline-parallel schedule and report its bubble",
+        description=_DESCRIPTION,
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--pp", type=int, help="pipeline ranks (required unless --csv-in)")
     parser.add_argument("--microbatches", "-m", type=int, help="microbatches per step (required unless --csv-in)")
     parser.add_argument("--schedule", help=f"one of: {', '.join(SCHEDULES)} (required unless --csv-in)")
-    parser.add_argument("--chunks", type=int, default=1,
-                        help="virtual stages per rank, interleaved-1f1b only (default 1)")
+    parser.add_argument(
+        "--chunks", type=int, default=1, help="virtual stages per rank, interleaved-1f1b only (default 1)"
+    )
     parser.add_argument("--costs", default="1,1,1", help="T_F,T_B,T_W per microbatch and full stage (default 1,1,1)")
     parser.add_argument("--comm", type=float, default=0.0, help="latency of one point-to-point message (default 0)")
-    parser.add_argument("--csv-in", help="read a custom schedule from this CSV (columns rank,index,kind,stage,"
-                                         "microbatch,peer); send/recv actions are added if it has none")
+    parser.add_argument(
+        "--csv-in",
+        help="read a custom schedule from this CSV (columns rank,index,kind,stage,"
+        "microbatch,peer); send/recv actions are added if it has none",
+    )
     parser.add_argument("--csv-out", help="write the schedule, with its send/recv actions, to this CSV")
     parser.add_argument("--out", help="write a Gantt chart; .png or .svg")
-    parser.add_argument("--trace", metavar="RUN_DIR", help="instead of simulating, read the pipeline trace of a "
-                        "`meshtrain train` run and compare it with the simulator fed the measured costs")
+    parser.add_argument(
+        "--trace",
+        metavar="RUN_DIR",
+        help="instead of simulating, read the pipeline trace of a "
+        "`meshtrain train` run and compare it with the simulator fed the measured costs",
+    )
     parser.set_defaults(func=run)
 
 
@@ -88,13 +101,17 @@ def _load(args: argparse.Namespace) -> tuple[Schedule, str | None, int, int]:
                 raise ValueError(f"{flag} {given} disagrees with {args.csv_in}, which has {found}")
         validate_schedule(schedule, layout.pp, layout.chunks, microbatches, layout)
         return schedule, name, layout.chunks, microbatches
-    missing = [flag for flag, value in (("--pp", args.pp), ("--microbatches", args.microbatches), ("--schedule", name))
-               if value is None]
+    missing = [
+        flag
+        for flag, value in (("--pp", args.pp), ("--microbatches", args.microbatches), ("--schedule", name))
+        if value is None
+    ]
     if missing:
         raise ValueError(f"{', '.join(missing)} required (or give --csv-in)")
     if args.pp < 1 or args.microbatches < 1 or args.chunks < 1:
-        raise ValueError(f"--pp, --microbatches and --chunks must be >= 1 "
-                         f"(got {args.pp}, {args.microbatches}, {args.chunks})")
+        raise ValueError(
+            f"--pp, --microbatches and --chunks must be >= 1 (got {args.pp}, {args.microbatches}, {args.chunks})"
+        )
     schedule = SCHEDULES[name](args.pp, args.microbatches, args.chunks)
     validate_schedule(schedule, args.pp, args.chunks, args.microbatches, Layout.looped(args.pp, args.chunks))
     return schedule, name, args.chunks, args.microbatches
@@ -108,8 +125,14 @@ def _report(result: SimResult, prediction: Prediction | None, microbatches: int,
     for column in ("rank", "busy", "idle", "idle in own span", "peak activations", "peak (freed at W)"):
         ranks.add_column(column, justify="right")
     for r in range(result.pp):
-        ranks.add_row(str(r), f"{result.busy[r]:g}", f"{result.idle[r]:g}", f"{result.span_idle[r]:g}",
-                      f"{result.peak_activations[r]:g}", f"{result.peak_until_w[r]:g}")
+        ranks.add_row(
+            str(r),
+            f"{result.busy[r]:g}",
+            f"{result.idle[r]:g}",
+            f"{result.span_idle[r]:g}",
+            f"{result.peak_activations[r]:g}",
+            f"{result.peak_until_w[r]:g}",
+        )
     summary = Table(title="pipeline")
     for column in ("metric", "simulated", "closed form"):
         summary.add_column(column, justify="right")
@@ -120,14 +143,18 @@ def _report(result: SimResult, prediction: Prediction | None, microbatches: int,
         return "n/a" if prediction is None else format(value, fmt) + ("" if holds else " *")
 
     makespan = microbatches * costs.per_microbatch + pred.bubble_time
-    summary.add_row("bubble rate", f"{result.bubble_rate:.2%}",
-                    predicted(pred.bubble_rate(microbatches, costs), pred.holds, ".2%"))
+    summary.add_row(
+        "bubble rate", f"{result.bubble_rate:.2%}", predicted(pred.bubble_rate(microbatches, costs), pred.holds, ".2%")
+    )
     summary.add_row("bubble time", f"{result.bubble_time:g}", predicted(pred.bubble_time, pred.holds))
     summary.add_row("bubble, steady state", f"{result.steady_bubble:g}", predicted(pred.bubble_time, pred.holds_steady))
     summary.add_row("makespan", f"{result.makespan:g}", predicted(makespan, pred.holds))
     summary.add_row("peak activations", f"{result.peak:g}", predicted(pred.peak, True))
-    note = "custom schedule: no closed form" if prediction is None else (
-        "" if pred.holds and pred.holds_steady else f"* the closed form assumes {pred.assumption}")
+    note = (
+        "custom schedule: no closed form"
+        if prediction is None
+        else ("" if pred.holds and pred.holds_steady else f"* the closed form assumes {pred.assumption}")
+    )
     console = Console(file=sys.stdout)
     console.print(ranks)
     console.print(summary)
@@ -149,8 +176,10 @@ def _run_trace(args: argparse.Namespace) -> int:
     except (ValueError, OSError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{meta['schedule']} pp={meta['pp']} m={meta['microbatches']} v={meta['chunks']}: "
-          f"measured bubble {measured.bubble_rate:.2%} (makespan {1e3 * measured.makespan:.1f} ms), "
-          f"simulated with the measured costs {predicted.bubble_rate:.2%} "
-          f"(makespan {1e3 * predicted.makespan:.1f} ms)")
+    print(
+        f"{meta['schedule']} pp={meta['pp']} m={meta['microbatches']} v={meta['chunks']}: "
+        f"measured bubble {measured.bubble_rate:.2%} (makespan {1e3 * measured.makespan:.1f} ms), "
+        f"simulated with the measured costs {predicted.bubble_rate:.2%} "
+        f"(makespan {1e3 * predicted.makespan:.1f} ms)"
+    )
     return 0

@@ -17,6 +17,7 @@ matching B or BW frees it (`peak_activations`, the convention of the ZB paper's 
 W still needs part of that state, `peak_until_w` also reports the count when memory is freed only
 at W; under it ZB-H1 still peaks at pp on every rank.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -132,22 +133,29 @@ def simulate(schedule: Schedule, costs: Costs = Costs(), layout: Layout | None =
     """Time ``schedule`` under ``costs``; the layout is read off the schedule unless given."""
     layout = layout or Layout.infer(schedule)
     times = dataflow_times(schedule, layout, lambda a: costs.duration(a.kind, layout.chunks), costs.comm)
-    spans = [Span(rank, a.kind, a.stage, a.microbatch, start, end)
-             for rank, actions in enumerate(schedule)
-             for a, (start, end) in zip(actions, times[rank]) if not a.kind.is_comm]
+    spans = [
+        Span(rank, a.kind, a.stage, a.microbatch, start, end)
+        for rank, actions in enumerate(schedule)
+        for a, (start, end) in zip(actions, times[rank])
+        if not a.kind.is_comm
+    ]
     return SimResult.from_spans(spans, layout.pp, layout.chunks)
 
 
-def from_trace(records: Sequence[Sequence[tuple[str | Kind, int, int, float, float]]],
-               chunks: int | None = None) -> SimResult:
+def from_trace(
+    records: Sequence[Sequence[tuple[str | Kind, int, int, float, float]]], chunks: int | None = None
+) -> SimResult:
     """Build a result from a real run: per rank, (kind, stage, microbatch, start, end) records.
 
     Records of comm kinds (e.g. time spent in a RECV) are ignored: they count as idle. ``chunks``
     defaults to the number of distinct stages divided by the number of ranks.
     """
-    spans = [Span(rank, Kind(kind), stage, mb, float(start), float(end))
-             for rank, rows in enumerate(records) for kind, stage, mb, start, end in rows
-             if not Kind(kind).is_comm]
+    spans = [
+        Span(rank, Kind(kind), stage, mb, float(start), float(end))
+        for rank, rows in enumerate(records)
+        for kind, stage, mb, start, end in rows
+        if not Kind(kind).is_comm
+    ]
     if any(s.end < s.start for s in spans):
         raise ValueError("trace record ends before it starts")
     pp = len(records)
@@ -188,13 +196,23 @@ def closed_form(name: str, pp: int, microbatches: int, chunks: int, costs: Costs
         return Prediction(flat / v, peak, ok, ok, "m % p == 0, comm = 0")
     if name == "zb-h1":
         ok = ok and m >= p and c.w <= c.f
-        return Prediction((p - 1) * (c.f + c.b - c.w), min(p, m), ok and c.w <= c.b, ok,
-                          "m >= p, T_W <= T_F, comm = 0, and for the makespan T_W <= T_B")
+        return Prediction(
+            (p - 1) * (c.f + c.b - c.w),
+            min(p, m),
+            ok and c.w <= c.b,
+            ok,
+            "m >= p, T_W <= T_F, comm = 0, and for the makespan T_W <= T_B",
+        )
     if name == "zb-h2":
         ok = ok and m >= 2 * p and c.w <= c.f
         # Below b = 2w the formula drops under (p-1)f, the time the last rank waits for its first F,
         # so only the per-rank (parallelogram) measure can reach it.
-        return Prediction((p - 1) * (c.f + c.b - 2 * c.w), min(2 * p - 1, m), ok and c.b >= 2 * c.w,
-                          ok and c.f + c.b >= 2 * c.w, "m >= 2p, T_W <= T_F, comm = 0, and T_B >= 2 T_W for the "
-                          "makespan (T_F + T_B >= 2 T_W for the steady state)")
+        return Prediction(
+            (p - 1) * (c.f + c.b - 2 * c.w),
+            min(2 * p - 1, m),
+            ok and c.b >= 2 * c.w,
+            ok and c.f + c.b >= 2 * c.w,
+            "m >= 2p, T_W <= T_F, comm = 0, and T_B >= 2 T_W for the "
+            "makespan (T_F + T_B >= 2 T_W for the steady state)",
+        )
     raise ValueError(f"no closed form for schedule {name!r}")

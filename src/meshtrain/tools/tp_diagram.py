@@ -1,7 +1,8 @@
 """Draw one block under tensor parallelism, without and with sequence parallelism (docs/img).
 
-    python -m meshtrain.tensor_parallel.diagram docs/img/tensor-parallel.png
+python -m meshtrain.tensor_parallel.diagram docs/img/tensor-parallel.png
 """
+
 from __future__ import annotations
 
 import sys
@@ -14,22 +15,48 @@ import matplotlib.pyplot as plt
 from matplotlib.patches import FancyBboxPatch
 
 COLOURS = {"whole": "#d9d9d9", "seq": "#b7e1a1", "feat": "#9ecae1", "comm": "#fc9272"}
-LEGEND = {"whole": "whole (b, s, h) on every rank", "seq": "sequence shard (b, s/t, h)",
-          "feat": "features / heads split t ways", "comm": "collective: forward / backward"}
+LEGEND = {
+    "whole": "whole (b, s, h) on every rank",
+    "seq": "sequence shard (b, s/t, h)",
+    "feat": "features / heads split t ways",
+    "comm": "collective: forward / backward",
+}
 
 # (label, kind) left to right; one row per mode
 ROWS = {
     "tensor parallel": [
-        ("x", "whole"), ("RMS\nNorm", "whole"), ("f\nid / AR", "comm"), ("q k v\ncolumn", "feat"),
-        ("attention\nheads/t", "feat"), ("o\nrow", "feat"), ("g\nAR / id", "comm"), ("+", "whole"),
-        ("RMS\nNorm", "whole"), ("f\nid / AR", "comm"), ("gate up\ncolumn", "feat"), ("SwiGLU", "feat"),
-        ("down\nrow", "feat"), ("g\nAR / id", "comm"), ("+", "whole"),
+        ("x", "whole"),
+        ("RMS\nNorm", "whole"),
+        ("f\nid / AR", "comm"),
+        ("q k v\ncolumn", "feat"),
+        ("attention\nheads/t", "feat"),
+        ("o\nrow", "feat"),
+        ("g\nAR / id", "comm"),
+        ("+", "whole"),
+        ("RMS\nNorm", "whole"),
+        ("f\nid / AR", "comm"),
+        ("gate up\ncolumn", "feat"),
+        ("SwiGLU", "feat"),
+        ("down\nrow", "feat"),
+        ("g\nAR / id", "comm"),
+        ("+", "whole"),
     ],
     "+ sequence parallel": [
-        ("x", "seq"), ("RMS\nNorm", "seq"), ("AG / RS", "comm"), ("q k v\ncolumn", "feat"),
-        ("attention\nheads/t", "feat"), ("o\nrow", "feat"), ("RS / AG", "comm"), ("+", "seq"),
-        ("RMS\nNorm", "seq"), ("AG / RS", "comm"), ("gate up\ncolumn", "feat"), ("SwiGLU", "feat"),
-        ("down\nrow", "feat"), ("RS / AG", "comm"), ("+", "seq"),
+        ("x", "seq"),
+        ("RMS\nNorm", "seq"),
+        ("AG / RS", "comm"),
+        ("q k v\ncolumn", "feat"),
+        ("attention\nheads/t", "feat"),
+        ("o\nrow", "feat"),
+        ("RS / AG", "comm"),
+        ("+", "seq"),
+        ("RMS\nNorm", "seq"),
+        ("AG / RS", "comm"),
+        ("gate up\ncolumn", "feat"),
+        ("SwiGLU", "feat"),
+        ("down\nrow", "feat"),
+        ("RS / AG", "comm"),
+        ("+", "seq"),
     ],
 }
 
@@ -52,9 +79,14 @@ def draw(path: Path) -> None:
         x = i * 4.1
         ax.add_patch(FancyBboxPatch((x, -1.0), 0.35, 0.3, boxstyle="round,pad=0.02", fc=COLOURS[kind], ec="#555555"))
         ax.text(x + 0.5, -0.85, text, va="center", fontsize=8)
-    ax.text(0, 2.25, "One block on one of t tensor-parallel ranks. AR all-reduce, AG all-gather, RS reduce-scatter.\n"
-            "Under SP the column layers keep the sequence shard and all-gather it again in backward.",
-            fontsize=8.5, va="center")
+    ax.text(
+        0,
+        2.25,
+        "One block on one of t tensor-parallel ranks. AR all-reduce, AG all-gather, RS reduce-scatter.\n"
+        "Under SP the column layers keep the sequence shard and all-gather it again in backward.",
+        fontsize=8.5,
+        va="center",
+    )
     ax.set_xlim(-2.6, 16.6)
     ax.set_ylim(-1.2, 2.5)
     ax.axis("off")

@@ -8,6 +8,7 @@ Theory, per block per microbatch, for b sequences of s tokens, hidden size h, ac
   sharded. Once per step (not per block), SP also all-reduces the norm weights' partial gradients.
 - activations (Korthikanti et al. 2022, Table 2, adjusted for this model): see `activation_terms`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -6,6 +6,7 @@ close(), meshtrain.pipeline.executor). Times come from the machine-wide monotoni
 one host line up. `from_trace` turns them into
 the same SimResult a simulation produces: the same plot and bubble figure, for a real run.
 """
+
 from __future__ import annotations
 
 import json

@@ -10,6 +10,7 @@ The engine takes whatever parts this rank holds once the earlier steps of the bu
 ranks of the same tp coordinate, so they shard identical shapes), with pipelining one part per stage
 (the group is the ranks of the same stages).
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,14 +24,26 @@ from meshtrain.zero.stage12 import Zero12
 __all__ = ["FlatUnit", "ShardGroups", "Zero3", "Zero12", "ZeroBase", "build_zero_engine"]
 
 
-def build_zero_engine(parts: list[nn.Module], stage: int, groups: ShardGroups, stats: CommStats, *,
-                      param_dtype: torch.dtype, reduce_dtype: torch.dtype, bucket_bytes: int, offload: bool,
-                      prefetch: bool, deferred_weight_grads: bool) -> ZeroBase:
+def build_zero_engine(
+    parts: list[nn.Module],
+    stage: int,
+    groups: ShardGroups,
+    stats: CommStats,
+    *,
+    param_dtype: torch.dtype,
+    reduce_dtype: torch.dtype,
+    bucket_bytes: int,
+    offload: bool,
+    prefetch: bool,
+    deferred_weight_grads: bool,
+) -> Zero3 | Zero12:
     """The engine for ZeRO `stage` (1-3). `param_dtype` is what ZeRO-3 gathers and computes in.
     `deferred_weight_grads`: some weight gradients are accumulated outside autograd, after backward
     (a zero-bubble pipeline's W), where no hook sees them, so ZeRO-2 must reduce once, in finish()."""
     if stage == 3:
-        return Zero3(parts, groups, stats, param_dtype=param_dtype, reduce_dtype=reduce_dtype, offload=offload,
-                     prefetch=prefetch)
-    return Zero12(parts, stage, groups, stats, bucket_bytes, reduce_dtype, offload,
-                  reduce_each_micro=not deferred_weight_grads)
+        return Zero3(
+            parts, groups, stats, param_dtype=param_dtype, reduce_dtype=reduce_dtype, offload=offload, prefetch=prefetch
+        )
+    return Zero12(
+        parts, stage, groups, stats, bucket_bytes, reduce_dtype, offload, reduce_each_micro=not deferred_weight_grads
+    )

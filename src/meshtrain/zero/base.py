@@ -14,13 +14,15 @@ gradient (`Unit.grad`), next to its fp32 master shard (`Unit.master`). The optim
 pieces of those shards, named after their parameters. The stages differ only in where the full
 parameters and gradients live in between, which the subclasses own.
 """
+
 from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Generic, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -74,11 +76,11 @@ class FlatUnit:
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Each parameter's view into a full (padded) flat buffer."""
-        return [flat[o:o + n].view(s) for o, n, s in zip(self.offsets, self.numels, self.shapes)]
+        return [flat[o : o + n].view(s) for o, n, s in zip(self.offsets, self.numels, self.shapes)]
 
     def piece_views(self, shard: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """(parameter name, view) of every piece of a shard-sized tensor; padding belongs to no piece."""
-        return [(p.name, shard[p.start:p.start + p.numel]) for p in self.pieces]
+        return [(p.name, shard[p.start : p.start + p.numel]) for p in self.pieces]
 
     def flatten(self, tensors: list[torch.Tensor | None], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A new padded flat buffer holding `tensors` end to end; None (no gradient) and padding are zeros."""
@@ -90,7 +92,7 @@ class FlatUnit:
         for v, t in zip(views, tensors):
             if t is None:
                 v.zero_()
-        out[self.numel:].zero_()
+        out[self.numel :].zero_()
         return out
 
     def real_bytes(self, element_size: int) -> int:
@@ -126,8 +128,9 @@ KINDS = ("exp_avg", "exp_avg_sq")
 class ModelState:
     """Stateful: the model's parameters, gathered to full tensors for a save, scattered back on load."""
 
-    def __init__(self, gather: Callable[[], dict[str, torch.Tensor]],
-                 scatter: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    def __init__(
+        self, gather: Callable[[], dict[str, torch.Tensor]], scatter: Callable[[dict[str, torch.Tensor]], None]
+    ) -> None:
         self._gather, self._scatter = gather, scatter
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -142,8 +145,13 @@ class OptimState(dict):
     Stateful methods, as full per-parameter moments. It stays a dict so that AdamW.load_state_dict
     can read the restored step count from it."""
 
-    def __init__(self, local: dict[str, torch.Tensor], units: list[FlatUnit], group: dist.ProcessGroup | None,
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        local: dict[str, torch.Tensor],
+        units: list[FlatUnit],
+        group: dist.ProcessGroup | None,
+        device: torch.device,
+    ) -> None:
         super().__init__(local)
         self._units, self._group, self._device = units, group, device
 
@@ -164,7 +172,7 @@ class OptimState(dict):
             for piece in unit.pieces:
                 for kind in KINDS:
                     flat = sd[f"{kind}.{piece.name}"].reshape(-1)
-                    self[f"{kind}.{piece.name}"].copy_(flat[piece.param_start:piece.param_start + piece.numel])
+                    self[f"{kind}.{piece.name}"].copy_(flat[piece.param_start : piece.param_start + piece.numel])
         self["steps"] = sd["steps"]
 
 
@@ -180,12 +188,18 @@ class Unit:
     """fp32 shard the optimizer steps; a view of the parameters' own storage when nothing else is needed."""
     grad: torch.Tensor | None
     """fp32 shard of the summed gradient, as the optimizer reads it."""
-    full: torch.Tensor | None = None
+    full: torch.Tensor
     """The padded flat parameters the model computes with (ZeRO-3: storage freed outside use)."""
     grad_full: torch.Tensor | None = None
     """ZeRO-1's persistent padded gradient bucket; param.grad are views into it."""
     ready: int = 0
     launched: bool = False
+
+    def grad_shard(self) -> torch.Tensor:
+        """`grad` where it must exist: from finish() on (offloaded ZeRO-1 drops it in zero_grad())."""
+        if self.grad is None:
+            raise RuntimeError(f"{self.layout.name} has no gradient shard: it exists from finish() to zero_grad()")
+        return self.grad
 
 
 @dataclass
@@ -220,15 +234,21 @@ class ShardGroups:
         return dist.get_world_size(self.replicate) if self.replicate is not None else 1
 
 
-class ZeroBase:
+U = TypeVar("U", bound=Unit)
+
+
+class ZeroBase(Generic[U]):
+    """Generic in its unit type, so that a stage's own Unit subclass (ZeRO-3's GatherUnit) stays typed."""
+
     stage = 0
     collective_forward = False
 
-    def __init__(self, groups: ShardGroups, stats: CommStats, reduce_dtype: torch.dtype, offload: bool,
-                 device: torch.device) -> None:
+    def __init__(
+        self, groups: ShardGroups, stats: CommStats, reduce_dtype: torch.dtype, offload: bool, device: torch.device
+    ) -> None:
         self.groups, self.stats = groups, stats
         self.reduce_dtype, self.offload, self.device = reduce_dtype, offload, device
-        self.units: list[Unit] = []
+        self.units: list[U] = []
         self.pending: deque[Pending] = deque()
         self.sync = True
 
@@ -243,7 +263,7 @@ class ZeroBase:
             for p in unit.layout.params:
                 p.register_post_accumulate_grad_hook(partial(self._on_grad, unit))
 
-    def _on_grad(self, unit: Unit, _: torch.Tensor) -> None:
+    def _on_grad(self, unit: U, _: torch.Tensor) -> None:
         if not self.counting():
             return
         unit.ready += 1
@@ -255,7 +275,7 @@ class ZeroBase:
         """Whether this backward's gradients are reduced as they arrive."""
         return self.sync
 
-    def unit_grads_ready(self, unit: Unit) -> None:
+    def unit_grads_ready(self, unit: U) -> None:
         raise NotImplementedError
 
     # ---- reduction --------------------------------------------------------------------------------
@@ -286,15 +306,16 @@ class ZeroBase:
         """HSDP: the shard group's sums are partial; add the replicas' once per optimizer step."""
         if self.groups.replicate is None:
             return
-        bufs = [u.grad if u.grad.dtype == self.reduce_dtype else u.grad.to(self.reduce_dtype) for u in self.units]
+        grads = [u.grad_shard() for u in self.units]
+        bufs = [g if g.dtype == self.reduce_dtype else g.to(self.reduce_dtype) for g in grads]
         works = []
         for unit, buf in zip(self.units, bufs):
             share = unit.layout.real_bytes(buf.element_size()) / self.groups.size
             works.append(all_reduce(buf, self.groups.replicate, self.stats, share))
-        for unit, buf, work in zip(self.units, bufs, works):
+        for grad, buf, work in zip(grads, bufs, works):
             work.wait()
-            if buf is not unit.grad:
-                unit.grad.copy_(buf)
+            if buf is not grad:
+                grad.copy_(buf)
 
     def finish_units(self) -> None:
         for unit in self.units:
@@ -308,7 +329,7 @@ class ZeroBase:
         return [pv for u in self.units for pv in u.layout.piece_views(u.master)]
 
     def optim_grads(self) -> list[torch.Tensor]:
-        return [v for u in self.units for _, v in u.layout.piece_views(u.grad)]
+        return [v for u in self.units for _, v in u.layout.piece_views(u.grad_shard())]
 
     def no_decay(self) -> set[str]:
         return {n for u in self.units for n, s in zip(u.layout.names, u.layout.shapes) if len(s) < 2}
@@ -319,13 +340,13 @@ class ZeroBase:
 
     def grad_norm(self) -> torch.Tensor:
         # Padding is zero in every shard, and each element lives in exactly one shard of the group.
-        sq = torch.stack([u.grad.double().square().sum() for u in self.units]).sum().to(self.device)
+        sq = torch.stack([u.grad_shard().double().square().sum() for u in self.units]).sum().to(self.device)
         if self.groups.shard is not None:
             dist.all_reduce(sq, group=self.groups.shard)
         return sq.sqrt().float()
 
     def scale_grads(self, factor: float) -> None:
-        torch._foreach_mul_([u.grad for u in self.units], factor)
+        torch._foreach_mul_([u.grad_shard() for u in self.units], factor)
 
     def num_params(self) -> int:
         return sum(u.layout.numel for u in self.units)
@@ -353,7 +374,7 @@ class ZeroBase:
     def load_full_params(self, full: dict[str, torch.Tensor]) -> None:
         for unit in self.units:
             for piece, (_, view) in zip(unit.layout.pieces, unit.layout.piece_views(unit.master)):
-                view.copy_(full[piece.name].reshape(-1)[piece.param_start:piece.param_start + piece.numel])
+                view.copy_(full[piece.name].reshape(-1)[piece.param_start : piece.param_start + piece.numel])
         self.masters_changed()
 
     def masters_changed(self) -> None:
@@ -361,7 +382,7 @@ class ZeroBase:
         raise NotImplementedError
 
     # ---- accounting -------------------------------------------------------------------------------
-    def held(self) -> dict[str, list[torch.Tensor | None]]:
+    def held(self) -> dict[str, Sequence[torch.Tensor | None]]:
         """This rank's model-state tensors by kind: params, grads, and a host master when it is a copy."""
         raise NotImplementedError
 
@@ -378,10 +399,15 @@ class ZeroBase:
         held = {k: tensor_bytes(v) for k, v in self.held().items() if tensor_bytes(v)}
         held["Adam"] = 8 * sum(p.numel for x in lay for p in x.pieces)
         parts = " + ".join(f"{k} {human_bytes(v)}" for k, v in held.items())
-        replicas = (f", all-reduce {human_bytes(self.reduce_dtype.itemsize * self.num_params() / n)} over replicas once"
-                    if self.groups.replicas > 1 else "")
-        return (f"ZeRO-{self.stage} over dp_shard={n}{hsdp}: {len(lay)} flat units (largest "
-                f"{human_bytes(4 * max(x.padded for x in lay))}), {sum(x.padded - x.numel for x in lay)} padding elements; "
-                f"offload {'on' if self.offload else 'off'}\n"
-                f"  model states per rank: {parts} = {human_bytes(sum(held.values()))}\n"
-                f"  traffic per step: {self.traffic()}{replicas}")
+        replicas = (
+            f", all-reduce {human_bytes(self.reduce_dtype.itemsize * self.num_params() / n)} over replicas once"
+            if self.groups.replicas > 1
+            else ""
+        )
+        return (
+            f"ZeRO-{self.stage} over dp_shard={n}{hsdp}: {len(lay)} flat units (largest "
+            f"{human_bytes(4 * max(x.padded for x in lay))}), {sum(x.padded - x.numel for x in lay)} padding elements; "
+            f"offload {'on' if self.offload else 'off'}\n"
+            f"  model states per rank: {parts} = {human_bytes(sum(held.values()))}\n"
+            f"  traffic per step: {self.traffic()}{replicas}"
+        )

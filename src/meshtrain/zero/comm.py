@@ -5,6 +5,7 @@ require; the padding is not traffic the strategy asks for, so each call records 
 *unpadded* unit (`real_bytes`). That keeps the counters equal to the theory (2 psi per step for
 ZeRO 1/2, 3 psi for ZeRO 3, times (N-1)/N on the wire) whatever the remainder of psi / N.
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,15 +14,17 @@ import torch.distributed as dist
 from meshtrain.accounting import CommStats
 
 
-def reduce_scatter(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup, stats: CommStats,
-                   real_bytes: float) -> dist.Work:
+def reduce_scatter(
+    out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup, stats: CommStats, real_bytes: float
+) -> dist.Work:
     """Sum `inp` over the group and leave this rank's slice in `out` (which may alias that slice)."""
     stats.record("reduce_scatter", real_bytes, dist.get_world_size(group))
     return dist.reduce_scatter_single(out, inp, op=dist.ReduceOp.SUM, group=group, async_op=True)
 
 
-def all_gather(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup, stats: CommStats,
-               real_bytes: float) -> dist.Work:
+def all_gather(
+    out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup, stats: CommStats, real_bytes: float
+) -> dist.Work:
     """Concatenate every rank's `inp` into `out` (`inp` may alias this rank's slice of `out`)."""
     stats.record("all_gather", real_bytes, dist.get_world_size(group))
     return dist.all_gather_single(out, inp, group=group, async_op=True)

@@ -26,7 +26,10 @@ where no hook sees them, so stage 2 then keeps whole gradients over the step, as
 reduces them once in finish() (torchtitan's FSDP + pipelining does the same; DeepSpeed refuses ZeRO-2
 with pipelining). Between steps it still holds only the gradient shard.
 """
+
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -37,10 +40,25 @@ from meshtrain.zero.base import FlatUnit, ShardGroups, Unit, ZeroBase
 from meshtrain.zero.comm import all_gather, gather_uncounted
 
 
-class Zero12(ZeroBase):
-    def __init__(self, module: nn.Module | list[nn.Module], stage: int, groups: ShardGroups, stats: CommStats,
-                 bucket_bytes: int, reduce_dtype: torch.dtype = torch.float32, offload: bool = False,
-                 reduce_each_micro: bool = True) -> None:
+def _bucket(unit: Unit) -> torch.Tensor:
+    """ZeRO-1's whole gradient bucket, which every stage-1 unit has from construction on."""
+    if unit.grad_full is None:
+        raise RuntimeError(f"{unit.layout.name} has no gradient bucket: only ZeRO-1 keeps one")
+    return unit.grad_full
+
+
+class Zero12(ZeroBase[Unit]):
+    def __init__(
+        self,
+        module: nn.Module | list[nn.Module],
+        stage: int,
+        groups: ShardGroups,
+        stats: CommStats,
+        bucket_bytes: int,
+        reduce_dtype: torch.dtype = torch.float32,
+        offload: bool = False,
+        reduce_each_micro: bool = True,
+    ) -> None:
         if stage not in (1, 2):
             raise ValueError(f"Zero12 runs ZeRO stage 1 or 2, not {stage}")
         parts = as_parts(module)
@@ -77,12 +95,13 @@ class Zero12(ZeroBase):
     def unit_grads_ready(self, unit: Unit) -> None:
         lay = unit.layout
         if self.stage == 1:
-            self.reduce(unit, unit.grad_full, unit.grad_full[lay.shard], "alias")
+            bucket = _bucket(unit)
+            self.reduce(unit, bucket, bucket[lay.shard], "alias")
             return
         flat = lay.flatten([p.grad for p in lay.params], self.reduce_dtype, self.device)
         for p in lay.params:
             p.grad = None  # whole gradients are dropped as soon as their bucket is in flight
-        self.reduce(unit, flat, unit.grad, "add")
+        self.reduce(unit, flat, unit.grad_shard(), "add")
 
     def finish(self) -> None:
         """Reduce buckets the hooks did not (no gradient, or no sync micro-step), then wait for all."""
@@ -92,11 +111,11 @@ class Zero12(ZeroBase):
         self.drain()
         if self.stage == 1 and self.offload:
             for unit in self.units:
-                unit.grad = unit.grad_full[unit.layout.shard]
+                unit.grad = _bucket(unit)[unit.layout.shard]
         self.all_reduce_replicas()
         if self.stage == 1 and self.offload:
             for unit in self.units:
-                unit.grad = self.host_copy(unit.grad)
+                unit.grad = self.host_copy(unit.grad_shard())
         self.finish_units()
 
     def after_step(self) -> None:
@@ -114,22 +133,25 @@ class Zero12(ZeroBase):
     def zero_grad(self) -> None:
         for unit in self.units:
             if self.stage == 1:
-                unit.grad_full.zero_()
+                _bucket(unit).zero_()
                 if self.offload:
                     unit.grad = None
             else:
-                unit.grad.zero_()
+                unit.grad_shard().zero_()
 
-    def held(self) -> dict[str, list[torch.Tensor | None]]:
-        return {"params": [u.full for u in self.units],
-                "grads": [u.grad_full if self.stage == 1 else u.grad for u in self.units],
-                "host master": [u.master for u in self.units] if self.offload else []}
+    def held(self) -> dict[str, Sequence[torch.Tensor | None]]:
+        return {
+            "params": [u.full for u in self.units],
+            "grads": [u.grad_full if self.stage == 1 else u.grad for u in self.units],
+            "host master": [u.master for u in self.units] if self.offload else [],
+        }
 
     def traffic(self) -> str:
         psi4 = human_bytes(4 * self.num_params())
         when = "per micro-step" if self.stage == 2 and self.reduce_each_micro else "once"
-        return (f"reduce-scatter {psi4} {when} in {str(self.reduce_dtype).removeprefix('torch.')}, "
-                f"all-gather {psi4} once")
+        return (
+            f"reduce-scatter {psi4} {when} in {str(self.reduce_dtype).removeprefix('torch.')}, all-gather {psi4} once"
+        )
 
     def masters_changed(self) -> None:
         for unit in self.units:

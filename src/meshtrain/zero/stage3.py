@@ -28,11 +28,13 @@ produces the linear weights' gradients outside autograd, after the unit was alre
 Mixed precision: with bf16 compute the shards stay fp32 (they are the master weights) and the
 gather moves bf16, as FSDP2's param_dtype does; gradients are reduced in parallel.reduce_dtype.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -40,14 +42,15 @@ from torch import nn
 
 from meshtrain.accounting import CommStats, human_bytes
 from meshtrain.core.parts import as_parts
+from meshtrain.model import Llama
 from meshtrain.zero.base import FlatUnit, ShardGroups, Unit, ZeroBase, named_unique
 from meshtrain.zero.comm import all_gather
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class GatherUnit(Unit):
-    index: int = 0
-    shard: torch.Tensor | None = None
+    index: int
+    shard: torch.Tensor
     """fp32 shard on the device: the source of every gather (and the master, unless offloaded)."""
     state: str = "free"
     """free (storage size 0), inflight (gather launched) or ready."""
@@ -74,34 +77,48 @@ def following(specs: list[UnitSpec], start: int, position: int, reverse: bool) -
     return {start + a: start + b for a, b in zip(order, order[1:])}
 
 
-def block_specs(model: nn.Module) -> list[UnitSpec]:
+def block_specs(model: Llama) -> list[UnitSpec]:
     """Embedding, each block, norm + head in forward order; one root unit when embedding and head are tied."""
     b, head = model.model, model.lm_head
     names = {id(m): n for n, m in model.named_modules()}
     blocks = list(b.layers.values())
-    tied = head is not None and b.embed_tokens is not None and head.weight is b.embed_tokens.weight
     ends = [m for m in (b.norm, head) if m is not None]
     last_pos = len(blocks) + 2
-    specs = [UnitSpec(f"zero.layers.{names[id(blk)].rsplit('.', 1)[-1]}", [(names[id(blk)], blk)], blk, blk,
-                      (i + 1, i + 1)) for i, blk in enumerate(blocks)]
-    if tied:
+    specs = [
+        UnitSpec(f"zero.layers.{names[id(blk)].rsplit('.', 1)[-1]}", [(names[id(blk)], blk)], blk, blk, (i + 1, i + 1))
+        for i, blk in enumerate(blocks)
+    ]
+    if head is not None and b.embed_tokens is not None and head.weight is b.embed_tokens.weight:  # tied
         mods = [b.embed_tokens, *ends]
         return [UnitSpec("zero.root", [(names[id(m)], m) for m in mods], b.embed_tokens, head, (0, last_pos))] + specs
     if b.embed_tokens is not None:
-        specs.insert(0, UnitSpec("zero.embed", [(names[id(b.embed_tokens)], b.embed_tokens)], b.embed_tokens,
-                                 b.embed_tokens, (0, 0)))
+        specs.insert(
+            0,
+            UnitSpec(
+                "zero.embed", [(names[id(b.embed_tokens)], b.embed_tokens)], b.embed_tokens, b.embed_tokens, (0, 0)
+            ),
+        )
     if ends:
-        specs.append(UnitSpec("zero.head", [(names[id(m)], m) for m in ends], ends[0], ends[-1], (last_pos - 1, last_pos)))
+        specs.append(
+            UnitSpec("zero.head", [(names[id(m)], m) for m in ends], ends[0], ends[-1], (last_pos - 1, last_pos))
+        )
     return specs
 
 
-class Zero3(ZeroBase):
+class Zero3(ZeroBase[GatherUnit]):
     stage = 3
     collective_forward = True
 
-    def __init__(self, model: nn.Module | list[nn.Module], groups: ShardGroups, stats: CommStats,
-                 param_dtype: torch.dtype = torch.float32, reduce_dtype: torch.dtype = torch.float32,
-                 offload: bool = False, prefetch: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module | list[nn.Module],
+        groups: ShardGroups,
+        stats: CommStats,
+        param_dtype: torch.dtype = torch.float32,
+        reduce_dtype: torch.dtype = torch.float32,
+        offload: bool = False,
+        prefetch: bool = True,
+    ) -> None:
         parts = as_parts(model)
         super().__init__(groups, stats, reduce_dtype, offload, next(parts[0].parameters()).device)
         self.param_dtype, self.prefetch = param_dtype, prefetch
@@ -116,7 +133,7 @@ class Zero3(ZeroBase):
         """Units of one Llama (the model, or one pipeline stage), hooked, prefetching among themselves."""
         seen: set[int] = set()
         specs, start = [], len(self.units)
-        for spec in block_specs(part):
+        for spec in block_specs(cast(Llama, part)):  # ZeRO-3 cuts units along a Llama's structure
             named = named_unique(spec.modules, seen)
             if named:  # a module whose weights another unit already owns (tying) needs no unit
                 specs.append(spec)
@@ -137,8 +154,9 @@ class Zero3(ZeroBase):
         compute.untyped_storage().resize_(0)
         grad = torch.zeros(lay.shard_size, dtype=torch.float32, device=self.device)
         master = self.host_copy(shard) if self.offload else shard
-        return GatherUnit(lay, master, self.host_copy(grad) if self.offload else grad, full=compute, shard=shard,
-                          index=index)
+        return GatherUnit(
+            lay, master, self.host_copy(grad) if self.offload else grad, full=compute, shard=shard, index=index
+        )
 
     # ---- gather / free ----------------------------------------------------------------------------
     def _start_gather(self, i: int) -> None:
@@ -156,8 +174,9 @@ class Zero3(ZeroBase):
             return
         # Writing into storage that autograd's saved views share trips no version check: `p.data = view`
         # left each parameter its own version counter, which is the one its saved views carry.
-        unit.work = all_gather(unit.full, source, self.groups.shard, self.stats,
-                               unit.layout.real_bytes(unit.full.element_size()))
+        unit.work = all_gather(
+            unit.full, source, self.groups.shard, self.stats, unit.layout.real_bytes(unit.full.element_size())
+        )
         unit.source = source
 
     def _unshard(self, i: int) -> None:
@@ -198,20 +217,22 @@ class Zero3(ZeroBase):
     def counting(self) -> bool:
         return True  # every micro-step's gradients are reduced (see the module docstring)
 
-    def unit_grads_ready(self, unit: Unit) -> None:
+    def unit_grads_ready(self, unit: GatherUnit) -> None:
         lay = unit.layout
         self._free(unit.index)
         flat = lay.flatten([p.grad for p in lay.params], self.reduce_dtype, self.device)
         for p in lay.params:
             p.grad = None
-        self.reduce(unit, flat, unit.grad, "add")
+        self.reduce(unit, flat, unit.grad_shard(), "add")
 
     # ---- the GradEngine contract ------------------------------------------------------------------
     def finish(self) -> None:
         partial_units = [u.layout.name for u in self.units if u.ready]
         if partial_units:
-            raise RuntimeError(f"ZeRO-3 units {partial_units} got gradients for only some of their parameters; "
-                               f"every parameter must take part in the loss")
+            raise RuntimeError(
+                f"ZeRO-3 units {partial_units} got gradients for only some of their parameters; "
+                f"every parameter must take part in the loss"
+            )
         self.drain()
         self.all_reduce_replicas()
         self.finish_units()
@@ -227,23 +248,29 @@ class Zero3(ZeroBase):
 
     def zero_grad(self) -> None:
         for unit in self.units:
-            unit.grad.zero_()
+            unit.grad_shard().zero_()
 
-    def held(self) -> dict[str, list[torch.Tensor | None]]:
+    def held(self) -> dict[str, Sequence[torch.Tensor | None]]:
         # `full` is counted too: its storage is empty between uses, so it adds nothing at a step's end
-        return {"params": [u.shard for u in self.units] + [u.full for u in self.units],
-                "grads": [u.grad for u in self.units],
-                "host master": [u.master for u in self.units] if self.offload else []}
+        return {
+            "params": [u.shard for u in self.units] + [u.full for u in self.units],
+            "grads": [u.grad for u in self.units],
+            "host master": [u.master for u in self.units] if self.offload else [],
+        }
 
     def traffic(self) -> str:
         psi = self.num_params()
         gathered = human_bytes(psi * self.units[0].full.element_size())
-        return (f"per micro-step all-gather {gathered} in forward and again in backward, reduce-scatter "
-                f"{human_bytes(psi * self.reduce_dtype.itemsize)}")
+        return (
+            f"per micro-step all-gather {gathered} in forward and again in backward, reduce-scatter "
+            f"{human_bytes(psi * self.reduce_dtype.itemsize)}"
+        )
 
     def step_metrics(self) -> dict[str, float]:
         """Peak bytes of gathered parameters during the step, next to the largest unit's size."""
-        out = {"zero3_peak_gathered_bytes": self.peak_bytes,
-               "zero3_unit_bytes_max": max(u.layout.padded for u in self.units) * self.units[0].full.element_size()}
+        out: dict[str, float] = {
+            "zero3_peak_gathered_bytes": self.peak_bytes,
+            "zero3_unit_bytes_max": max(u.layout.padded for u in self.units) * self.units[0].full.element_size(),
+        }
         self.peak_bytes = self.live_bytes
         return out
