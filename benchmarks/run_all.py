@@ -1,6 +1,6 @@
 """Run every benchmark and write one table, benchmarks/results.md, with the date and the machine.
 
-    python benchmarks/run_all.py [--rounds 7] [--out benchmarks/results.md]     (or: make bench)
+    python benchmarks/run_all.py [--rounds 15] [--out benchmarks/results.md]     (or: make bench)
 
 Each benchmark runs in its own processes and appends its ratios (median, min and max over shuffled
 rounds, each against a peer measured in the same run) to a JSON-lines file; this script then
@@ -67,7 +67,7 @@ def render(rows: list[dict], rounds: int) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--rounds", type=int, default=15, help="shuffled rounds per benchmark (15: the ratios settle)")
     p.add_argument("--out", default=str(HERE / "results.md"))
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
