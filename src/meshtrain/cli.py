@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from meshtrain.config import ConfigError, dump_toml, load_config
+from meshtrain.config import ConfigError, add_config_arguments, dump_toml, load_config
 from meshtrain.validate import validate
 
 EPILOG = """examples:
@@ -30,17 +30,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys: see docs/config.md or `meshtrain config-help`",
     )
-    p.add_argument("--config", required=True, help="TOML file, e.g. configs/tiny.toml")
+    add_config_arguments(p, "TOML file, e.g. configs/tiny.toml")
     p.add_argument("--nproc", type=int, default=1, help="number of local processes (the world size); default 1")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config field, e.g. --set training.steps=30 (repeatable)",
-    )
-    p.add_argument("--run-dir", help="output folder for metrics, config and checkpoints (logging.run_dir)")
     p.add_argument("--max-restarts", type=int, default=0, help="elastic restarts after a worker failure")
     p.set_defaults(func=run_train)
 

@@ -7,6 +7,7 @@ spawned, and raises `ConfigError` whose message is a single line naming the fiel
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import difflib
@@ -302,6 +303,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             for key, value in table.items():
                 _set(cfg, f"{section}.{key}", value)
     return apply_overrides(cfg, overrides or [])
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_help: str) -> None:
+    """--config, --set (repeatable) and --run-dir: how every entry point takes a run's config."""
+    parser.add_argument("--config", required=True, help=config_help)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config field, e.g. --set training.steps=30 (repeatable)",
+    )
+    parser.add_argument("--run-dir", help="output folder for metrics, config and checkpoints (sets logging.run_dir)")
 
 
 def dump_toml(cfg: Config) -> str:

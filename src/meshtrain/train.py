@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from meshtrain.config import ConfigError, load_config
+from meshtrain.config import ConfigError, add_config_arguments, load_config
 from meshtrain.distributed import init_distributed, shutdown
 from meshtrain.validate import validate
 
@@ -22,16 +22,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m meshtrain.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--config", required=True, help="TOML config file")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config field (repeatable)",
-    )
-    p.add_argument("--run-dir", help="output folder (sets logging.run_dir)")
+    add_config_arguments(p, "TOML config file")
     return p.parse_args(argv)
 
 
