@@ -28,7 +28,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         description="Validate the config, write RUN_DIR/config.toml, then launch N workers "
         "(gloo on CPU, NCCL on CUDA) that train and write RUN_DIR/metrics.jsonl.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys: see docs/config.md or `meshtrain config-help`",
+        epilog="every config key, its default and its meaning: `meshtrain config-help`",
     )
     add_config_arguments(p, "TOML file, e.g. configs/tiny.toml")
     p.add_argument("--nproc", type=int, default=1, help="number of local processes (the world size); default 1")
