@@ -4,8 +4,9 @@ meshtrain's own counters (CommStats) record what its communication modules say t
 wrapper sits one level lower, on the torch.distributed functions themselves, and counts the tensors
 that really reach them, padding and dtype included, in the payload convention of
 meshtrain.accounting (all-reduce: the tensor; all-gather: the gathered output; reduce-scatter: the
-full input; p2p: what is sent). Scalar bookkeeping (the loss and gradient-norm reductions, at most
-two elements) is kept apart, as the convention leaves it out of the strategies' volume.
+full input; p2p: what is sent). Scalar bookkeeping (the loss and gradient-norm reductions and the
+step-time gather, at most two elements per rank) is kept apart, as the convention leaves it out of
+the strategies' volume.
 
 It is a counting wrapper, not a fake: every call goes through to torch unchanged.
 """
@@ -38,10 +39,11 @@ class CommCounter:
         self.dtypes: dict[str, set[str]] = defaultdict(set)
         self._saved: dict[str, Callable[..., Any]] = {}
 
-    def _count(self, kind: str, tensor: torch.Tensor, nbytes: int | None = None) -> None:
-        if tensor.numel() <= SCALAR:
+    def _count(self, kind: str, tensor: torch.Tensor, each: torch.Tensor | None = None) -> None:
+        """`each`: what one rank contributes, when it is not `tensor` (an all-gather's input)."""
+        if (tensor if each is None else each).numel() <= SCALAR:
             kind = "scalar"
-        self.bytes[kind] += _nbytes(tensor) if nbytes is None else nbytes
+        self.bytes[kind] += _nbytes(tensor)
         self.calls[kind] += 1
         self.dtypes[kind].add(str(tensor.dtype).removeprefix("torch."))
 
@@ -58,7 +60,7 @@ class CommCounter:
 
     def install(self) -> CommCounter:
         self._wrap("all_reduce", lambda t, *a, **k: self._count("all_reduce", t))
-        self._wrap("all_gather_single", lambda out, inp, *a, **k: self._count("all_gather", out))
+        self._wrap("all_gather_single", lambda out, inp, *a, **k: self._count("all_gather", out, inp))
         self._wrap("reduce_scatter_single", lambda out, inp, *a, **k: self._count("reduce_scatter", inp))
         self._wrap("all_to_all_single", lambda out, inp, *a, **k: self._count("all_to_all", inp))
         self._wrap("broadcast", lambda t, *a, **k: self._count("broadcast", t))

@@ -51,6 +51,8 @@ class Run:
     nproc: int
     overrides: list[str] = field(default_factory=list)
     config: Path = TINY
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment variables for this run only (e.g. MESHTRAIN_FAULT)."""
 
 
 def _train_runs(rank: int, runs: list[Run], stores: str, count_comms: bool) -> None:
@@ -65,6 +67,8 @@ def _train_runs(rank: int, runs: list[Run], stores: str, count_comms: bool) -> N
     for i, run in enumerate(runs):
         if rank >= run.nproc:
             continue  # this run needs fewer ranks than the pool has
+        saved = {k: os.environ.get(k) for k in run.env}
+        os.environ.update({**run.env, "RANK": str(rank)})
         cfg = validate(
             load_config(run.config, [*run.overrides, f"logging.run_dir={run.run_dir}", "logging.progress=false"]),
             run.nproc,
@@ -78,6 +82,11 @@ def _train_runs(rank: int, runs: list[Run], stores: str, count_comms: bool) -> N
             counter.uninstall()
             counter.save(run.run_dir / f"comm_counted.rank{rank}.json")
         dist.destroy_process_group()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     os._exit(0)
 
 

@@ -36,10 +36,15 @@ TRAINING = (
     "core",
     "activation_checkpoint.py",
     "checkpoint.py",
+    "checkpoint_files.py",
     "optim.py",
     "metrics.py",
     "model",
     "data",
+    "watchdog.py",
+    "resilience.py",
+    "preflight.py",
+    "rundir.py",
     *STRATEGIES,
 )
 

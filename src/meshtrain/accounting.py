@@ -11,10 +11,17 @@ any strategy's theoretical volume.
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable
+import contextlib
+import sys
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
+import torch.distributed as dist
 
 KINDS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "p2p", "broadcast")
 
@@ -29,13 +36,23 @@ def wire_factor(kind: str, n: int) -> float:
     return 1.0
 
 
+class Recorder(Protocol):
+    """Where the communication layer counts and logs a collective: CommStats, or a tee of several."""
+
+    log: CollectiveLog
+
+    def record(self, kind: str, nbytes: float, group_size: int) -> None: ...
+
+
 class CommStats:
-    """Counts the bytes this rank hands to collectives; one instance per run, passed explicitly."""
+    """Counts the bytes this rank hands to collectives, and logs the calls (meshtrain.core.comm);
+    one instance per run, passed explicitly."""
 
     def __init__(self) -> None:
         # float: HSDP's all_reduce records each rank's 1/N share of a unit, which need not be whole
         self.payload: dict[str, float] = defaultdict(int)
         self.wire = 0.0
+        self.log = CollectiveLog()
 
     def record(self, kind: str, nbytes: float, group_size: int) -> None:
         self.payload[kind] += nbytes
@@ -47,6 +64,101 @@ class CommStats:
         self.payload.clear()
         self.wire = 0.0
         return out
+
+
+RECENT = 64  # entries kept in the log: enough to see where the ranks diverged
+
+
+@dataclass(frozen=True)
+class Entry:
+    seq: int
+    """This rank's count of calls on the group so far, this one included."""
+    kind: str
+    group: str
+    nbytes: int
+    site: str
+
+    def describe(self) -> str:
+        return f"{self.kind} #{self.seq} on {self.group} ({self.nbytes:,} bytes, {self.site})"
+
+
+def _call_site() -> str:
+    """file:line of the code that asked for the collective: the first frame outside the comm modules."""
+    frame = sys._getframe(2)
+    while frame.f_back is not None and frame.f_code.co_filename.endswith(("comm.py", "accounting.py")):
+        frame = frame.f_back
+    return f"{'/'.join(frame.f_code.co_filename.split('/')[-2:])}:{frame.f_lineno}"
+
+
+def group_name(group: dist.ProcessGroup | None) -> str:
+    """A readable name: the mesh axis (DeviceMesh names its groups) and the global ranks."""
+    if group is None:
+        group = dist.group.WORLD
+    if group is None:
+        return "none"
+    desc = getattr(group, "group_desc", "") or "group"
+    desc = "world" if desc == "default_pg" else desc.removeprefix("mesh_")
+    ranks = dist.get_process_group_ranks(group)
+    return f"{desc}{ranks}"
+
+
+@dataclass
+class CollectiveLog:
+    """This rank's recent collectives and what it is blocked on; read by the watchdog's thread."""
+
+    recent: deque[Entry] = field(default_factory=lambda: deque(maxlen=RECENT))
+    counts: dict[str, int] = field(default_factory=dict)
+    """Calls issued per group."""
+    waiting: tuple[Entry, float] | None = None
+    """The collective the main thread is blocked in, and since when (time.monotonic)."""
+    activity: str = "starting"
+    """What the rank does outside collectives (a step, a checkpoint save), for the report."""
+    step: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def issue(self, kind: str, group: dist.ProcessGroup | None, nbytes: int) -> Entry:
+        name = group_name(group)
+        site = _call_site()
+        with self._lock:
+            self.counts[name] = self.counts.get(name, 0) + 1
+            entry = Entry(self.counts[name], kind, name, nbytes, site)
+            self.recent.append(entry)
+        return entry
+
+    @contextlib.contextmanager
+    def blocked(self, entry: Entry) -> Iterator[None]:
+        self.waiting = (entry, time.monotonic())
+        try:
+            yield
+        finally:
+            self.waiting = None
+
+    @contextlib.contextmanager
+    def doing(self, activity: str) -> Iterator[None]:
+        previous, self.activity = self.activity, activity
+        try:
+            yield
+        finally:
+            self.activity = previous
+
+    def snapshot(self) -> dict[str, object]:
+        """What this rank publishes: JSON-ready."""
+        with self._lock:
+            waiting = self.waiting
+            return {
+                "step": self.step,
+                "activity": self.activity,
+                "counts": dict(self.counts),
+                "recent": [e.describe() for e in list(self.recent)[-5:]],
+                "waiting": None
+                if waiting is None
+                else {
+                    "entry": waiting[0].describe(),
+                    "group": waiting[0].group,
+                    "seq": waiting[0].seq,
+                    "for_s": round(time.monotonic() - waiting[1], 1),
+                },
+            }
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:

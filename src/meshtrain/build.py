@@ -98,10 +98,10 @@ def build_parallel(cfg: Config, topo: Topology, device: torch.device, stats: Com
     # 6. data parallelism or ZeRO, then what the earlier steps change about gradients
     engine = _gradient_engine(parts, topo, cfg, stats, deferred_weight_grads=pipe is not None and pipe.splits_backward)
     if tp is not None:
-        engine = TensorParallelEngine(engine, parts, tp)
+        engine = TensorParallelEngine(engine, parts, tp, stats)
     pp_group = topo.group("pp")
     if pp_group is not None:  # stages own disjoint parameters
-        engine = DisjointParts(engine, pp_group)
+        engine = DisjointParts(engine, pp_group, stats)
     # 7. B/W split
     queue = WeightGradQueue()
     if pipe is not None and pipe.splits_backward:
@@ -120,7 +120,7 @@ def build_parallel(cfg: Config, topo: Topology, device: torch.device, stats: Com
         parts,
         engine,
         runner,
-        LossReduction(counts=topo.local_rank("tp") == 0),
+        LossReduction(counts=topo.local_rank("tp") == 0, stats=stats),
         sampler=cast(Llama, parts[0]) if pipe is None else None,
     )
 

@@ -7,10 +7,13 @@ non-zero exit and no traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
 from meshtrain.config import ConfigError, add_config_arguments, dump_toml, load_config
+from meshtrain.preflight import preflight
+from meshtrain.rundir import set_aside
 from meshtrain.validate import validate
 
 EPILOG = """examples:
@@ -33,19 +36,54 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     add_config_arguments(p, "TOML file, e.g. configs/tiny.toml")
     p.add_argument("--nproc", type=int, default=1, help="number of local processes (the world size); default 1")
     p.add_argument("--max-restarts", type=int, default=0, help="elastic restarts after a worker failure")
+    nodes = p.add_argument_group("several nodes (every node runs the same command, each with its --node-rank)")
+    nodes.add_argument("--nnodes", type=int, default=1, help="nodes in the run; the world size is nnodes x nproc")
+    nodes.add_argument("--node-rank", type=int, default=0, help="this node's index, 0 .. nnodes-1")
+    nodes.add_argument("--master-addr", default="127.0.0.1", help="address of node 0, which hosts the rendezvous")
+    nodes.add_argument("--master-port", type=int, default=29500, help="a free port on node 0 (default 29500)")
+    choice = p.add_mutually_exclusive_group()
+    choice.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --run-dir from its newest checkpoint (checkpoint.resume=auto)",
+    )
+    choice.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in a --run-dir that holds a run: its files move to RUN_DIR/replaced-<time>/",
+    )
     p.set_defaults(func=run_train)
 
 
 def run_train(args: argparse.Namespace) -> int:
     overrides = args.overrides + ([f"logging.run_dir={args.run_dir}"] if args.run_dir else [])
-    cfg = validate(load_config(args.config, overrides), args.nproc)
+    overrides += ["checkpoint.resume=auto"] if args.resume else []
+    overrides += ["checkpoint.resume=never"] if args.overwrite else []
+    if args.max_restarts < 0:
+        raise ConfigError(f"--max-restarts {args.max_restarts} must not be negative")
+    _check_nodes(args)
+    cfg = validate(load_config(args.config, overrides), args.nproc * args.nnodes)
+    for warning in preflight(cfg, args.nproc, overwrite=args.overwrite):
+        print(f"warning: {warning}", file=sys.stderr)
     run_dir = Path(cfg.logging.run_dir)
+    if args.overwrite and (moved := set_aside(run_dir)) is not None:
+        print(f"the previous run in {run_dir} is now in {moved}", file=sys.stderr)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = run_dir / "config.toml"
     resolved.write_text(dump_toml(cfg))
-    from meshtrain.launch import launch
+    from meshtrain.launch import Nodes, launch  # torch's launcher: imported once the config is known to be good
 
-    return launch(resolved, args.nproc, args.max_restarts)
+    nodes = Nodes(args.nnodes, args.node_rank, args.master_addr, args.master_port) if args.nnodes > 1 else None
+    return launch(resolved, args.nproc, args.max_restarts, nodes)
+
+
+def _check_nodes(args: argparse.Namespace) -> None:
+    if args.nnodes < 1 or args.nproc < 1:
+        raise ConfigError(f"--nnodes {args.nnodes} and --nproc {args.nproc} must be at least 1")
+    if not 0 <= args.node_rank < args.nnodes:
+        raise ConfigError(f"--node-rank {args.node_rank} must be in 0 .. --nnodes-1 = {args.nnodes - 1}")
+    if not 0 < args.master_port < 65536:
+        raise ConfigError(f"--master-port {args.master_port} is not a port number; give 1 .. 65535")
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
@@ -96,7 +134,15 @@ def run_config_help(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Subcommands whose modules import torch: registered for real only when invoked, so that a config
+# error from `meshtrain train` takes a fraction of a second, not the seconds torch's import takes.
+LAZY = {
+    "plan": ("meshtrain.planner.cli", "predict memory and step time; recommend a parallel layout"),
+    "schedule": ("meshtrain.tools.schedule_cli", "simulate a pipeline-parallel schedule and report its bubble"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meshtrain", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -104,16 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_train(sub)
     add_generate(sub)
     add_config_help(sub)
-    from meshtrain.planner.cli import add_parser as add_plan
-    from meshtrain.tools.schedule_cli import add_parser as add_schedule
-
-    add_plan(sub)
-    add_schedule(sub)
+    for name, (module, summary) in LAZY.items():
+        if name == command:
+            importlib.import_module(module).add_parser(sub)
+        else:
+            sub.add_parser(name, help=summary)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -122,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a folder that cannot be made, a file that cannot be written: one line, no traceback
+        print(f"error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

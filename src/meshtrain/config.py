@@ -176,7 +176,27 @@ class CheckpointConfig:
     resume: str = "auto"
     """auto: continue from the latest checkpoint in the run directory; never: start fresh."""
     keep: int = 2
-    """How many recent checkpoints to keep."""
+    """How many of this run's newest complete checkpoints to keep; another run's are never touched."""
+    async_save: bool = False
+    """Write checkpoints in the background (DCP's async_save): training goes on while the files are written; each is committed (visible to resume) once all its files are on disk."""
+
+
+@dataclass
+class ResilienceConfig:
+    collective_timeout_s: float = 600.0
+    """Seconds a rank may wait in one collective before the watchdog reports the hang (which ranks lag, where each rank is, every stack) and stops the job; 0 disables the watchdog."""
+    heartbeat_s: float = 1.0
+    """How often each rank publishes its progress to the rendezvous store for the watchdog."""
+    max_skipped_steps: int = 5
+    """Consecutive optimizer steps skipped (non-finite loss or gradient norm, or a loss spike) before the run stops with an error."""
+    spike_sigma: float = 0.0
+    """Skip a step whose loss exceeds mean + spike_sigma x std of the last spike_window steps (OLMo uses 6); 0 disables."""
+    spike_window: int = 128
+    """Steps of loss history for the spike rule; it applies once half of them exist."""
+    straggler_factor: float = 1.5
+    """Warn about a rank whose step time stays above this multiple of the median over ranks."""
+    straggler_steps: int = 5
+    """Consecutive steps a rank must be that slow before the warning."""
 
 
 @dataclass
@@ -203,6 +223,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

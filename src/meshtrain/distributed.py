@@ -6,6 +6,7 @@ Nothing here is global: `init_distributed` returns a `DistEnv` that the caller p
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -21,6 +22,10 @@ class DistEnv:
     device: torch.device
     backend: str
     restart: int  # torchelastic restart count: which attempt this is
+    store: dist.Store | None = None
+    """The rendezvous store, for the hang watchdog (None: no watchdog)."""
+    launch_id: str = "local"
+    """The same on every rank and every restart of one launch (torchelastic's run id)."""
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:
@@ -58,6 +63,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> DistEnv:
     dev = pick_device(device, local_rank)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)
+    store = None
     if not dist.is_initialized():
         store = _store(rank, world_size, restart, timeout)
         dist.init_process_group(
@@ -68,7 +74,14 @@ def init_distributed(device: str = "auto", timeout_s: float = 300.0) -> DistEnv:
             timeout=timeout,
             device_id=dev if dev.type == "cuda" else None,
         )
-    return DistEnv(rank, world_size, local_rank, dev, backend, restart)
+    watch = dist.PrefixStore("watchdog", store) if store is not None and world_size > 1 else None
+    launch = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if launch in ("", "none"):  # torchrun without --rdzv-id: one id for all ranks, from rank 0
+        ids = [f"launch-{uuid.uuid4().hex[:12]}" if rank == 0 else ""]
+        if world_size > 1:
+            dist.broadcast_object_list(ids, src=0)
+        launch = ids[0]
+    return DistEnv(rank, world_size, local_rank, dev, backend, restart, watch, launch)
 
 
 def shutdown(hard_exit: bool = False, code: int = 0) -> None:

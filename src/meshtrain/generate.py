@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
@@ -42,14 +43,14 @@ def sample_text(
 
 
 def load_for_generation(run_dir: Path) -> tuple[Llama, Tokenizer, int]:
-    """Rebuild the model from RUN_DIR/config.toml and load weights from the newest checkpoint."""
-    cfg_path = run_dir / "config.toml"
-    if not cfg_path.is_file():
-        raise ConfigError(f"{cfg_path} not found; --run-dir must be the folder of a `meshtrain train` run")
-    cfg = load_config(cfg_path)
-    path = ckpt.latest(run_dir / "checkpoints")
+    """Rebuild the model from the newest checkpoint's own config.toml (the config it was trained
+    with: RUN_DIR/config.toml may belong to a later run) and load its weights."""
+    if not run_dir.is_dir():
+        raise ConfigError(f"--run-dir {run_dir} does not exist; pass the folder of a `meshtrain train` run")
+    path = ckpt.latest(run_dir / "checkpoints", warn=lambda text: print(f"warning: {text}", file=sys.stderr))
     if path is None:
         raise ConfigError(f"no complete checkpoint under {run_dir / 'checkpoints'}; train with checkpoint.interval > 0")
+    cfg = load_config(path / "config.toml")
     model = build_model(cfg.model, "cpu", seed=cfg.training.seed)
     state = {"model": dict(model.named_parameters())}
     with warnings.catch_warnings():

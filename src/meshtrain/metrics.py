@@ -46,20 +46,34 @@ def peak_rss_bytes() -> int:
 class MetricsWriter:
     """Appends one JSON object per optimizer step to each of `paths` (rank 0: metrics.jsonl and its
     own metrics.rank0.jsonl; every other rank: its metrics.rank{R}.jsonl, which holds that rank's
-    own memory and communication figures)."""
+    own memory and communication figures).
 
-    def __init__(self, paths: list[Path], truncate: bool) -> None:
+    On start it keeps the records up to `keep_through` (the step a run resumes from) and drops the
+    rest, which the resumed run replays: a crash between checkpoints leaves no step twice. The
+    files are rewritten through a temporary file and a rename, so a crash here tears nothing."""
+
+    def __init__(self, paths: list[Path], keep_through: int) -> None:
         self.paths = paths
         for path in paths:
             path.parent.mkdir(parents=True, exist_ok=True)
-            if truncate:
-                path.write_text("")
+            lines = path.read_text().splitlines() if path.is_file() else []
+            kept = [line for line in lines if (_step(line) or 0) <= keep_through and _step(line) is not None]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record) + "\n"
         for path in self.paths:
             with path.open("a") as f:
                 f.write(line)
+
+
+def _step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 class ProgressBar:

@@ -15,6 +15,7 @@ import torch
 
 from meshtrain.config import ConfigError, add_config_arguments, load_config
 from meshtrain.distributed import init_distributed, shutdown
+from meshtrain.preflight import preflight
 from meshtrain.validate import validate
 
 
@@ -39,15 +40,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides + ([f"logging.run_dir={args.run_dir}"] if args.run_dir else []))
         cfg = validate(cfg, world)
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0:
+            # an external launcher skips `meshtrain train`'s checks; a restart continues its own run
+            preflight(cfg, world, overwrite=False)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     _threads()
+    from meshtrain.checkpoint import CheckpointError
+    from meshtrain.resilience import TrainingStopped
     from meshtrain.trainer import Trainer  # heavy imports only once the config is known to be good
 
-    env = init_distributed(cfg.training.device)
+    # gloo's own timeout must outlast the watchdog's, which names the rank and collective
+    env = init_distributed(cfg.training.device, timeout_s=max(300.0, cfg.resilience.collective_timeout_s + 120))
     trainer = Trainer(cfg, env)
-    trainer.fit()
+    try:
+        trainer.fit()
+    except (CheckpointError, TrainingStopped) as e:
+        if env.rank == 0 or isinstance(e, CheckpointError):
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        os._exit(1)  # no teardown: the other ranks may be gone
     # A forward with collectives (ZeRO-3's gathers, TP) needs every rank: then all sample along (the same tokens).
     sampler = trainer.parallel.sampler
     if cfg.logging.sample_prompt and sampler is not None and (env.rank == 0 or trainer.engine.collective_forward):

@@ -10,6 +10,8 @@ the gradient of the global mean loss, whatever the layout: the basis of the equi
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -20,17 +22,20 @@ from rich.console import Console
 from meshtrain import checkpoint as ckpt
 from meshtrain.accounting import CommStats, human_bytes, tensor_bytes
 from meshtrain.build import DTYPES, build_parallel
-from meshtrain.config import Config
+from meshtrain.config import Config, dump_toml
+from meshtrain.core import comm
 from meshtrain.core.runner import Batch
 from meshtrain.data import BatchSampler, build_dataset, build_tokenizer
 from meshtrain.distributed import DistEnv
-from meshtrain.faults import maybe_fail
+from meshtrain.faults import fault_requested, maybe_fail
 from meshtrain.logs import get_logger
 from meshtrain.metrics import MetricsWriter, ProgressBar, detect_peak_tflops, peak_rss_bytes
 from meshtrain.model import count_params
 from meshtrain.model.math import flops_per_token
 from meshtrain.optim import AdamW, lr_at
+from meshtrain.resilience import StepGuard, Stragglers
 from meshtrain.topology import Topology
+from meshtrain.watchdog import Watchdog
 
 
 class Trainer:
@@ -62,6 +67,11 @@ class Trainer:
         dtype = DTYPES[cfg.training.dtype]
         self.peak_flops = 1e12 * (cfg.logging.peak_tflops or detect_peak_tflops(env.device, dtype))
         self.flops_per_token = flops_per_token(cfg.model, cfg.training.seq_len)
+        r = cfg.resilience
+        self.guard = StepGuard(r.max_skipped_steps, r.spike_sigma, r.spike_window)
+        self.stragglers = Stragglers(env.world_size, r.straggler_factor, r.straggler_steps, self.stats)
+        self.run_id = env.launch_id
+        self.saver: ckpt.Saver | None = None
 
     # ---- state -------------------------------------------------------------------------------
     def app_state(self) -> dict[str, Any]:
@@ -72,26 +82,45 @@ class Trainer:
         }
 
     def maybe_resume(self) -> None:
-        path = ckpt.latest(self.ckpt_root) if self.cfg.checkpoint.resume == "auto" else None
+        path = ckpt.latest(self.ckpt_root, warn=self.log.warning) if self.cfg.checkpoint.resume == "auto" else None
         if path is None:
             return
         state = self.app_state()
-        meta = ckpt.load(path, state)
+        with self.stats.log.doing(f"loading {path.name}"):
+            meta = ckpt.load(path, state)
         self.optim.load_state_dict(state["optim"])
         self.step = int(state["train"]["step"])
+        self.run_id = meta.get("run_id", self.run_id)  # resuming continues that run: its checkpoints stay ours
         self.log.info(
             f"resumed from {path} (step {self.step}, {meta['sampler']['sequences_consumed']:,} sequences seen)"
         )
 
-    def save(self) -> None:
+    def save(self) -> float:
+        """Save a checkpoint of the current step; returns how long training stood still for it."""
+        if self.saver is None:
+            c = self.cfg.checkpoint
+            self.saver = ckpt.Saver(
+                self.ckpt_root,
+                self.run_id,
+                c.keep,
+                dump_toml(self.cfg),
+                c.async_save,
+                lambda: comm.barrier(None, self.stats),
+            )
         meta = {
             "step": self.step,
             "sampler": self.sampler.state(self.step),
             "layout": self.topo.describe(),
             "world_size": self.env.world_size,
         }
-        path = ckpt.save(self.ckpt_root, self.step, self.app_state(), meta, self.cfg.checkpoint.keep)
-        self.log.info(f"saved checkpoint {path}")
+        start = time.perf_counter()
+        with self.stats.log.doing(f"saving step {self.step}"):
+            path = self.saver.save(self.step, self.app_state(), meta)
+        stall = time.perf_counter() - start
+        self.log.info(
+            f"saved checkpoint {path} ({stall:.2f} s of training time{', writing on' if self.saver.pending else ''})"
+        )
+        return stall
 
     def model_state_bytes(self) -> int:
         return tensor_bytes(self.engine.state_tensors() + self.optim.state_tensors())
@@ -104,22 +133,37 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         t = self.cfg.training
         start = time.perf_counter()
-        loss_sum = self.runner.run(self.batches(self.step))
+        self.stats.log.step = self.step + 1
+        scale = self.runner.scale
+        if fault_requested("nan_grad", self.step + 1):  # failure injection (meshtrain.faults): NaN gradients
+            self.runner.scale = math.nan
+        try:
+            loss_sum = self.runner.run(self.batches(self.step))
+        finally:
+            self.runner.scale = scale
         self.engine.finish()
         grad_norm = float(self.engine.grad_norm())
-        if t.grad_clip and grad_norm > t.grad_clip:
-            self.engine.scale_grads(t.grad_clip / (grad_norm + 1e-6))
-        lr = lr_at(self.step, t)
-        self.optim.step(self.engine.optim_grads(), lr)
-        self.engine.after_step()
-        self.engine.zero_grad()
         loss_mean = self.parallel.reduce_loss(loss_sum) / self.global_tokens
+        lr = lr_at(self.step, t)
+        # Both figures come out of collectives, so every rank takes the same decision.
+        applied = self.guard.check(self.step + 1, loss_mean, grad_norm)
+        if applied:
+            if t.grad_clip and grad_norm > t.grad_clip:
+                self.engine.scale_grads(t.grad_clip / (grad_norm + 1e-6))
+            self.optim.step(self.engine.optim_grads(), lr)
+            self.engine.after_step()
+        else:
+            self.log.warning(f"step {self.step + 1} skipped: {self.guard.last_reason}")
+        self.engine.zero_grad()
         elapsed = time.perf_counter() - start
         self.step += 1
-        return self._record(loss_mean, lr, grad_norm, elapsed)
+        return self._record(loss_mean, lr, grad_norm, elapsed, applied)
 
-    def _record(self, loss: float, lr: float, grad_norm: float, elapsed: float) -> dict[str, Any]:
+    def _record(self, loss: float, lr: float, grad_norm: float, elapsed: float, applied: bool) -> dict[str, Any]:
         tps = self.global_tokens / elapsed
+        times, warning = self.stragglers.figures(self.stragglers.gather(elapsed))
+        if warning:
+            self.log.warning(warning)
         rec: dict[str, Any] = {
             "step": self.step,
             "loss": loss,
@@ -128,6 +172,9 @@ class Trainer:
             "tokens_per_s": tps,
             "mfu": tps * self.flops_per_token / (self.peak_flops * self.env.world_size),
             "step_time_s": elapsed,
+            **times,
+            "skipped": not applied,
+            "skipped_steps": self.guard.skipped,
             "mem_model_state_bytes": self.model_state_bytes(),
             "peak_rss_bytes": peak_rss_bytes(),
         }
@@ -156,26 +203,50 @@ class Trainer:
         self.maybe_resume()
         is_root = self.env.rank == 0
         own = self.run_dir / f"metrics.rank{self.env.rank}.jsonl"
-        writer = MetricsWriter([self.run_dir / "metrics.jsonl", own] if is_root else [own], truncate=self.step == 0)
+        # records after the checkpoint resumed from are replayed, so they go (none at all at step 0)
+        writer = MetricsWriter([self.run_dir / "metrics.jsonl", own] if is_root else [own], keep_through=self.step)
         self.log.info(self.summary())
         self.log.info(self.engine.describe())
         bar = ProgressBar(
             self.console, self.cfg.training.steps, self.step, enabled=is_root and self.cfg.logging.progress
         )
+        watchdog = self._watchdog()
         history = []
         try:
             while self.step < self.cfg.training.steps:
-                rec = self.train_step()
+                self.stats.log.activity = f"between steps {self.step} and {self.step + 1}"
+                maybe_fail("sleep", self.step + 1)
+                with self.stats.log.doing(f"computing step {self.step + 1}"):
+                    rec = self.train_step()
                 history.append(rec)
+                # the record first: a checkpoint of step N must never exist without step N's record
                 writer.write(rec)
                 bar.update(self.step, rec)
                 self._log_step(rec)
                 self._maybe_save()
                 maybe_fail("after_step", self.step)
+            if self.saver is not None:
+                self.saver.finish()
         finally:
             bar.close()
+            if watchdog is not None:
+                watchdog.stop()
         self.runner.close()
         return history
+
+    def _watchdog(self) -> Watchdog | None:
+        r = self.cfg.resilience
+        if self.env.store is None or r.collective_timeout_s <= 0:
+            return None
+        return Watchdog(
+            self.stats.log,
+            self.env.store,
+            self.env.rank,
+            self.env.world_size,
+            r.collective_timeout_s,
+            r.heartbeat_s,
+            self.run_dir,
+        ).start()
 
     def _log_step(self, rec: dict[str, Any]) -> None:
         if rec["step"] % self.cfg.logging.log_interval == 0 or rec["step"] == self.cfg.training.steps:
@@ -189,4 +260,10 @@ class Trainer:
     def _maybe_save(self) -> None:
         every = self.cfg.checkpoint.interval
         if every and (self.step % every == 0 or self.step == self.cfg.training.steps):
-            self.save()
+            stall = self.save()
+            if self.env.rank == 0:  # RUN_DIR/saves.jsonl: what each save cost the training loop
+                with (self.run_dir / "saves.jsonl").open("a") as f:
+                    f.write(
+                        json.dumps({"step": self.step, "stall_s": stall, "async": self.cfg.checkpoint.async_save})
+                        + "\n"
+                    )

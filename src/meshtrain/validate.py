@@ -7,9 +7,12 @@ Each check raises `ConfigError` with one line: the fields, their values and what
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
+from collections.abc import Callable
 from typing import Any
 
-from meshtrain.config import Config, ConfigError
+from meshtrain.config import SECTIONS, Config, ConfigError, ParallelConfig
 from meshtrain.pipeline.schedules import SCHEDULES, ScheduleError, build_schedule, is_custom, splits_backward
 from meshtrain.tools.schedule_check import validate_schedule
 
@@ -52,6 +55,72 @@ POSITIVE = (
 )
 
 
+def _in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable[[float], bool]:
+    return lambda v: (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+
+INF = math.inf
+# (key, allowed, what to do): each checked after every float field is known to be finite
+VALUES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
+    ("training.lr", _in(0, INF), "must not be negative"),
+    ("training.grad_clip", _in(0, INF), "must not be negative (0 disables clipping)"),
+    ("training.min_lr_ratio", _in(0, 1), "must be in [0, 1]: the final learning rate as a fraction of training.lr"),
+    ("training.decay_fraction", _in(0, 1, lo_open=True), "must be in (0, 1]: the share of steps spent decaying"),
+    ("training.seed", _in(0, INF), "must not be negative (it seeds the data order)"),
+    ("optimizer.beta1", _in(0, 1, hi_open=True), "must be in [0, 1) (at 1 Adam's bias correction divides by 0)"),
+    ("optimizer.beta2", _in(0, 1, hi_open=True), "must be in [0, 1) (at 1 the second moment never updates)"),
+    ("optimizer.eps", _in(0, INF, lo_open=True), "must be > 0"),
+    ("optimizer.weight_decay", _in(0, 1), "must be in [0, 1]"),
+    ("model.rope_theta", _in(0, INF, lo_open=True), "must be > 0 (the rotary frequencies' base)"),
+    ("model.norm_eps", _in(0, INF, lo_open=True), "must be > 0"),
+    ("model.init_std", _in(0, INF, lo_open=True), "must be > 0"),
+    ("data.max_tokens", _in(1, INF), "must be at least 1"),
+    ("parallel.bucket_mb", _in(0, INF, lo_open=True), "must be > 0"),
+    ("logging.peak_tflops", _in(0, INF), "must not be negative (0 detects it)"),
+    ("logging.sample_tokens", _in(0, INF), "must not be negative"),
+    ("resilience.collective_timeout_s", _in(0, INF), "must not be negative (0 disables the watchdog)"),
+    ("resilience.heartbeat_s", _in(0, INF, lo_open=True), "must be > 0"),
+    ("resilience.max_skipped_steps", _in(0, INF), "must not be negative"),
+    ("resilience.spike_sigma", _in(0, INF), "must not be negative (0 disables the spike rule)"),
+    ("resilience.spike_window", _in(2, INF), "must be at least 2"),
+    ("resilience.straggler_factor", _in(1, INF, lo_open=True), "must be > 1"),
+    ("resilience.straggler_steps", _in(1, INF), "must be at least 1"),
+)
+
+
+def _check_values(cfg: Config) -> None:
+    for section in SECTIONS:
+        for f in dataclasses.fields(getattr(cfg, section)):
+            value = getattr(getattr(cfg, section), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section}.{f.name}={value} is not a finite number; give a number")
+    for key, allowed, rule in VALUES:
+        if not allowed(_get(cfg, key)):
+            raise ConfigError(f"{key}={_get(cfg, key)} {rule}")
+    t, r = cfg.training, cfg.resilience
+    if t.warmup_steps > t.steps:
+        raise ConfigError(
+            f"training.warmup_steps={t.warmup_steps} exceeds training.steps={t.steps}; lower warmup_steps"
+        )
+    if r.collective_timeout_s and r.heartbeat_s >= r.collective_timeout_s:
+        raise ConfigError(
+            f"resilience.heartbeat_s={r.heartbeat_s} must be below resilience.collective_timeout_s="
+            f"{r.collective_timeout_s}"
+        )
+    _check_data_fields(cfg)
+
+
+def _check_data_fields(cfg: Config) -> None:
+    d = cfg.data
+    if d.path and d.source != "files":
+        raise ConfigError(
+            f"data.path={d.path!r} is ignored by data.source={d.source!r}; set data.source=files or remove data.path"
+        )
+    bad = [e for e in d.extensions.split(",") if e.strip() and not e.strip().startswith(".")]
+    if bad:
+        raise ConfigError(f"data.extensions={d.extensions!r}: {bad[0]!r} needs a leading dot, e.g. .{bad[0].strip()}")
+
+
 def _get(cfg: Config, dotted: str) -> Any:
     section, key = dotted.split(".")
     return getattr(getattr(cfg, section), key)
@@ -66,7 +135,7 @@ def _check_fields(cfg: Config) -> None:
     for key in POSITIVE:
         if _get(cfg, key) < 1:
             raise ConfigError(f"{key}={_get(cfg, key)} must be at least 1")
-    for key in ("training.lr", "training.warmup_steps", "training.grad_clip", "checkpoint.interval", "model.ffn_dim"):
+    for key in ("training.warmup_steps", "checkpoint.interval", "model.ffn_dim"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}={_get(cfg, key)} must not be negative")
     if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
@@ -120,6 +189,13 @@ def _check_model(cfg: Config) -> None:
 def _check_pipeline(cfg: Config) -> None:
     p, m, t = cfg.parallel, cfg.model, cfg.training
     if p.pp == 1:
+        defaults = ParallelConfig()
+        for key in ("pp_chunks", "pp_schedule", "pp_split"):
+            if getattr(p, key) != getattr(defaults, key):
+                raise ConfigError(
+                    f"parallel.{key}={getattr(p, key)!r} has no effect with parallel.pp=1; set "
+                    f"parallel.pp > 1 or leave {key} at {getattr(defaults, key)!r}"
+                )
         return
     if is_custom(p.pp_schedule):
         _check_custom_schedule(cfg)
@@ -249,6 +325,7 @@ def validate(cfg: Config, world_size: int) -> Config:
     if world_size < 1:
         raise ConfigError(f"--nproc {world_size} must be at least 1")
     _check_fields(cfg)
+    _check_values(cfg)
     _check_model(cfg)
     cfg.parallel.dp_shard = resolve_dp_shard(cfg, world_size)
     _check_layout(cfg, world_size)

@@ -6,6 +6,8 @@
                    micro-batches and how losses are summed across ranks
 - weight_grads.py  the B/W backward split that zero-bubble schedules and tensor-parallel layers share
 - parts.py         a rank's model parts and their gradient buckets, shared by plain DP and ZeRO-1/2
+- comm.py          the one communication layer: every collective counted, logged for the hang
+                   watchdog, and marked while the rank blocks in it
 
 Strategy packages (data_parallel, zero, tensor_parallel, pipeline, ...) import from here and from
 the other neutral modules (config, topology, accounting, model, loss), never from each other:

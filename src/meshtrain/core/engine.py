@@ -18,6 +18,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 
+from meshtrain.accounting import Recorder
+from meshtrain.core import comm
+
 
 class GradEngine(Protocol):
     # Read-only properties, so that a class attribute, an instance attribute or a property all satisfy them.
@@ -155,11 +158,11 @@ class DisjointParts(EngineDecorator):
     """The model's parameters are split into disjoint sets across `group` (pipeline stages): the
     gradient norm adds the squared norms of every member's set."""
 
-    def __init__(self, inner: GradEngine, group: dist.ProcessGroup) -> None:
+    def __init__(self, inner: GradEngine, group: dist.ProcessGroup, stats: Recorder) -> None:
         super().__init__(inner)
-        self.group = group
+        self.group, self.stats = group, stats
 
     def grad_norm(self) -> torch.Tensor:
         sq = self.inner.grad_norm().double().square()
-        dist.all_reduce(sq, group=self.group)
+        comm.all_reduce(sq, self.group, self.stats, counted=False)
         return sq.sqrt()

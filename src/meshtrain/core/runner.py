@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from meshtrain.accounting import Recorder
+from meshtrain.core import comm
 from meshtrain.core.engine import GradEngine
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -46,6 +48,9 @@ def with_positions(batch: Batch, device: torch.device) -> Batch:
 
 
 class StepRunner(Protocol):
+    scale: float
+    """What each micro-batch's summed loss is multiplied by before backward: 1 / tokens in the global batch."""
+
     def run(self, batches: list[Batch]) -> torch.Tensor:
         """Every forward and backward of one optimizer step; this rank's summed token loss (float64)."""
         ...
@@ -104,9 +109,10 @@ class LossReduction:
     tensor-parallel peers, do not count), summed over the whole world."""
 
     counts: bool
+    stats: Recorder
 
     def __call__(self, loss_sum: torch.Tensor) -> float:
         total = loss_sum.clone() if self.counts else torch.zeros_like(loss_sum)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(total)
+            comm.all_reduce(total, None, self.stats, counted=False)
         return float(total)

@@ -1,4 +1,4 @@
-"""The collectives data parallelism needs, each one counted in CommStats."""
+"""The collective data parallelism needs, counted and logged by the communication layer (core/comm.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import torch
 import torch.distributed as dist
 
 from meshtrain.accounting import CommStats
+from meshtrain.core import comm
+from meshtrain.core.comm import TrackedWork
 
 
-def all_reduce_async(buf: torch.Tensor, group: dist.ProcessGroup, stats: CommStats) -> dist.Work:
-    stats.record("all_reduce", buf.numel() * buf.element_size(), dist.get_world_size(group))
-    return dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group, async_op=True)
+def all_reduce_async(buf: torch.Tensor, group: dist.ProcessGroup, stats: CommStats) -> TrackedWork:
+    """Sum a gradient bucket over the data-parallel group, in flight."""
+    return comm.all_reduce(buf, group, stats, async_op=True)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from meshtrain.accounting import CommStats
+from meshtrain.core.comm import TrackedWork
 from meshtrain.core.parts import as_parts, backward_order, split_buckets
 from meshtrain.data_parallel.comm import all_reduce_async
 
@@ -29,7 +30,7 @@ class Bucket:
     params: list[nn.Parameter]
     buffer: torch.Tensor
     ready: int = 0
-    work: dist.Work | None = None
+    work: TrackedWork | None = None
     reduced: torch.Tensor | None = None  # low-precision copy in flight, when reduce_dtype != fp32
 
 
@@ -80,7 +81,7 @@ class DataParallel:
         if bucket.ready == len(bucket.params):
             self._launch(bucket)
 
-    def _launch(self, bucket: Bucket) -> dist.Work:
+    def _launch(self, bucket: Bucket) -> TrackedWork:
         if self.group is None:
             raise RuntimeError("DataParallel reduces only over a group: with one rank there is nothing to launch")
         if self.reduce_dtype == torch.float32:

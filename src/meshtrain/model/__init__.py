@@ -1,5 +1,25 @@
-"""Single-device model definitions. Parallelism is applied from outside (see meshtrain.parallelize)."""
+"""Single-device model definitions. Parallelism is applied from outside (see meshtrain.build).
 
-from meshtrain.model.llama import Llama, build_model, count_params
+- llama.py  the Llama-style decoder, written for one device
+- math.py   its arithmetic (parameters, FLOPs), torch-free, shared by the trainer and the planner
+
+The model is imported on first use: the CLI reaches math.py (through the planner) while validating
+a config, before any worker starts, and importing torch would delay every one-line error by seconds.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from meshtrain.model.llama import Llama, build_model, count_params
 
 __all__ = ["Llama", "build_model", "count_params"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from meshtrain.model import llama
+
+        return getattr(llama, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Point-to-point transfers between pipeline stages, each counted in CommStats."""
+"""Point-to-point transfers between pipeline stages, counted and logged by the communication layer."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from meshtrain.accounting import CommStats
+from meshtrain.core import comm
 
 
 def exchange(
@@ -15,9 +16,4 @@ def exchange(
     stats: CommStats,
 ) -> None:
     """Post sends and receives (peers are ranks within `group`) as one batch and wait for all."""
-    ops = [dist.P2POp(dist.isend, t, group=group, group_peer=peer) for t, peer in sends]
-    ops += [dist.P2POp(dist.irecv, t, group=group, group_peer=peer) for t, peer in recvs]
-    for work in dist.batch_isend_irecv(ops):
-        work.wait()
-    for t, _ in sends:
-        stats.record("p2p", t.numel() * t.element_size(), 2)
+    comm.exchange(sends, recvs, group, stats)

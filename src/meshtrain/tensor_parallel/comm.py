@@ -1,5 +1,5 @@
 """The collectives tensor parallelism needs, as small autograd functions (Megatron's f, g and their
-sequence-parallel conjugates), each one counted in CommStats with accounting.py's convention.
+sequence-parallel conjugates), each one counted and logged by the communication layer (core/comm.py).
 
 Activations are batch-first, (b, s, ...), and sequence parallelism shards dim 1. Gloo's single-tensor
 collectives work along dim 0, so the sequence chunks are moved to the front before a collective and
@@ -10,14 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
-
-class Recorder(Protocol):
-    def record(self, kind: str, nbytes: int, group_size: int) -> None: ...
+from meshtrain.accounting import Recorder
+from meshtrain.core import comm as layer
 
 
 @dataclass
@@ -36,17 +34,12 @@ class TPComm:
         return dist.get_rank(self.group)
 
 
-def _nbytes(x: torch.Tensor) -> int:
-    return x.numel() * x.element_size()
-
-
 def all_reduce(
     x: torch.Tensor, comm: TPComm, op: dist.ReduceOp | dist.ReduceOp.RedOpType = dist.ReduceOp.SUM
 ) -> torch.Tensor:
     """Sum (or `op`) of `x` over the group, out of place."""
     out = x.contiguous().clone()
-    comm.stats.record("all_reduce", _nbytes(out), comm.size)
-    dist.all_reduce(out, op=op, group=comm.group)
+    layer.all_reduce(out, comm.group, comm.stats, op=op)
     return out
 
 
@@ -58,9 +51,8 @@ class PendingGather:
         t, self.dim = comm.size, dim % x.ndim
         self.src = x.contiguous()  # must stay alive until the collective is done
         self.stacked = torch.empty((t, *x.shape), dtype=x.dtype, device=x.device)
-        comm.stats.record("all_gather", _nbytes(self.stacked), t)
         # Flat views: gloo checks dim 0 of output against world size times dim 0 of input.
-        self.work = dist.all_gather_single(self.stacked.view(-1), self.src.view(-1), group=comm.group, async_op=True)
+        self.work = layer.all_gather(self.stacked.view(-1), self.src.view(-1), comm.group, comm.stats, async_op=True)
         self.shape = list(x.shape)
         self.shape[self.dim] *= t
 
@@ -85,8 +77,7 @@ def reduce_scatter_seq(x: torch.Tensor, comm: TPComm) -> torch.Tensor:
         raise ValueError(f"sequence length {x.shape[1]} is not divisible by the tensor-parallel degree {t}")
     chunks = x.unflatten(1, (t, x.shape[1] // t)).movedim(1, 0).contiguous()
     out = torch.empty(chunks.shape[1:], dtype=x.dtype, device=x.device)
-    comm.stats.record("reduce_scatter", _nbytes(chunks), t)
-    dist.reduce_scatter_single(out.view(-1), chunks.view(-1), group=comm.group)
+    layer.reduce_scatter(out.view(-1), chunks.view(-1), comm.group, comm.stats)
     return out
 
 

@@ -21,12 +21,13 @@ from collections.abc import Callable, Mapping
 from typing import cast
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
+from meshtrain.accounting import CommStats, Recorder
+from meshtrain.core import comm
 from meshtrain.core.engine import EngineDecorator, GradEngine
 from meshtrain.core.parts import as_parts
 from meshtrain.tensor_parallel.plan import TensorParallel
@@ -55,9 +56,12 @@ class TensorParallelEngine(EngineDecorator):
     # Every forward runs collectives over the tp group: all ranks must call the model together.
     collective_forward = True
 
-    def __init__(self, inner: GradEngine, model: nn.Module | list[nn.Module], tp: TensorParallel) -> None:
+    def __init__(
+        self, inner: GradEngine, model: nn.Module | list[nn.Module], tp: TensorParallel, stats: Recorder | None = None
+    ) -> None:
         super().__init__(inner)
         self.parts, self.tp = as_parts(model), tp
+        self.stats: Recorder = stats if stats is not None else CommStats()  # logs the norm's (uncounted) reductions
         device = next(self.parts[0].parameters()).device.type
         self.mesh = DeviceMesh.from_group(tp.group, device)
         partial = {id(p) for p in tp.partial_grads}
@@ -73,9 +77,9 @@ class TensorParallelEngine(EngineDecorator):
         for name, grad in self._named_grads():
             sq[int(name in self.tp.shard_dims)] += torch.linalg.vector_norm(grad, dtype=torch.float64).square().cpu()
         if self.inner.shard_group is not None:
-            dist.all_reduce(sq, group=self.inner.shard_group)
+            comm.all_reduce(sq, self.inner.shard_group, self.stats, counted=False)
         sharded = sq[1].clone()
-        dist.all_reduce(sharded, group=self.tp.group)
+        comm.all_reduce(sharded, self.tp.group, self.stats, counted=False)
         return (sq[0] + sharded).sqrt().float()
 
     def _named_grads(self) -> list[tuple[str, torch.Tensor]]:

@@ -36,9 +36,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from meshtrain.accounting import CommStats
+from meshtrain.accounting import CommStats, Recorder
 from meshtrain.core.runner import LossFn
-from meshtrain.tensor_parallel.comm import Recorder, TPComm, all_reduce
+from meshtrain.tensor_parallel.comm import TPComm, all_reduce
 from meshtrain.tensor_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -79,8 +79,9 @@ class _Tee:
 
     def __init__(self, *sinks: Recorder) -> None:
         self.sinks = sinks
+        self.log = sinks[0].log  # the run's log: one per rank, whatever the scope
 
-    def record(self, kind: str, nbytes: int, group_size: int) -> None:
+    def record(self, kind: str, nbytes: float, group_size: int) -> None:
         for sink in self.sinks:
             sink.record(kind, nbytes, group_size)
 

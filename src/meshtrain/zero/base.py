@@ -29,6 +29,8 @@ import torch.distributed as dist
 from torch import nn
 
 from meshtrain.accounting import CommStats, human_bytes, tensor_bytes
+from meshtrain.core import comm
+from meshtrain.core.comm import TrackedWork
 from meshtrain.zero.comm import all_reduce, gather_uncounted, reduce_scatter
 
 
@@ -151,9 +153,10 @@ class OptimState(dict):
         units: list[FlatUnit],
         group: dist.ProcessGroup | None,
         device: torch.device,
+        stats: CommStats,
     ) -> None:
         super().__init__(local)
-        self._units, self._group, self._device = units, group, device
+        self._units, self._group, self._device, self._stats = units, group, device, stats
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {"steps": self["steps"]}
@@ -163,7 +166,7 @@ class OptimState(dict):
                 for name, view in unit.piece_views(shard):
                     view.copy_(self[f"{kind}.{name}"])
                 full = torch.empty(unit.padded, dtype=torch.float32, device=self._device)
-                gather_uncounted(full, shard, self._group)
+                gather_uncounted(full, shard, self._group, self._stats)
                 out.update((f"{kind}.{n}", v.clone()) for n, v in zip(unit.names, unit.views(full)))
         return out
 
@@ -207,7 +210,7 @@ class Pending:
     """A reduce-scatter in flight: `out` lands in `target` by `mode` (alias: already there)."""
 
     unit: Unit
-    work: dist.Work | None
+    work: TrackedWork | None
     out: torch.Tensor
     target: torch.Tensor
     mode: str
@@ -342,7 +345,7 @@ class ZeroBase(Generic[U]):
         # Padding is zero in every shard, and each element lives in exactly one shard of the group.
         sq = torch.stack([u.grad_shard().double().square().sum() for u in self.units]).sum().to(self.device)
         if self.groups.shard is not None:
-            dist.all_reduce(sq, group=self.groups.shard)
+            comm.all_reduce(sq, self.groups.shard, self.stats, counted=False)
         return sq.sqrt().float()
 
     def scale_grads(self, factor: float) -> None:
@@ -355,7 +358,7 @@ class ZeroBase(Generic[U]):
         return ModelState(self.full_params, self.load_full_params)
 
     def optim_state_dict(self, optim_sd: dict[str, torch.Tensor]) -> OptimState:
-        return OptimState(optim_sd, [u.layout for u in self.units], self.groups.shard, self.device)
+        return OptimState(optim_sd, [u.layout for u in self.units], self.groups.shard, self.device, self.stats)
 
     def step_metrics(self) -> dict[str, float]:
         return {}
@@ -367,7 +370,7 @@ class ZeroBase(Generic[U]):
         for unit in self.units:
             lay = unit.layout
             full = torch.empty(lay.padded, dtype=torch.float32, device=self.device)
-            gather_uncounted(full, unit.master.to(self.device), self.groups.shard)
+            gather_uncounted(full, unit.master.to(self.device), self.groups.shard, self.stats)
             out.update((n, v.clone()) for n, v in zip(lay.names, lay.views(full)))
         return out
 

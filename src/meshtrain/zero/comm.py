@@ -1,4 +1,4 @@
-"""The collectives ZeRO needs, each one counted in CommStats.
+"""The collectives ZeRO needs, counted and logged by the communication layer (core/comm.py).
 
 Flat units are padded so every rank's shard has the same size, which the single-tensor collectives
 require; the padding is not traffic the strategy asks for, so each call records the bytes of the
@@ -12,33 +12,32 @@ import torch
 import torch.distributed as dist
 
 from meshtrain.accounting import CommStats
+from meshtrain.core import comm
+from meshtrain.core.comm import TrackedWork
 
 
 def reduce_scatter(
     out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup, stats: CommStats, real_bytes: float
-) -> dist.Work:
+) -> TrackedWork:
     """Sum `inp` over the group and leave this rank's slice in `out` (which may alias that slice)."""
-    stats.record("reduce_scatter", real_bytes, dist.get_world_size(group))
-    return dist.reduce_scatter_single(out, inp, op=dist.ReduceOp.SUM, group=group, async_op=True)
+    return comm.reduce_scatter(out, inp, group, stats, payload=real_bytes, async_op=True)
 
 
 def all_gather(
     out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup, stats: CommStats, real_bytes: float
-) -> dist.Work:
+) -> TrackedWork:
     """Concatenate every rank's `inp` into `out` (`inp` may alias this rank's slice of `out`)."""
-    stats.record("all_gather", real_bytes, dist.get_world_size(group))
-    return dist.all_gather_single(out, inp, group=group, async_op=True)
+    return comm.all_gather(out, inp, group, stats, payload=real_bytes, async_op=True)
 
 
-def all_reduce(buf: torch.Tensor, group: dist.ProcessGroup, stats: CommStats, real_bytes: float) -> dist.Work:
+def all_reduce(buf: torch.Tensor, group: dist.ProcessGroup, stats: CommStats, real_bytes: float) -> TrackedWork:
     """Sum a gradient shard over the replicas of HSDP; `real_bytes` is this rank's 1/N share of the unit."""
-    stats.record("all_reduce", real_bytes, dist.get_world_size(group))
-    return dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group, async_op=True)
+    return comm.all_reduce(buf, group, stats, payload=real_bytes, async_op=True)
 
 
-def gather_uncounted(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup | None) -> None:
+def gather_uncounted(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup | None, stats: CommStats) -> None:
     """All-gather for checkpoints: not step traffic, so it is kept out of the per-step counters."""
     if group is None:
         out.copy_(inp)
     else:
-        dist.all_gather_single(out, inp, group=group)
+        comm.all_gather(out, inp, group, stats, counted=False)

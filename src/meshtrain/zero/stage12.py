@@ -158,4 +158,4 @@ class Zero12(ZeroBase[Unit]):
             own = unit.full[unit.layout.shard]
             if self.offload:
                 own.copy_(unit.master)
-            gather_uncounted(unit.full, own, self.groups.shard)
+            gather_uncounted(unit.full, own, self.groups.shard, self.stats)

@@ -37,10 +37,10 @@ from functools import partial
 from typing import Any, cast
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from meshtrain.accounting import CommStats, human_bytes
+from meshtrain.core.comm import TrackedWork
 from meshtrain.core.parts import as_parts
 from meshtrain.model import Llama
 from meshtrain.zero.base import FlatUnit, ShardGroups, Unit, ZeroBase, named_unique
@@ -54,7 +54,7 @@ class GatherUnit(Unit):
     """fp32 shard on the device: the source of every gather (and the master, unless offloaded)."""
     state: str = "free"
     """free (storage size 0), inflight (gather launched) or ready."""
-    work: dist.Work | None = None
+    work: TrackedWork | None = None
     source: torch.Tensor | None = field(default=None, repr=False)
 
 

@@ -1,0 +1,151 @@
+"""The one communication layer: every collective a rank issues goes through here.
+
+Around each torch.distributed call it does three things:
+- counts the bytes in the run's CommStats (unless the call is bookkeeping: a loss or norm scalar);
+- appends the call to this rank's log of recent collectives: a sequence number per group, the
+  kind, the group, the bytes and the call site (file:line of the strategy code that issued it);
+- marks the rank as waiting while it blocks on the call, so that the hang watchdog
+  (meshtrain.watchdog) can say which collective each rank is in, or that it is in none.
+
+Strategies keep their thin comm modules; those call these functions. Asynchronous calls return a
+`TrackedWork` whose wait() is what marks the rank as waiting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from meshtrain.accounting import CollectiveLog, Entry, Recorder
+
+
+class TrackedWork:
+    """An asynchronous collective in flight; wait() blocks, marked in the log."""
+
+    def __init__(self, work: dist.Work | None, entry: Entry, log: CollectiveLog) -> None:
+        self.work, self.entry, self.log = work, entry, log
+
+    def wait(self) -> None:
+        if self.work is not None:
+            with self.log.blocked(self.entry):
+                self.work.wait()
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _run(
+    stats: Recorder,
+    kind: str,
+    group: dist.ProcessGroup | None,
+    counted: float | None,
+    nbytes: int,
+    async_op: bool,
+    call: Callable[[bool], dist.Work | None],
+) -> TrackedWork:
+    """Count (`counted` None: bookkeeping, not counted), log, issue, and block unless async."""
+    if counted is not None:
+        stats.record(kind, counted, dist.get_world_size(group))
+    entry = stats.log.issue(kind, group, nbytes)
+    if async_op:
+        return TrackedWork(call(True), entry, stats.log)
+    with stats.log.blocked(entry):
+        call(False)
+    return TrackedWork(None, entry, stats.log)
+
+
+def all_reduce(
+    t: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    stats: Recorder,
+    *,
+    payload: float | None = None,
+    counted: bool = True,
+    op: dist.ReduceOp | dist.ReduceOp.RedOpType = dist.ReduceOp.SUM,
+    async_op: bool = False,
+) -> TrackedWork:
+    """Reduce `t` in place. Counted: `payload` bytes (default: the tensor's), unless `counted` is
+    False (bookkeeping: a loss or norm scalar)."""
+    charge = (_nbytes(t) if payload is None else payload) if counted else None
+    return _run(
+        stats,
+        "all_reduce",
+        group,
+        charge,
+        _nbytes(t),
+        async_op,
+        lambda a: dist.all_reduce(t, op=op, group=group, async_op=a),
+    )
+
+
+def all_gather(
+    out: torch.Tensor,
+    inp: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    stats: Recorder,
+    *,
+    payload: float | None = None,
+    counted: bool = True,
+    async_op: bool = False,
+) -> TrackedWork:
+    """Every rank's `inp` concatenated into `out` along dim 0. Counted: the gathered output (or `payload`)."""
+    charge = (_nbytes(out) if payload is None else payload) if counted else None
+    return _run(
+        stats,
+        "all_gather",
+        group,
+        charge,
+        _nbytes(out),
+        async_op,
+        lambda a: dist.all_gather_single(out, inp, group=group, async_op=a),
+    )
+
+
+def reduce_scatter(
+    out: torch.Tensor,
+    inp: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    stats: Recorder,
+    *,
+    payload: float | None = None,
+    async_op: bool = False,
+) -> TrackedWork:
+    """The sum of every rank's `inp`, this rank's slice into `out`. Counted: the full input (or `payload`)."""
+    charge = _nbytes(inp) if payload is None else payload
+    return _run(
+        stats,
+        "reduce_scatter",
+        group,
+        charge,
+        _nbytes(inp),
+        async_op,
+        lambda a: dist.reduce_scatter_single(out, inp, op=dist.ReduceOp.SUM, group=group, async_op=a),
+    )
+
+
+def exchange(
+    sends: list[tuple[torch.Tensor, int]],
+    recvs: list[tuple[torch.Tensor, int]],
+    group: dist.ProcessGroup,
+    stats: Recorder,
+) -> None:
+    """Post point-to-point sends and receives (peers are ranks within `group`) as one batch and wait
+    for all. Counted: what is sent."""
+    for t, _ in sends:
+        stats.record("p2p", _nbytes(t), 2)
+    entry = stats.log.issue("p2p", group, sum(_nbytes(t) for t, _ in sends + recvs))
+    ops = [dist.P2POp(dist.isend, t, group=group, group_peer=peer) for t, peer in sends]
+    ops += [dist.P2POp(dist.irecv, t, group=group, group_peer=peer) for t, peer in recvs]
+    with stats.log.blocked(entry):
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+
+def barrier(group: dist.ProcessGroup | None, stats: Recorder) -> None:
+    """Bookkeeping: not counted as traffic."""
+    entry = stats.log.issue("barrier", group, 0)
+    with stats.log.blocked(entry):
+        dist.barrier(group=group)
