@@ -16,6 +16,7 @@ TRAFFIC = (
     "comm_all_reduce_bytes",
     "comm_reduce_scatter_bytes",
     "comm_all_gather_bytes",
+    "comm_all_to_all_bytes",
     "comm_p2p_bytes",
     "comm_wire_bytes",
 )
@@ -23,6 +24,7 @@ KIND_OF = {
     "comm_all_reduce_bytes": "all_reduce",
     "comm_reduce_scatter_bytes": "reduce_scatter",
     "comm_all_gather_bytes": "all_gather",
+    "comm_all_to_all_bytes": "all_to_all",
     "comm_p2p_bytes": "p2p",
 }
 

@@ -100,6 +100,12 @@ def train_runs(runs: list[Run], count_comms: bool = False) -> list[list[dict]]:
     return [read_metrics(run.run_dir) for run in runs]
 
 
+def train_named(specs: dict[str, Run]) -> dict[str, tuple[Run, list[dict]]]:
+    """train_runs (communication counted) over named runs: name -> (run, rank 0's records)."""
+    records = train_runs(list(specs.values()), count_comms=True)
+    return {name: (run, rec) for (name, run), rec in zip(specs.items(), records)}
+
+
 def read_metrics(run_dir: Path, rank: int | None = None) -> list[dict]:
     name = "metrics.jsonl" if rank is None else f"metrics.rank{rank}.jsonl"
     return [json.loads(line) for line in (run_dir / name).read_text().splitlines() if line.strip()]

@@ -114,15 +114,33 @@ def test_seq_len_bounded_by_max_seq_len() -> None:
     assert "training.seq_len=2048 exceeds model.max_seq_len=1024" in msg
 
 
-@pytest.mark.parametrize("axis", ["cp", "ep"])
-def test_unsupported_degrees_are_refused_by_name(axis: str) -> None:
-    msg = _error(
-        2,
-        f"parallel.{axis}=2",
-        "parallel.dp_shard=1" if axis != "ep" else "parallel.dp_shard=2",
-        "training.global_batch=2" if axis != "ep" else "training.global_batch=4",
-    )
-    assert f"parallel.{axis}=2 is not supported by this build yet" in msg
+def test_expert_parallelism_is_refused_by_name() -> None:
+    msg = _error(2, "parallel.ep=2", "parallel.dp_shard=2", "training.global_batch=4")
+    assert "parallel.ep=2 is not supported by this build yet" in msg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["training.seq_len=36"], "training.seq_len=36 must be divisible by 2*cp (zigzag"),
+        (["parallel.cp_mode=ulysses", "training.seq_len=30"], "training.seq_len=30 must be divisible by cp = 4"),
+        (
+            ["parallel.cp_mode=ulysses", "model.n_kv_heads=2"],
+            "splits heads over tp*cp = 4: model.n_heads=8 and model.n_kv_heads=2",
+        ),
+        (["parallel.cp_balance=sideways"], "parallel.cp_balance='sideways' is not one of zigzag, contiguous"),
+    ],
+)
+def test_context_parallel_configs_are_checked(overrides: list[str], fragment: str) -> None:
+    """Zigzag holds 2 chunks per rank (seq_len % 2cp), contiguous and Ulysses 1 (seq_len % cp);
+    Ulysses splits both head counts over tp x cp."""
+    assert fragment in _error(4, "parallel.cp=4", *overrides)
+
+
+def test_context_parallel_configs_that_fit_are_accepted() -> None:
+    validate(load_config(None, ["parallel.cp=4", "parallel.cp_balance=contiguous", "training.seq_len=36"]), 4)
+    validate(load_config(None, ["parallel.cp=2", "parallel.cp_mode=ulysses", "model.n_kv_heads=2"]), 2)
+    assert "has no effect with parallel.cp=1" in _error(1, "parallel.cp_balance=contiguous")
 
 
 def test_unsupported_zero_stage_is_refused() -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from checks import assert_counters_honest, assert_planner_agrees, assert_same_training, counted, rel_diff
 from comm_counter import load_counts
-from dist_utils import Run, read_metrics, train_runs
+from dist_utils import Run, read_metrics, train_named
 
 pytestmark = pytest.mark.dist
 STEPS = 5
@@ -40,8 +40,7 @@ LAYOUTS = [name for name in SPECS if name != "single"]
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Run, list[dict]]]:
     root = tmp_path_factory.mktemp("dp")
     specs = {name: Run(root / name, n, [f"training.steps={STEPS}", *o]) for name, (n, o) in SPECS.items()}
-    records = train_runs(list(specs.values()), count_comms=True)
-    return {name: (run, rec) for (name, run), rec in zip(specs.items(), records)}
+    return train_named(specs)
 
 
 EXACT = [n for n in LAYOUTS if "bf16" not in n]

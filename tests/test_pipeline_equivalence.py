@@ -16,7 +16,7 @@ import pytest
 
 from checks import TRAFFIC, assert_counters_honest, assert_planner_agrees, assert_same_training
 from conftest import cli
-from dist_utils import Run, read_metrics, train_runs
+from dist_utils import Run, read_metrics, train_named, train_runs
 
 pytestmark = pytest.mark.dist
 BASE = ["training.steps=3", "model.n_layers=4", "model.n_heads=8", "model.n_kv_heads=4", "training.micro_batch=2"]
@@ -74,8 +74,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Run, list[
     specs.update({name: Run(root / name, nproc, [*BASE, *o]) for name, (nproc, o) in LAYOUTS.items()})
     custom = _custom_schedule(root)
     specs["pp2-custom-csv"] = Run(root / "custom", 2, [*BASE, "parallel.pp=2", f"parallel.pp_schedule={custom}"])
-    records = train_runs(list(specs.values()), count_comms=True)
-    return {name: (run, rec) for (name, run), rec in zip(specs.items(), records)}
+    return train_named(specs)
 
 
 ALL = [*LAYOUTS, "pp2-custom-csv"]

@@ -16,7 +16,7 @@ import pytest
 
 from checks import TRAFFIC, assert_counters_honest, assert_planner_agrees, assert_same_training, rel_diff
 from comm_counter import load_counts
-from dist_utils import Run, read_metrics, train_runs
+from dist_utils import Run, read_metrics, train_named, train_runs
 
 pytestmark = pytest.mark.dist
 BASE = ("training.steps=5", "model.n_heads=8", "model.n_kv_heads=4")
@@ -67,8 +67,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Run, list[
         name: Run(root / name, nproc, [*BASE, *overrides])
         for name, (nproc, overrides) in {"single": (1, ["training.micro_batch=8"]), **LAYOUTS}.items()
     }
-    records = train_runs(list(specs.values()), count_comms=True)
-    return {name: (run, rec) for (name, run), rec in zip(specs.items(), records)}
+    return train_named(specs)
 
 
 @pytest.mark.parametrize("layout", EXACT)

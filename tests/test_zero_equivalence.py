@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from checks import assert_planner_agrees, assert_same_training, counted
-from dist_utils import Run, read_metrics, train_runs
+from dist_utils import Run, read_metrics, train_named, train_runs
 
 pytestmark = pytest.mark.dist
 STEPS = 5
@@ -129,8 +129,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Run, list[
         specs[name] = Run(root / name, nproc, [*BASE, f"parallel.zero_stage={stage}", *extra])
     for name, (stage, extra) in PIPELINED.items():
         specs[name] = Run(root / name, 4, [*BASE, f"parallel.zero_stage={stage}", *extra])
-    records = train_runs(list(specs.values()), count_comms=True)
-    return {name: (run, rec) for (name, run), rec in zip(specs.items(), records)}
+    return train_named(specs)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

@@ -6,7 +6,8 @@ nowhere else, in this order (torchtitan's, with the pipeline first):
   1. pipeline split            which blocks live on this rank: its stages, built on the meta device
                                and initialised with the single-device values (skipped at pp = 1)
   2. tensor parallelism        the plan (data) swaps linears, embedding and head for parallel layers
-  3. context parallelism       (planned: ring attention over the sequence)
+  3. context parallelism       every block's attention spans the cp ranks (ring or Ulysses); the
+                               runner cuts each micro-batch to this rank's share of the sequence
   4. activation checkpointing  chosen blocks recompute in backward; they are already parallel
   5. compile                   (planned)
   6. data parallelism / ZeRO   owns the parameters and gradients the steps above produced
@@ -27,13 +28,23 @@ from pathlib import Path
 from typing import cast
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from meshtrain.accounting import CommStats
 from meshtrain.activation_checkpoint import apply_activation_checkpointing
 from meshtrain.config import Config
+from meshtrain.context_parallel import ContextParallel, apply_context_parallel
 from meshtrain.core.engine import DisjointParts, GradEngine
-from meshtrain.core.runner import Autocast, LossFn, LossReduction, MicroStepRunner, StepRunner
+from meshtrain.core.runner import (
+    Autocast,
+    BatchTransform,
+    LossFn,
+    LossReduction,
+    MicroStepRunner,
+    StepRunner,
+    keep_batch,
+)
 from meshtrain.core.weight_grads import WeightGradQueue, split_weight_grads
 from meshtrain.data_parallel import DataParallel
 from meshtrain.loss import cross_entropy_sum
@@ -41,7 +52,7 @@ from meshtrain.model import Llama, build_model
 from meshtrain.pipeline.executor import PipelineExecutor
 from meshtrain.pipeline.schedules import Kind, Layout, Schedule, build_schedule
 from meshtrain.pipeline.stage import build_stage, describe_split, split_blocks, stage_ranges
-from meshtrain.tensor_parallel import LLAMA_PLAN, TensorParallelEngine, apply_tensor_parallel_parts
+from meshtrain.tensor_parallel import LLAMA_PLAN, TensorParallel, TensorParallelEngine, apply_tensor_parallel_parts
 from meshtrain.topology import Topology
 from meshtrain.zero import ShardGroups, build_zero_engine
 
@@ -85,13 +96,8 @@ def build_parallel(cfg: Config, topo: Topology, device: torch.device, stats: Com
     # 1. pipeline split
     pipe = _pipeline_plan(cfg) if p.pp > 1 else None
     parts = _model_parts(cfg, device, pipe, topo.local_rank("pp"))
-    # 2. tensor parallelism
-    tp = None
-    if p.tp > 1:
-        tp_group = topo.group("tp")
-        if tp_group is None:
-            raise RuntimeError(f"parallel.tp = {p.tp} but the topology has no tp group")
-        tp = apply_tensor_parallel_parts(parts, tp_group, LLAMA_PLAN, p.sequence_parallel, stats, strict=pipe is None)
+    # 2. tensor parallelism, 3. context parallelism
+    tp, cp = _tensor_parallel(parts, topo, cfg, stats, pipe), _context_parallel(parts, topo, cfg, stats)
     # 4. activation checkpointing
     for part in parts:  # every part is a Llama (the whole model or a stage), with tp's layers swapped in
         apply_activation_checkpointing(cast(Llama, part).model.layers, t.activation_checkpointing, t.ac_every)
@@ -111,18 +117,45 @@ def build_parallel(cfg: Config, topo: Topology, device: torch.device, stats: Com
     loss_fn: LossFn = tp.loss_fn if tp is not None and tp.loss_fn is not None else cross_entropy_sum
     scale = 1.0 / (t.global_batch * t.seq_len)
     autocast = autocast_for(t.dtype, device)
+    prepare = cp.shard if cp is not None else keep_batch
     if pipe is None:
-        runner: StepRunner = MicroStepRunner(parts[0], engine, loss_fn, scale, device, autocast)
+        runner: StepRunner = MicroStepRunner(parts[0], engine, loss_fn, scale, device, autocast, prepare)
     else:
-        runner = _pipeline_executor(cfg, topo, pipe, parts, engine, loss_fn, queue, stats, device, autocast)
+        runner = _pipeline_executor(cfg, topo, pipe, parts, engine, loss_fn, queue, stats, device, autocast, prepare)
     # Tensor-parallel peers hold the same (vocab-parallel) loss: count it once, from tp rank 0.
     return ParallelModel(
         parts,
         engine,
         runner,
         LossReduction(counts=topo.local_rank("tp") == 0, stats=stats),
-        sampler=cast(Llama, parts[0]) if pipe is None else None,
+        # a cut model, or one whose attention spans the cp ranks, samples through `meshtrain generate`
+        sampler=cast(Llama, parts[0]) if pipe is None and cp is None else None,
     )
+
+
+def _tensor_parallel(
+    parts: list[nn.Module], topo: Topology, cfg: Config, stats: CommStats, pipe: PipelinePlan | None
+) -> TensorParallel | None:
+    p = cfg.parallel
+    if p.tp == 1:
+        return None
+    return apply_tensor_parallel_parts(
+        parts, _axis_group(topo, "tp"), LLAMA_PLAN, p.sequence_parallel, stats, strict=pipe is None
+    )
+
+
+def _context_parallel(parts: list[nn.Module], topo: Topology, cfg: Config, stats: CommStats) -> ContextParallel | None:
+    p = cfg.parallel
+    if p.cp == 1:
+        return None
+    return apply_context_parallel(parts, _axis_group(topo, "cp"), p.cp_mode, p.cp_balance, stats)
+
+
+def _axis_group(topo: Topology, axis: str) -> dist.ProcessGroup:
+    group = topo.group(axis)
+    if group is None:
+        raise RuntimeError(f"parallel.{axis} = {topo.size(axis)} but the topology has no {axis} group")
+    return group
 
 
 def _pipeline_plan(cfg: Config) -> PipelinePlan:
@@ -149,7 +182,7 @@ def _gradient_engine(
     t, p = cfg.training, cfg.parallel
     bucket_bytes = int(p.bucket_mb * 2**20)
     if p.zero_stage:
-        groups = ShardGroups(topo.group("dp_shard"), topo.group("dp_replicate"))
+        groups = ShardGroups(topo.group("dp_shard_cp"), topo.group("dp_replicate"))
         return build_zero_engine(
             parts,
             p.zero_stage,
@@ -162,7 +195,10 @@ def _gradient_engine(
             prefetch=p.prefetch,
             deferred_weight_grads=deferred_weight_grads,
         )
-    return DataParallel(parts, topo.group("dp"), stats, bucket_bytes=bucket_bytes, reduce_dtype=DTYPES[p.reduce_dtype])
+    # cp ranks hold the same weights and see different tokens: their gradients are summed like dp's
+    return DataParallel(
+        parts, topo.group("dp_cp"), stats, bucket_bytes=bucket_bytes, reduce_dtype=DTYPES[p.reduce_dtype]
+    )
 
 
 def _pipeline_executor(
@@ -176,15 +212,16 @@ def _pipeline_executor(
     stats: CommStats,
     device: torch.device,
     autocast: Autocast,
+    prepare: BatchTransform,
 ) -> PipelineExecutor:
     t, p = cfg.training, cfg.parallel
     me = topo.local_rank("pp")
     stages = dict(zip([s for s in range(pipe.layout.num_stages) if pipe.layout.rank_of(s) == me], parts))
-    # Under sequence parallelism the residual stream between stages is sequence-sharded: each tp rank
-    # sends its shard to the same tp rank of the next stage (the pp group pairs them), 1/tp of the bytes.
-    seq = t.seq_len // p.tp if p.sequence_parallel else t.seq_len
-    # One trace per stage: from the first data-parallel replica's first tp rank.
-    traced = topo.local_rank("dp") == 0 and topo.local_rank("tp") == 0
+    # Stages exchange each cp rank's shard of the sequence (the pp group pairs equal cp and tp ranks);
+    # under sequence parallelism the residual stream is sharded again by tp, 1/tp of the bytes.
+    seq = t.seq_len // p.cp // (p.tp if p.sequence_parallel else 1)
+    # One trace per stage: from the first data-parallel replica's first tp and cp rank.
+    traced = topo.local_rank("dp") == 0 and topo.local_rank("tp") == 0 and topo.local_rank("cp") == 0
     trace_path = Path(cfg.logging.run_dir) / "pp_trace" / f"rank{me}.json" if traced else None
     meta = {"schedule": p.pp_schedule, "pp": p.pp, "chunks": p.pp_chunks, "microbatches": t.grad_accum}
     pp_group = topo.group("pp")
@@ -206,4 +243,5 @@ def _pipeline_executor(
         trace_path=trace_path,
         trace_meta=meta,
         summary=f"{p.pp_schedule} over {describe_split(pipe.ranges)}",
+        prepare=prepare,
     )

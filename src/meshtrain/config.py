@@ -83,7 +83,11 @@ class ParallelConfig:
     pp_split: str = "params"
     """How blocks are cut into pp * pp_chunks stages: params (balanced by parameter count, embedding and head included), uniform, or explicit block counts such as "2,1,1"."""
     cp: int = 1
-    """Context-parallel degree (ring attention over the sequence)."""
+    """Context-parallel degree: every sequence is split over this many ranks, attention computed across them."""
+    cp_mode: str = "ring"
+    """How attention spans the cp ranks: ring (keys and values travel a ring) or ulysses (an all-to-all trades the sequence shard for a head shard)."""
+    cp_balance: str = "zigzag"
+    """The ring's sharding: zigzag (rank r holds chunks r and 2cp-1-r of 2cp, balancing causal work) or contiguous; Ulysses always shards contiguously."""
     ep: int = 1
     """Expert-parallel degree; it borrows ranks from dp_shard * cp rather than adding to the world size."""
     bucket_mb: float = 25.0

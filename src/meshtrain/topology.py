@@ -4,6 +4,8 @@ explicitly. Each parallelism asks the Topology for the group of its own axis; no
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -11,6 +13,16 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from meshtrain.degrees import AXES, Degrees
 
 __all__ = ["AXES", "Degrees", "Topology"]
+
+
+# Groups spanning several axes, flattened from the mesh: the batch is split over dp; gradients are
+# summed over dp x cp (cp ranks hold the same weights); ZeRO shards over dp_shard x cp (torchtitan's
+# dp_shard_cp: CP is folded into the parameter sharding even without data parallelism).
+FLATTENED: dict[str, tuple[str, ...]] = {
+    "dp": ("dp_replicate", "dp_shard"),
+    "dp_cp": ("dp_replicate", "dp_shard", "cp"),
+    "dp_shard_cp": ("dp_shard", "cp"),
+}
 
 
 class Topology:
@@ -21,8 +33,7 @@ class Topology:
         self.mesh = mesh
         self.rank = dist.get_rank()
         self.coords = degrees.coords(self.rank)
-        # One group spanning both DP axes: batches are split over it, and plain DP reduces over it.
-        self._dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp") if degrees.dp > 1 else None
+        self._flat = {name: mesh[axes]._flatten(name) for name, axes in FLATTENED.items() if self.size(name) > 1}
 
     @classmethod
     def build(cls, degrees: Degrees, device: torch.device) -> Topology:
@@ -32,19 +43,22 @@ class Topology:
         return cls(degrees, mesh)
 
     def size(self, axis: str) -> int:
-        return self.degrees.dp if axis == "dp" else getattr(self.degrees, axis)
+        axes = FLATTENED.get(axis, (axis,))
+        return math.prod(getattr(self.degrees, a) for a in axes)
 
     def local_rank(self, axis: str) -> int:
-        return self.degrees.dp_rank(self.rank) if axis == "dp" else self.coords[axis]
+        """This rank's index along `axis` (a flattened group: row-major over its axes)."""
+        index = 0
+        for a in FLATTENED.get(axis, (axis,)):
+            index = index * getattr(self.degrees, a) + self.coords[a]
+        return index
 
     def group(self, axis: str) -> dist.ProcessGroup | None:
-        """The process group along `axis` ('dp' = both DP axes), or None when that degree is 1."""
+        """The process group along `axis` (or a FLATTENED name), or None when that size is 1."""
         if self.size(axis) == 1:
             return None
-        if axis == "dp":
-            if self._dp_mesh is None:
-                raise RuntimeError("Topology has dp > 1 but no flattened dp mesh")
-            return self._dp_mesh.get_group()
+        if axis in FLATTENED:
+            return self._flat[axis].get_group()
         return self.mesh.get_group(axis)
 
     def describe(self) -> str:

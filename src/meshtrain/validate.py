@@ -23,14 +23,16 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "training.device": ("auto", "cpu", "cuda"),
     "parallel.pp_schedule": tuple(SCHEDULES),
     "parallel.reduce_dtype": ("fp32", "bf16"),
+    "parallel.cp_mode": ("ring", "ulysses"),
+    "parallel.cp_balance": ("zigzag", "contiguous"),
     "optimizer.name": ("adamw",),
     "data.source": ("stdlib", "files", "synthetic"),
     "checkpoint.resume": ("auto", "never"),
 }
 
 # Degrees this build can run, and the feature that brings the rest. Widened as features land.
-SUPPORTED_MAX = {"cp": 1, "ep": 1}
-PENDING = {"cp": "context parallelism", "ep": "expert parallelism"}
+SUPPORTED_MAX = {"ep": 1}
+PENDING = {"ep": "expert parallelism"}
 
 POSITIVE = (
     "model.dim",
@@ -186,6 +188,37 @@ def _check_model(cfg: Config) -> None:
         )
 
 
+def _check_context(cfg: Config) -> None:
+    p, m, t = cfg.parallel, cfg.model, cfg.training
+    if p.cp == 1:
+        defaults = ParallelConfig()
+        for key in ("cp_mode", "cp_balance"):
+            if getattr(p, key) != getattr(defaults, key):
+                raise ConfigError(
+                    f"parallel.{key}={getattr(p, key)!r} has no effect with parallel.cp=1; set "
+                    f"parallel.cp > 1 or leave {key} at {getattr(defaults, key)!r}"
+                )
+        return
+    zigzag = p.cp_mode == "ring" and p.cp_balance == "zigzag"
+    chunks = 2 * p.cp if zigzag else p.cp
+    how = "2*cp (zigzag: each rank holds 2 chunks)" if zigzag else "cp"
+    if t.seq_len % chunks:
+        raise ConfigError(
+            f"training.seq_len={t.seq_len} must be divisible by {how} = {chunks}; change seq_len or cp"
+            + ("" if not zigzag else ", or set parallel.cp_balance=contiguous")
+        )
+    if p.sequence_parallel and (t.seq_len // p.cp) % p.tp:
+        raise ConfigError(
+            f"training.seq_len/cp = {t.seq_len // p.cp} must be divisible by parallel.tp={p.tp} under "
+            "sequence parallelism; change seq_len"
+        )
+    if p.cp_mode == "ulysses" and (m.n_heads % (p.tp * p.cp) or m.n_kv_heads % (p.tp * p.cp)):
+        raise ConfigError(
+            f"parallel.cp_mode=ulysses splits heads over tp*cp = {p.tp * p.cp}: model.n_heads="
+            f"{m.n_heads} and model.n_kv_heads={m.n_kv_heads} must be divisible by it; use cp_mode=ring"
+        )
+
+
 def _check_pipeline(cfg: Config) -> None:
     p, m, t = cfg.parallel, cfg.model, cfg.training
     if p.pp == 1:
@@ -329,6 +362,7 @@ def validate(cfg: Config, world_size: int) -> Config:
     _check_model(cfg)
     cfg.parallel.dp_shard = resolve_dp_shard(cfg, world_size)
     _check_layout(cfg, world_size)
+    _check_context(cfg)
     _check_pipeline(cfg)
     _check_zero(cfg)
     return cfg

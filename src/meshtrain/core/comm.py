@@ -126,22 +126,51 @@ def reduce_scatter(
     )
 
 
+class TrackedBatch(TrackedWork):
+    """A batch of point-to-point operations in flight; wait() waits for all of them."""
+
+    def __init__(self, works: list[dist.Work], entry: Entry, log: CollectiveLog) -> None:
+        super().__init__(None, entry, log)
+        self.works = works
+
+    def wait(self) -> None:
+        with self.log.blocked(self.entry):
+            for work in self.works:
+                work.wait()
+
+
 def exchange(
     sends: list[tuple[torch.Tensor, int]],
     recvs: list[tuple[torch.Tensor, int]],
     group: dist.ProcessGroup,
     stats: Recorder,
-) -> None:
-    """Post point-to-point sends and receives (peers are ranks within `group`) as one batch and wait
-    for all. Counted: what is sent."""
+    async_op: bool = False,
+) -> TrackedBatch:
+    """Post point-to-point sends and receives (peers are ranks within `group`) as one batch and, unless
+    `async_op`, wait for all. Counted: what is sent."""
     for t, _ in sends:
         stats.record("p2p", _nbytes(t), 2)
     entry = stats.log.issue("p2p", group, sum(_nbytes(t) for t, _ in sends + recvs))
     ops = [dist.P2POp(dist.isend, t, group=group, group_peer=peer) for t, peer in sends]
     ops += [dist.P2POp(dist.irecv, t, group=group, group_peer=peer) for t, peer in recvs]
-    with stats.log.blocked(entry):
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
+    batch = TrackedBatch(dist.batch_isend_irecv(ops) if ops else [], entry, stats.log)
+    if not async_op:
+        batch.wait()
+    return batch
+
+
+def all_to_all(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup, stats: Recorder) -> None:
+    """Equal chunks of `inp` along dim 0 go to the group's ranks in order; `out` receives theirs.
+    Counted: what this rank holds before the exchange."""
+    _run(
+        stats,
+        "all_to_all",
+        group,
+        _nbytes(inp),
+        _nbytes(inp),
+        False,
+        lambda a: dist.all_to_all_single(out, inp, group=group, async_op=a),
+    )
 
 
 def barrier(group: dist.ProcessGroup | None, stats: Recorder) -> None:

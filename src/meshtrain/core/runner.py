@@ -25,6 +25,8 @@ from meshtrain.core.engine import GradEngine
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(logits, targets) -> summed token cross-entropy (a vocab-parallel head brings its own)."""
+BatchTransform = Callable[["Batch"], "Batch"]
+"""What a rank does to each micro-batch before its forward (context parallelism: keep its shard)."""
 Autocast = Callable[[], contextlib.AbstractContextManager]
 
 
@@ -36,6 +38,10 @@ class Batch:
     tokens: torch.Tensor
     targets: torch.Tensor
     positions: torch.Tensor | None = None
+
+
+def keep_batch(batch: Batch) -> Batch:
+    return batch
 
 
 def with_positions(batch: Batch, device: torch.device) -> Batch:
@@ -79,11 +85,12 @@ class MicroStepRunner:
     """1 / tokens in the global batch."""
     device: torch.device
     autocast: Autocast = contextlib.nullcontext
+    prepare: BatchTransform = keep_batch
 
     def run(self, batches: list[Batch]) -> torch.Tensor:
         loss_sum = torch.zeros((), dtype=torch.float64)
         for micro, raw in enumerate(batches):
-            batch = with_positions(raw, self.device)
+            batch = self.prepare(with_positions(raw, self.device))
             self.engine.set_sync(micro == len(batches) - 1)
             with self.autocast():
                 logits = self.model(batch.tokens, batch.positions)

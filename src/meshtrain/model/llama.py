@@ -9,6 +9,7 @@ Submodules that a stage does not own may be set to None; forward skips them.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -45,10 +46,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).type_as(x)
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal scaled dot-product attention of (b, h, s, d) queries on (b, h_kv, s, d) keys and values."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class Attention(nn.Module):
+    attention: AttentionFn
+    """The attention core, q, k, v -> out: one device's causal SDPA, or an implementation that spans
+    ranks (context parallelism sets it from outside, meshtrain.context_parallel)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         hd = cfg.head_dim
+        self.attention = causal_attention
         # Head counts are attributes, not constants: tensor parallelism shrinks them per rank.
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
         self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=False)
@@ -62,7 +76,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        out = self.attention(q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from meshtrain.accounting import CommStats
 from meshtrain.core.engine import GradEngine
-from meshtrain.core.runner import Autocast, Batch, LossFn, with_positions
+from meshtrain.core.runner import Autocast, Batch, BatchTransform, LossFn, keep_batch, with_positions
 from meshtrain.core.weight_grads import WeightGradQueue
 from meshtrain.pipeline.comm import exchange
 from meshtrain.pipeline.schedules import Action, Kind, Layout, TraceRecord, group_steps
@@ -61,6 +61,8 @@ class PipelineExecutor:
     trace_path: Path | None = None
     trace_meta: dict[str, Any] = field(default_factory=dict)
     summary: str = ""
+    prepare: BatchTransform = keep_batch
+    """What to do to each micro-batch first (context parallelism: keep this rank's shard)."""
     queue: WeightGradQueue = field(default_factory=WeightGradQueue)
     """Where the stages' layers put deferred weight gradients (meshtrain.core.weight_grads.split_weight_grads)."""
     trace: list[TraceRecord] = field(default_factory=list)
@@ -76,7 +78,7 @@ class PipelineExecutor:
         """One optimizer step's forward and backward passes; returns this rank's summed token loss."""
         if self.engine is not None:
             self.engine.set_sync(False)  # the pipeline's gradients are reduced once, in finish()
-        self.batches = [with_positions(b, self.device) for b in batches]
+        self.batches = [self.prepare(with_positions(b, self.device)) for b in batches]
         self.inputs: dict[Key, torch.Tensor] = {}
         self.outputs: dict[Key, torch.Tensor] = {}
         self.grads: dict[Key, torch.Tensor] = {}

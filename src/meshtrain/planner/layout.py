@@ -25,6 +25,7 @@ KNOBS = (
     "v",
     "schedule",
     "cp",
+    "cp_mode",
     "dp_replicate",
     "dp_shard",
     "ep",
@@ -43,6 +44,8 @@ class Layout(Degrees):
 
     v: int = 1
     schedule: str = "1f1b"
+    cp_mode: str = "ring"
+    """ring (keys and values travel the cp ring) or ulysses (all-to-alls trade sequence for heads)."""
     zero: int = 0
     micro_batch: int = 1
     recompute: str = "none"
@@ -68,6 +71,7 @@ class Layout(Degrees):
         pp = f" pp{self.pp}" + (f"v{self.v}" if self.v > 1 else "") if self.pp > 1 else ""
         sched = f" {self.schedule}" if self.pp > 1 and self.schedule not in ("1f1b", "interleaved-1f1b") else ""
         extra = "".join(f" {k}{getattr(self, k)}" for k in ("cp", "ep") if getattr(self, k) > 1)
+        extra += " ulysses" if self.cp > 1 and self.cp_mode == "ulysses" else ""
         return f"{dp} tp{self.tp}{pp}{sched}{extra}"
 
 

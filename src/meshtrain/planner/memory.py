@@ -158,6 +158,9 @@ def rank_memory(shape: ModelShape, lay: Layout, mi: MemoryInputs, rp: RankParams
     args = (shape, tokens, mi.seq_len // lay.cp, mi.act_bytes, mi.attention, lay.tp, lay.sp)
     per_layer = layer_activation_bytes(*args, lay.recompute)
     held = in_flight_microbatches(lay.schedule, lay.pp, lay.v, mi.microbatches, stage)
+    if lay.cp > 1 and lay.cp_mode == "ulysses" and lay.recompute != "full":
+        # SDPA keeps its head-sharded output; the o_proj input is another tensor, after the all-to-all
+        per_layer += tokens * mi.act_bytes * shape.hidden / lay.tp
     out["activations"] = held * layers_per_rank(shape, lay) * per_layer
     if lay.recompute == "full":
         out["recompute working set"] = layer_activation_bytes(*args, "none")

@@ -10,7 +10,7 @@ are those of its pipeline stages, with the run's real block split (parallel.pp_s
 what that rank writes to metrics.rank{R}.jsonl. A pipeline rank sends each of its chunks'
 activations forward (but the last stage's) and each chunk's input gradient back (but the first
 stage's), always in fp32 (the residual stream stays fp32 under autocast), 1/tp of them under
-sequence parallelism.
+sequence parallelism, and of this cp rank's tokens only.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def config_layout(cfg: Config) -> Layout:
         v=p.pp_chunks,
         schedule=p.pp_schedule,
         cp=p.cp,
+        cp_mode=p.cp_mode,
         dp_replicate=p.dp_replicate,
         dp_shard=p.dp_shard,
         ep=p.ep,
@@ -72,7 +73,7 @@ def _stage_p2p(cfg: Config, stages: list[int]) -> float:
     n = p.pp * p.pp_chunks
     if p.pp == 1:
         return 0.0
-    per_message = t.micro_batch * t.seq_len * cfg.model.dim * 4 / (p.tp if p.sequence_parallel else 1)
+    per_message = t.micro_batch * t.seq_len // p.cp * cfg.model.dim * 4 / (p.tp if p.sequence_parallel else 1)
     messages = sum(s < n - 1 for s in stages) + sum(s > 0 for s in stages)
     return messages * t.grad_accum * per_message
 

@@ -122,6 +122,33 @@ def _tp_collectives(
     return out
 
 
+def _cp_collectives(
+    shape: ModelShape, lay: Layout, ti: TrafficInputs, blocks: float, tokens: float, redo: int
+) -> list[Collective]:
+    """Context-parallel traffic of `blocks` block passes (layers x microbatches) on `tokens` tokens.
+
+    Ring (meshtrain.context_parallel.ring): forward, cp - 1 sends of this rank's keys and values
+    (one message, the kv heads on this tp rank); backward sends them around again (cp - 1) and the
+    travelling gradient of each block cp times (the last hop brings it home), accumulated in fp32.
+    Full recomputation replays the forward ring. Ulysses: four all-to-alls each way (q, k, v in,
+    the output back), of the tensor this rank holds; recomputation replays the forward four.
+    """
+    if lay.cp_mode == "ulysses":
+        q_or_out, k_or_v = (tokens * width / lay.tp * ti.act_bytes for width in (shape.hidden, shape.kv_dim))
+        return [
+            Collective(f"cp ulysses {what}", "all_to_all", size, "cp", 2 * blocks * passes, phase)
+            for what, size in (("q, out", q_or_out), ("k, v", k_or_v))
+            for phase, passes in (("exposed_fwd", 1), ("exposed_bwd", redo))
+        ]
+    kv = tokens * 2 * shape.kv_dim / lay.tp
+    n = (lay.cp - 1) * blocks
+    return [
+        Collective("cp ring kv", "p2p", kv * ti.act_bytes, "cp", n, "attention_fwd"),
+        Collective("cp ring kv", "p2p", kv * ti.act_bytes, "cp", n * redo, "attention_bwd"),
+        Collective("cp ring dkv", "p2p", kv * 4, "cp", lay.cp * blocks, "attention_bwd"),
+    ]
+
+
 def _activation_collectives(
     shape: ModelShape, lay: Layout, ti: TrafficInputs, ends: tuple[bool, bool], layers: int
 ) -> list[Collective]:
@@ -133,10 +160,7 @@ def _activation_collectives(
     out: list[Collective] = []
     out += _tp_collectives(shape, lay, ti, layers, tokens, hidden, redo, ends)
     if lay.cp > 1:
-        kv_block = tokens * 2 * shape.kv_dim * ti.act_bytes / lay.tp
-        n = (lay.cp - 1) * layers * m
-        out.append(Collective("cp ring", "p2p", kv_block, "cp", n, "attention_fwd"))
-        out.append(Collective("cp ring", "p2p", kv_block, "cp", n * (1 + redo), "attention_bwd"))
+        out += _cp_collectives(shape, lay, ti, layers * m, tokens, redo)
     if lay.ep > 1:
         routed = tokens * shape.top_k * shape.hidden * ti.act_bytes
         out.append(Collective("ep all_to_all", "all_to_all", routed, "ep", 2 * layers * m, "exposed_fwd"))
