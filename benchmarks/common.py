@@ -103,6 +103,7 @@ class Ratio:
         return (
             f"{self.ours} / {self.peer}: {self.median:.3f}x tokens/s (min {self.min:.3f}, max {self.max:.3f}; "
             f"{self.ours_tokens_per_s:,.0f} vs {self.peer_tokens_per_s:,.0f} tokens/s median)"
+            + (f"\n    {self.note}" if self.note else "")
         )
 
 

@@ -26,6 +26,7 @@ BENCHMARKS = [  # (script, extra arguments)
     ("bench_tp.py", []),
     ("bench_tp.py", ["--sp"]),
     ("bench_pp.py", []),
+    ("bench_cp.py", []),
 ]
 
 

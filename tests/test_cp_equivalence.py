@@ -52,7 +52,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Run, list[
     root = tmp_path_factory.mktemp("cp")
     specs = {
         name: Run(root / name, nproc, [*BASE, *overrides])
-        for name, (nproc, overrides) in {"single": (1, ["training.micro_batch=8"]), **LAYOUTS}.items()
+        for name, (nproc, overrides) in {
+            "single": (1, ["training.micro_batch=8", "checkpoint.interval=3"]),
+            **LAYOUTS,
+        }.items()
     }
     return train_named(specs)
 
@@ -105,18 +108,20 @@ def test_reported_traffic_is_what_torch_distributed_was_handed(layout: str, runs
 
 
 def test_cp_checkpoints_resume_at_other_degrees_and_modes(runs: dict, tmp_path: Path) -> None:
-    """The cp2 ring's step-3 checkpoint (full tensors by name) resumes at cp4, as Ulysses, and on one process."""
+    """The cp2 ring's step-3 checkpoint (full tensors by name) resumes at cp4, as Ulysses, and on one
+    process; one process's resumes at cp2."""
     resume = "checkpoint.resume=auto"
-    targets = {
-        "cp4": (4, ["parallel.cp=4"]),
-        "ulysses": (2, ["parallel.cp=2", ULYSSES]),
-        "plain": (1, []),
+    targets = {  # name: (nproc, overrides, whose checkpoint)
+        "cp4": (4, ["parallel.cp=4"], "cp2"),
+        "ulysses": (2, ["parallel.cp=2", ULYSSES], "cp2"),
+        "plain": (1, [], "cp2"),
+        "from-plain-to-cp2": (2, ["parallel.cp=2"], "single"),
     }
-    for name in targets:
-        src = runs["cp2"][0].run_dir / "checkpoints" / "step_00000003"
+    for name, (*_, source) in targets.items():
+        src = runs[source][0].run_dir / "checkpoints" / "step_00000003"
         shutil.copytree(src, tmp_path / name / "checkpoints" / src.name)
     tails = train_runs(
-        [Run(tmp_path / n, k, [*BASE, *o, "training.micro_batch=8", resume]) for n, (k, o) in targets.items()]
+        [Run(tmp_path / n, k, [*BASE, *o, "training.micro_batch=8", resume]) for n, (k, o, _) in targets.items()]
     )
     for tail in tails:
         assert [r["step"] for r in tail] == [4, 5]

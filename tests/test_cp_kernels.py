@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from meshtrain.context_parallel import kernels, shard_indices
+from meshtrain.tools import cp_diagram
 
 pytestmark = pytest.mark.pure
 
@@ -52,3 +53,20 @@ def test_the_math_kernel_equals_the_fused_one() -> None:
         slow = kernels._math_backward(dout, q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), *fused, causal)
         torch.testing.assert_close(grads[0], slow[0])
         torch.testing.assert_close(grads[1], kernels._fold(slow[1], 2))
+
+
+@pytest.mark.parametrize("zigzag", [True, False])
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 8])
+def test_the_ring_roles_cover_the_causal_matrix_once(size: int, zigzag: bool) -> None:
+    """Over all ranks and steps, the blocks the ring's roles compute are the causal lower triangle
+    of 2cp x 2cp chunks, each exactly once; rank r holds what shard_indices gives it. Zigzag gives
+    every rank 2cp chunk-blocks of work (a diagonal one counts half); contiguous gives rank r 4r + 2."""
+    blocks = cp_diagram.ring_blocks(size, zigzag)
+    pairs = [(b.q_chunk, b.k_chunk) for b in blocks]
+    assert sorted(pairs) == [(q, k) for q in range(2 * size) for k in range(q + 1)]
+    seq, c = 16 * size, 8
+    for r in range(size):
+        held = torch.cat([torch.arange(i * c, (i + 1) * c) for i in cp_diagram.chunks_of(size, r, zigzag)])
+        assert torch.equal(held, shard_indices(seq, size, r, zigzag))
+    want = [2.0 * size] * size if zigzag else [4.0 * r + 2 for r in range(size)]
+    assert cp_diagram.work_per_rank(blocks, size) == want

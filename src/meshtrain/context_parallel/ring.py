@@ -43,13 +43,18 @@ class Ring:
     stats: Recorder
 
     def role(self, step: int) -> str:
-        """What step `step` computes: 'diagonal', 'full', 'keys_first_half', 'queries_second_half' or 'skip'."""
-        if step == 0:
-            return "diagonal"
-        source = (self.rank - step) % self.size
-        if self.zigzag:
-            return "keys_first_half" if source < self.rank else "queries_second_half"
-        return "full" if source < self.rank else "skip"
+        return ring_role(self.size, self.rank, step, self.zigzag)
+
+
+def ring_role(size: int, rank: int, step: int, zigzag: bool) -> str:
+    """What `rank` computes at ring step `step` (with the block that started on rank - step):
+    'diagonal', 'full', 'keys_first_half', 'queries_second_half' or 'skip' (module docstring)."""
+    if step == 0:
+        return "diagonal"
+    source = (rank - step) % size
+    if zigzag:
+        return "keys_first_half" if source < rank else "queries_second_half"
+    return "full" if source < rank else "skip"
 
 
 def _forward_step(

@@ -8,4 +8,5 @@
 - schedule_cli.py    `meshtrain schedule`
 - tp_measure.py      what a tensor-parallel block sends and saves, in theory and measured
 - tp_diagram.py      the tensor-parallel block diagram in docs/img
+- cp_diagram.py      which rank computes which attention block at which ring step (docs/img)
 """

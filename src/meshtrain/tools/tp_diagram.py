@@ -1,6 +1,6 @@
 """Draw one block under tensor parallelism, without and with sequence parallelism (docs/img).
 
-python -m meshtrain.tensor_parallel.diagram docs/img/tensor-parallel.png
+python -m meshtrain.tools.tp_diagram docs/img/tensor-parallel.png
 """
 
 from __future__ import annotations
