@@ -47,6 +47,14 @@ def ranks(run: Run) -> range:
     return range(run.nproc)
 
 
+def zero_padding_slack(run: Run) -> float:
+    """Model-state bytes ZeRO's padding may add or leave out on a rank: 16 bytes (fp32 param, grad,
+    Adam moments) for up to 8 padded elements in each of 4 units; 0 without ZeRO."""
+    return (
+        16 * 8 * 4 if any(o.startswith("parallel.zero_stage=") and not o.endswith("=0") for o in run.overrides) else 0
+    )
+
+
 def assert_planner_agrees(run: Run, keys: Sequence[str] = TRAFFIC, state_slack: float = 0.0) -> None:
     """On every rank and step: predicted communication bytes equal the measured ones, and model
     states equal them within `state_slack` bytes (ZeRO's padding, either way; 0 elsewhere)."""

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from checks import TRAFFIC, assert_counters_honest, assert_planner_agrees, assert_same_training, rel_diff
+from checks import (
+    TRAFFIC,
+    assert_counters_honest,
+    assert_planner_agrees,
+    assert_same_training,
+    rel_diff,
+    zero_padding_slack,
+)
 from comm_counter import load_counts
 from dist_utils import Run, read_metrics, train_named, train_runs
 
@@ -96,7 +103,7 @@ def test_bf16_context_parallel_trains_and_moves_bf16(layout: str, runs: dict) ->
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_cp_layouts_hold_and_send_what_the_planner_predicts(layout: str, runs: dict) -> None:
     run, _ = runs[layout]
-    assert_planner_agrees(run, TRAFFIC, state_slack=0 if "zero_stage" not in str(run.overrides) else 16 * 8 * 4)
+    assert_planner_agrees(run, TRAFFIC, state_slack=zero_padding_slack(run))
 
 
 @pytest.mark.parametrize("layout", [n for n in LAYOUTS if "zero_stage" not in str(LAYOUTS[n][1])])

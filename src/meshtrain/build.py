@@ -23,7 +23,7 @@ here; the trainer calls `build_parallel` once and knows none of them (docs/archi
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
@@ -42,13 +42,16 @@ from meshtrain.core.runner import (
     LossFn,
     LossReduction,
     MicroStepRunner,
+    StepHook,
     StepRunner,
     keep_batch,
 )
 from meshtrain.core.weight_grads import WeightGradQueue, split_weight_grads
 from meshtrain.data_parallel import DataParallel
+from meshtrain.expert_balance import ExpertBalance, moe_layers
 from meshtrain.loss import cross_entropy_sum
 from meshtrain.model import Llama, build_model
+from meshtrain.model.moe import LossScale
 from meshtrain.pipeline.executor import PipelineExecutor
 from meshtrain.pipeline.schedules import Kind, Layout, Schedule, build_schedule
 from meshtrain.pipeline.stage import build_stage, describe_split, split_blocks, stage_ranges
@@ -70,6 +73,8 @@ class ParallelModel:
     reduce_loss: LossReduction
     sampler: Llama | None
     """The whole model, to sample from on this rank; None when it is cut into pipeline stages."""
+    hooks: list[StepHook] = field(default_factory=list)
+    """Once-a-step work of model features (MoE's expert balance), run by the trainer before the optimizer."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,7 @@ def build_parallel(cfg: Config, topo: Topology, device: torch.device, stats: Com
     parts = _model_parts(cfg, device, pipe, topo.local_rank("pp"))
     # 2. tensor parallelism, 3. context parallelism
     tp, cp = _tensor_parallel(parts, topo, cfg, stats, pipe), _context_parallel(parts, topo, cfg, stats)
+    hooks: list[StepHook] = _expert_balance(parts, topo, cfg, stats)
     # 4. activation checkpointing
     for part in parts:  # every part is a Llama (the whole model or a stage), with tp's layers swapped in
         apply_activation_checkpointing(cast(Llama, part).model.layers, t.activation_checkpointing, t.ac_every)
@@ -130,7 +136,20 @@ def build_parallel(cfg: Config, topo: Topology, device: torch.device, stats: Com
         LossReduction(counts=topo.local_rank("tp") == 0, stats=stats),
         # a cut model, or one whose attention spans the cp ranks, samples through `meshtrain generate`
         sampler=cast(Llama, parts[0]) if pipe is None and cp is None else None,
+        hooks=hooks,
     )
+
+
+def _expert_balance(parts: list[nn.Module], topo: Topology, cfg: Config, stats: CommStats) -> list[StepHook]:
+    """MoE layers weigh their balancing losses like the cross-entropy (per sequence and per token of
+    the global batch), and sum their load over the ranks that see different tokens (dp x cp)."""
+    layers = moe_layers(parts)
+    if not layers:
+        return []
+    t, m = cfg.training, cfg.model
+    for layer in layers.values():
+        layer.loss_scale = LossScale(per_sequence=1.0 / t.global_batch, per_token=1.0 / (t.global_batch * t.seq_len))
+    return [ExpertBalance(layers, topo.group("dp_cp"), stats, m.load_balance, m.bias_update_rate)]
 
 
 def _tensor_parallel(

@@ -50,6 +50,28 @@ class ModelConfig:
     """Share the input embedding matrix with the output projection (lm_head)."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation; output projections are scaled by 1/sqrt(2*n_layers)."""
+    n_experts: int = 0
+    """Routed experts per MoE block; 0 = a dense model (meshtrain.model.moe)."""
+    top_k: int = 2
+    """Experts each token is routed to (MoE only)."""
+    expert_ffn_dim: int = 0
+    """Hidden size of each expert's SwiGLU; 0 = the dense MLP's hidden size."""
+    n_shared_experts: int = 0
+    """Shared experts every token passes through besides its routed ones (DeepSeek's); one MLP that many expert widths wide."""
+    first_dense_layers: int = 0
+    """Leading blocks that keep a dense MLP, as in DeepSeek-V3 (MoE only)."""
+    router_score: str = "softmax"
+    """Router scores: softmax or sigmoid (DeepSeek-V3); the chosen experts' scores are renormalised to sum to 1."""
+    capacity_factor: float = 0.0
+    """Tokens an expert takes per sequence, as a multiple of the even share s*top_k/n_experts; the rest are dropped; 0 = dropless."""
+    load_balance: str = "aux_loss"
+    """aux_loss (Switch/GShard, sequence-wise), bias (DeepSeek-V3's auxiliary-loss-free bias, updated before each optimizer step) or none."""
+    aux_loss_coef: float = 0.01
+    """Weight of the auxiliary balancing loss (load_balance = aux_loss)."""
+    z_loss_coef: float = 0.0
+    """Weight of the router z-loss, logsumexp(logits)^2 per token (ST-MoE); 0 = off."""
+    bias_update_rate: float = 1e-3
+    """Step of the balancing bias per optimizer step: rate * sign(mean load - load), re-centred (load_balance = bias)."""
 
     @property
     def head_dim(self) -> int:
@@ -60,6 +82,14 @@ class ModelConfig:
         if self.ffn_dim > 0:
             return self.ffn_dim
         return 64 * math.ceil(int(8 * self.dim / 3) / 64)
+
+    @property
+    def moe_ffn_dim(self) -> int:
+        """Each expert's hidden size."""
+        return self.expert_ffn_dim or self.hidden_dim
+
+    def is_moe_layer(self, index: int) -> bool:
+        return self.n_experts > 0 and index >= self.first_dense_layers
 
 
 @dataclass

@@ -75,11 +75,15 @@ class Trainer:
 
     # ---- state -------------------------------------------------------------------------------
     def app_state(self) -> dict[str, Any]:
-        return {
+        state: dict[str, Any] = {
             "model": self.engine.model_state_dict(),
             "optim": self.engine.optim_state_dict(self.optim.state_dict()),
             "train": {"step": torch.tensor(self.step)},
         }
+        hooks = {k: v for hook in self.parallel.hooks for k, v in hook.state_dict().items()}
+        if hooks:  # e.g. MoE's balancing biases
+            state["hooks"] = hooks
+        return state
 
     def maybe_resume(self) -> None:
         path = ckpt.latest(self.ckpt_root, warn=self.log.warning) if self.cfg.checkpoint.resume == "auto" else None
@@ -147,6 +151,8 @@ class Trainer:
         lr = lr_at(self.step, t)
         # Both figures come out of collectives, so every rank takes the same decision.
         applied = self.guard.check(self.step + 1, loss_mean, grad_norm)
+        for hook in self.parallel.hooks:
+            hook.before_step(applied)
         if applied:
             if t.grad_clip and grad_norm > t.grad_clip:
                 self.engine.scale_grads(t.grad_clip / (grad_norm + 1e-6))
@@ -182,6 +188,8 @@ class Trainer:
             rec["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(self.env.device)
         rec.update(self.runner.metrics())
         rec.update(self.engine.step_metrics())
+        for hook in self.parallel.hooks:
+            rec.update(hook.metrics())
         rec.update(self.stats.snapshot_and_reset())
         return rec
 

@@ -25,6 +25,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.reduce_dtype": ("fp32", "bf16"),
     "parallel.cp_mode": ("ring", "ulysses"),
     "parallel.cp_balance": ("zigzag", "contiguous"),
+    "model.router_score": ("softmax", "sigmoid"),
+    "model.load_balance": ("aux_loss", "bias", "none"),
     "optimizer.name": ("adamw",),
     "data.source": ("stdlib", "files", "synthetic"),
     "checkpoint.resume": ("auto", "never"),
@@ -76,6 +78,14 @@ VALUES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
     ("model.rope_theta", _in(0, INF, lo_open=True), "must be > 0 (the rotary frequencies' base)"),
     ("model.norm_eps", _in(0, INF, lo_open=True), "must be > 0"),
     ("model.init_std", _in(0, INF, lo_open=True), "must be > 0"),
+    ("model.n_experts", _in(0, INF), "must not be negative (0 = a dense model)"),
+    ("model.expert_ffn_dim", _in(0, INF), "must not be negative (0 = the dense MLP's hidden size)"),
+    ("model.n_shared_experts", _in(0, INF), "must not be negative"),
+    ("model.first_dense_layers", _in(0, INF), "must not be negative"),
+    ("model.capacity_factor", _in(0, INF), "must not be negative (0 = dropless)"),
+    ("model.aux_loss_coef", _in(0, INF), "must not be negative"),
+    ("model.z_loss_coef", _in(0, INF), "must not be negative"),
+    ("model.bias_update_rate", _in(0, INF), "must not be negative"),
     ("data.max_tokens", _in(1, INF), "must be at least 1"),
     ("parallel.bucket_mb", _in(0, INF, lo_open=True), "must be > 0"),
     ("logging.peak_tflops", _in(0, INF), "must not be negative (0 detects it)"),
@@ -217,6 +227,28 @@ def _check_context(cfg: Config) -> None:
             f"parallel.cp_mode=ulysses splits heads over tp*cp = {p.tp * p.cp}: model.n_heads="
             f"{m.n_heads} and model.n_kv_heads={m.n_kv_heads} must be divisible by it; use cp_mode=ring"
         )
+
+
+def _check_experts(cfg: Config) -> None:
+    m, p = cfg.model, cfg.parallel
+    if m.n_experts == 0:
+        return
+    if not 1 <= m.top_k <= m.n_experts:
+        raise ConfigError(f"model.top_k={m.top_k} must be in 1 .. model.n_experts={m.n_experts}")
+    if m.first_dense_layers >= m.n_layers:
+        raise ConfigError(
+            f"model.first_dense_layers={m.first_dense_layers} leaves no MoE block of model.n_layers={m.n_layers}; "
+            "lower it or set model.n_experts=0"
+        )
+    # Expert parallelism (which splits the experts, and the tensor-parallel and pipelined layouts
+    # that must route around them) comes with the expert-parallel build; until then MoE trains with
+    # its experts replicated, under data parallelism and ZeRO.
+    for axis in ("tp", "pp", "cp"):
+        if getattr(p, axis) > 1:
+            raise ConfigError(
+                f"model.n_experts={m.n_experts} with parallel.{axis}={getattr(p, axis)} is not supported by this "
+                f"build yet (MoE runs under data parallelism and ZeRO); set parallel.{axis}=1"
+            )
 
 
 def _check_pipeline(cfg: Config) -> None:
@@ -363,6 +395,7 @@ def validate(cfg: Config, world_size: int) -> Config:
     cfg.parallel.dp_shard = resolve_dp_shard(cfg, world_size)
     _check_layout(cfg, world_size)
     _check_context(cfg)
+    _check_experts(cfg)
     _check_pipeline(cfg)
     _check_zero(cfg)
     return cfg

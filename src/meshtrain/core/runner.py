@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -38,6 +38,23 @@ class Batch:
     tokens: torch.Tensor
     targets: torch.Tensor
     positions: torch.Tensor | None = None
+
+
+class StepHook(Protocol):
+    """Work a model feature does once per optimizer step, outside the passes (MoE: sum the expert
+    load over the ranks, move the balancing bias); the trainer calls every hook the build returns."""
+
+    def before_step(self, applied: bool) -> None:
+        """Before the optimizer step; `applied` is False when the step is skipped (NaN, spike)."""
+        ...
+
+    def metrics(self) -> dict[str, Any]:
+        """Figures for this step's metrics record."""
+        ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """State the checkpoint keeps, tensors loaded in place."""
+        ...
 
 
 def keep_batch(batch: Batch) -> Batch:

@@ -1,6 +1,7 @@
 """Single-device model definitions. Parallelism is applied from outside (see meshtrain.build).
 
 - llama.py  the Llama-style decoder, written for one device
+- moe.py    its mixture-of-experts feed-forward (router, experts, balancing, capacity)
 - math.py   its arithmetic (parameters, FLOPs), torch-free, shared by the trainer and the planner
 
 The model is imported on first use: the CLI reaches math.py (through the planner) while validating

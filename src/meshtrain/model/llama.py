@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from meshtrain.config import ModelConfig
+from meshtrain.model.moe import MoE
 
 
 class RMSNorm(nn.Module):
@@ -96,12 +97,12 @@ class Block(nn.Module):
     """Recompute this block's activations in backward instead of saving them (activation
     checkpointing: meshtrain.activation_checkpoint turns it on from outside)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, index: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp: nn.Module = MoE(cfg) if cfg.is_moe_layer(index) else MLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # Inside the module call: hooks on the block (ZeRO-3's gather and free) run once around the
@@ -121,7 +122,7 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
 
 
@@ -168,6 +169,9 @@ class Llama(nn.Module):
         cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
+        for name, buf in self.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # the MoE balancing bias starts neutral
+                buf.zero_()
         for name, param in self.named_parameters():
             param.copy_(init_tensor(name, tuple(param.shape), self.cfg, seed))
 

@@ -47,6 +47,10 @@ class ModelShape:
     """0 for a dense model; otherwise the experts that replace each block's MLP."""
     top_k: int = 0
     expert_ffn: int = 0
+    n_shared_experts: int = 0
+    """Shared experts (one SwiGLU n_shared_experts x expert_ffn wide) beside the routed ones."""
+    first_dense_layers: int = 0
+    """Leading blocks that keep the dense MLP (DeepSeek-V3)."""
     dropout: bool = False
     """Whether activations carry dropout masks (GPT-3 and Megatron's defaults do)."""
 
@@ -61,6 +65,15 @@ class ModelShape:
     @property
     def is_moe(self) -> bool:
         return self.n_experts > 0
+
+    @property
+    def dense_layers(self) -> int:
+        """Blocks with the dense MLP: all of them, or the first ones of an MoE model."""
+        return self.first_dense_layers if self.is_moe else self.n_layers
+
+    def layer_kinds(self) -> list[tuple[bool, int]]:
+        """(is an MoE block, how many such blocks)."""
+        return [(False, self.dense_layers), (True, self.n_layers - self.dense_layers)]
 
     def check(self) -> ModelShape:
         """Reject shapes the arithmetic cannot describe, with a one-line reason."""
@@ -94,6 +107,11 @@ def from_model_config(cfg: ModelConfig, seq_len: int | None = None, name: str = 
         vocab=cfg.vocab_size,
         seq_len=seq_len or cfg.max_seq_len,
         tie_embeddings=cfg.tie_embeddings,
+        n_experts=cfg.n_experts,
+        top_k=cfg.top_k if cfg.n_experts else 0,
+        expert_ffn=cfg.moe_ffn_dim if cfg.n_experts else 0,
+        n_shared_experts=cfg.n_shared_experts if cfg.n_experts else 0,
+        first_dense_layers=cfg.first_dense_layers if cfg.n_experts else 0,
     )
 
 
@@ -106,8 +124,9 @@ def _mlp_biases(shape: ModelShape, ffn: int) -> int:
     return ffn + shape.hidden if shape.kind == "gpt" else 0
 
 
-def layer_params(shape: ModelShape) -> dict[str, int]:
-    """Exact parameter count of one transformer block, by part."""
+def layer_params(shape: ModelShape, moe: bool | None = None) -> dict[str, int]:
+    """Exact parameter count of one transformer block, by part: an MoE block when `moe` (default:
+    whether the model has experts), else a dense one."""
     d, kv = shape.hidden, shape.kv_dim
     parts = {"attention": 2 * d * d + 2 * d * kv}
     if shape.kind == "gpt":
@@ -115,10 +134,12 @@ def layer_params(shape: ModelShape) -> dict[str, int]:
         parts["norms"] = 4 * d  # two LayerNorms, weight and bias each
     else:
         parts["norms"] = 2 * d  # two RMSNorm weights
-    if shape.is_moe:
+    if shape.is_moe if moe is None else moe:
         per_expert = _mlp_matrices(shape, shape.expert_ffn) + _mlp_biases(shape, shape.expert_ffn)
         parts["experts"] = shape.n_experts * per_expert
         parts["router"] = d * shape.n_experts
+        if shape.n_shared_experts:
+            parts["shared_experts"] = _mlp_matrices(shape, shape.n_shared_experts * shape.expert_ffn)
     else:
         parts["mlp"] = _mlp_matrices(shape, shape.ffn)
         if shape.kind == "gpt":
@@ -132,7 +153,7 @@ def param_breakdown(shape: ModelShape) -> dict[str, int]:
     parts = {"embedding": v * d}
     if shape.kind == "gpt":
         parts["positions"] = shape.seq_len * d
-    parts["blocks"] = shape.n_layers * sum(layer_params(shape).values())
+    parts["blocks"] = sum(n * sum(layer_params(shape, moe).values()) for moe, n in shape.layer_kinds())
     parts["final_norm"] = 2 * d if shape.kind == "gpt" else d
     parts["lm_head"] = 0 if shape.tie_embeddings else v * d
     return parts
@@ -142,22 +163,30 @@ def param_count(shape: ModelShape) -> int:
     return sum(param_breakdown(shape).values())
 
 
-def active_layer_matmul_params(shape: ModelShape) -> int:
-    """Matrix weights one token passes through in a block (top_k experts plus the router for MoE)."""
+def active_layer_matmul_params(shape: ModelShape, moe: bool | None = None) -> int:
+    """Matrix weights one token passes through in a block (for MoE: top_k experts, the shared ones
+    and the router); `moe` as in layer_params."""
     attn = 2 * shape.hidden * shape.hidden + 2 * shape.hidden * shape.kv_dim
-    if shape.is_moe:
-        return attn + shape.top_k * _mlp_matrices(shape, shape.expert_ffn) + shape.hidden * shape.n_experts
+    if shape.is_moe if moe is None else moe:
+        routed = shape.top_k * _mlp_matrices(shape, shape.expert_ffn) + shape.hidden * shape.n_experts
+        return attn + routed + _mlp_matrices(shape, shape.n_shared_experts * shape.expert_ffn)
     return attn + _mlp_matrices(shape, shape.ffn)
 
 
 def matmul_params(shape: ModelShape) -> int:
     """N of the 6N rule: active block matrices plus the output head (see the module docstring)."""
-    return shape.n_layers * active_layer_matmul_params(shape) + shape.vocab * shape.hidden
+    blocks = sum(n * active_layer_matmul_params(shape, moe) for moe, n in shape.layer_kinds())
+    return blocks + shape.vocab * shape.hidden
 
 
-def layer_forward_flops_per_token(shape: ModelShape, seq_len: int) -> float:
+def layer_forward_flops_per_token(shape: ModelShape, seq_len: int, moe: bool | None = None) -> float:
     """Forward FLOPs of one block for one token: its matrices plus non-causal attention scores."""
-    return 2.0 * active_layer_matmul_params(shape) + 4.0 * seq_len * shape.hidden
+    return 2.0 * active_layer_matmul_params(shape, moe) + 4.0 * seq_len * shape.hidden
+
+
+def blocks_forward_flops_per_token(shape: ModelShape, seq_len: int) -> float:
+    """Forward FLOPs of all blocks (dense and MoE) for one token."""
+    return sum(n * layer_forward_flops_per_token(shape, seq_len, moe) for moe, n in shape.layer_kinds())
 
 
 def attention_core_flops_per_token(shape: ModelShape, seq_len: int) -> float:
@@ -166,7 +195,7 @@ def attention_core_flops_per_token(shape: ModelShape, seq_len: int) -> float:
 
 
 def forward_flops_per_token(shape: ModelShape, seq_len: int) -> float:
-    return shape.n_layers * layer_forward_flops_per_token(shape, seq_len) + 2.0 * shape.vocab * shape.hidden
+    return blocks_forward_flops_per_token(shape, seq_len) + 2.0 * shape.vocab * shape.hidden
 
 
 def shape_flops_per_token(shape: ModelShape, seq_len: int) -> float:
@@ -194,7 +223,7 @@ def iteration_flops(shape: ModelShape, tokens: float, seq_len: int, recompute: s
         raise ConfigError(f"recompute={recompute!r} must be one of {', '.join(RECOMPUTE_MODES)}")
     model = shape_flops_per_token(shape, seq_len) * tokens
     if recompute == "full":
-        extra = shape.n_layers * layer_forward_flops_per_token(shape, seq_len)
+        extra = blocks_forward_flops_per_token(shape, seq_len)
     elif recompute == "selective":
         extra = shape.n_layers * attention_core_flops_per_token(shape, seq_len)
     else:

@@ -133,12 +133,14 @@ class RankParams:
         return self.unit_dense + self.unit_expert
 
 
-def _block_params_on_rank(shape: ModelShape, lay: Layout) -> tuple[float, float]:
-    """(dense, expert) elements of one block on one rank. Megatron splits matrices and
-    column-parallel biases over tp; norms and row-parallel biases are replicated."""
-    parts = layer_params(shape)
+def _block_params_on_rank(shape: ModelShape, lay: Layout, moe: bool | None = None) -> tuple[float, float]:
+    """(dense, expert) elements of one block on one rank (`moe` as in layer_params). Megatron splits
+    matrices and column-parallel biases over tp; norms and row-parallel biases are replicated; shared
+    experts are dense matrices, split like the MLP."""
+    parts = layer_params(shape, moe)
     d = shape.hidden
     dense = parts["attention"] / lay.tp + parts["norms"] + parts.get("router", 0)
+    dense += parts.get("shared_experts", 0) / lay.tp
     if shape.kind == "gpt":
         dense += (parts["attention_bias"] - d) / lay.tp + d
         if "mlp" in parts:
@@ -156,6 +158,10 @@ def rank_params(shape: ModelShape, lay: Layout, first: bool, last: bool, layers:
     dense_block, expert_block = _block_params_on_rank(shape, lay)
     n = layers_per_rank(shape, lay) if layers is None else layers
     dense = n * dense_block
+    # an MoE model's leading dense blocks sit on the first stage
+    plain = min(shape.first_dense_layers, n) if shape.is_moe and first else 0
+    if plain:
+        dense += plain * (_block_params_on_rank(shape, lay, moe=False)[0] - dense_block)
     d, v = shape.hidden, shape.vocab
     if first:
         dense += v * d / lay.tp + (shape.seq_len * d if shape.kind == "gpt" else 0)
@@ -163,4 +169,4 @@ def rank_params(shape: ModelShape, lay: Layout, first: bool, last: bool, layers:
         dense += 2 * d if shape.kind == "gpt" else d
         if not shape.tie_embeddings or not first:
             dense += v * d / lay.tp
-    return RankParams(dense=dense, expert=n * expert_block, unit_dense=dense_block, unit_expert=expert_block)
+    return RankParams(dense=dense, expert=(n - plain) * expert_block, unit_dense=dense_block, unit_expert=expert_block)

@@ -229,6 +229,15 @@ def step_collectives(
     out = _activation_collectives(shape, lay, ti, ends, layers_per_rank(shape, lay) if layers is None else layers)
     if lay.grad_group > 1:
         out += _dp_collectives(rp.dense, lay, ti, rp.unit_dense, expert=False)
+        if shape.is_moe:
+            # the step's expert load, drops and balancing losses, summed once over dp x cp in float64
+            # (meshtrain.expert_balance): E + 4 numbers per MoE block this rank holds
+            moe_blocks = rp.expert / (rp.unit_expert or 1)
+            out.append(
+                Collective(
+                    "moe expert load", "all_reduce", 8 * (shape.n_experts + 4) * moe_blocks, "grad", 1, "bwd_last"
+                )
+            )
         if rp.expert and lay.grad_group // lay.ep > 1:
             out += _dp_collectives(rp.expert, lay, ti, rp.unit_expert, expert=True)
     sizes = groups(lay, gpus_per_node=1)  # only the sizes matter here

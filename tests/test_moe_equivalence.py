@@ -1,0 +1,144 @@
+"""Mixture-of-experts models train to the single-device losses under data parallelism and ZeRO 1-3
+(experts replicated: expert parallelism is not built yet), with accumulation, capacity dropping,
+the balancing bias, sigmoid routing with shared experts and a leading dense block, and
+recomputation; the bias is the same on every layout (it decides routing, so the losses would part
+otherwise) and resumes from a checkpoint; every rank sends and holds what the planner predicts."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from checks import (
+    TRAFFIC,
+    assert_counters_honest,
+    assert_planner_agrees,
+    assert_same_training,
+    rel_diff,
+    zero_padding_slack,
+)
+from dist_utils import Run, read_metrics, train_named, train_runs
+
+pytestmark = pytest.mark.dist
+BASE = ("training.steps=5", "model.n_experts=4", "model.expert_ffn_dim=32", "model.top_k=2")
+VARIANTS = {  # reference name: overrides shared by it and its layouts
+    "plain": [],
+    "capacity": ["model.capacity_factor=1.0"],
+    "bias": ["model.load_balance=bias", "model.bias_update_rate=0.01", "checkpoint.interval=3"],
+    "deepseek": [
+        "model.router_score=sigmoid",
+        "model.n_shared_experts=1",
+        "model.first_dense_layers=1",
+        "model.z_loss_coef=0.001",
+    ],
+}
+# 50 steps on the README corpus with no balancing, the auxiliary loss, and the bias
+BALANCE_RUN = [*BASE, "training.steps=50", "training.micro_batch=8", "data.source=stdlib", "data.max_tokens=200000"]
+BALANCE = {
+    "none": ["model.load_balance=none"],
+    "aux": ["model.aux_loss_coef=0.1"],
+    "bias": ["model.load_balance=bias", "model.bias_update_rate=0.01"],
+}
+LAYOUTS = {  # name: (variant, nproc, overrides)
+    "dp2": ("plain", 2, ["training.micro_batch=4"]),
+    "z1-dp2": ("plain", 2, ["training.micro_batch=4", "parallel.zero_stage=1"]),
+    "z2-dp2-accum2": ("plain", 2, ["training.micro_batch=2", "parallel.zero_stage=2"]),
+    "z3-dp2": ("plain", 2, ["training.micro_batch=4", "parallel.zero_stage=3"]),
+    "dp2-recompute": ("plain", 2, ["training.micro_batch=4", "training.activation_checkpointing=full"]),
+    "capacity-dp2-accum2": ("capacity", 2, ["training.micro_batch=2"]),
+    "bias-dp2-accum2": ("bias", 2, ["training.micro_batch=2"]),
+    "bias-z3-dp4": ("bias", 4, ["training.micro_batch=2", "parallel.zero_stage=3"]),
+    "deepseek-dp2": ("deepseek", 2, ["training.micro_batch=4"]),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Run, list[dict]]]:
+    root = tmp_path_factory.mktemp("moe")
+    specs = {v: Run(root / v, 1, [*BASE, *o, "training.micro_batch=8"]) for v, o in VARIANTS.items()}
+    for name, (variant, nproc, overrides) in LAYOUTS.items():
+        specs[name] = Run(root / name, nproc, [*BASE, *VARIANTS[variant], *overrides])
+    for mode, overrides in BALANCE.items():
+        specs[f"balance-{mode}"] = Run(root / f"balance-{mode}", 1, [*BALANCE_RUN, *overrides])
+    return train_named(specs)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_moe_layout_matches_single_device(layout: str, runs: dict) -> None:
+    assert_same_training(runs[layout][1], runs[LAYOUTS[layout][0]][1], loss=1e-5, grad_norm=1e-5)
+
+
+def test_each_variant_really_changes_the_routing(runs: dict) -> None:
+    """Capacity drops tokens, the bias moves the load, and every variant trains differently."""
+    plain, capacity, bias = (runs[v][1] for v in ("plain", "capacity", "bias"))
+    assert all(r["moe_drop_fraction"] == 0 for r in plain) and all(r["moe_drop_fraction"] > 0 for r in capacity)
+    assert all(r["moe_aux_loss"] > 0 for r in plain) and all(r["moe_aux_loss"] == 0 for r in bias)
+    losses = [tuple(r["loss"] for r in runs[v][1]) for v in VARIANTS]
+    assert len(set(losses)) == len(VARIANTS)
+    # the layouts see the same global load every step (it is summed over the ranks)
+    assert [r["moe_expert_load"] for r in runs["bias-z3-dp4"][1]] == [r["moe_expert_load"] for r in bias]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_moe_layouts_hold_and_send_what_the_planner_predicts(layout: str, runs: dict) -> None:
+    run, _ = runs[layout]
+    assert_planner_agrees(run, TRAFFIC, state_slack=zero_padding_slack(run))
+
+
+@pytest.mark.parametrize("layout", [n for n in LAYOUTS if "zero_stage" not in str(LAYOUTS[n][2])])
+def test_reported_traffic_is_what_torch_distributed_was_handed(layout: str, runs: dict) -> None:
+    assert_counters_honest(runs[layout][0], ["comm_all_reduce_bytes"])
+
+
+def test_the_balancing_bias_resumes_from_a_checkpoint(runs: dict, tmp_path: Path) -> None:
+    """bias-dp2-accum2's step-3 checkpoint, biases included, resumes on one process and on 4 ranks
+    under ZeRO-3 with the single device's losses."""
+    src = runs["bias-dp2-accum2"][0].run_dir / "checkpoints" / "step_00000003"
+    targets = {
+        "one": (1, ["training.micro_batch=8"]),
+        "z3-dp4": (4, ["training.micro_batch=2", "parallel.zero_stage=3"]),
+    }
+    for name in targets:
+        shutil.copytree(src, tmp_path / name / "checkpoints" / src.name)
+    tails = train_runs(
+        [
+            Run(tmp_path / n, k, [*BASE, *VARIANTS["bias"], *o, "checkpoint.resume=auto"])
+            for n, (k, o) in targets.items()
+        ]
+    )
+    want = [r["loss"] for r in runs["bias"][1][3:]]
+    for tail in tails:
+        assert [r["step"] for r in tail] == [4, 5]
+        assert rel_diff([r["loss"] for r in tail], want) < 1e-5
+    assert read_metrics(tmp_path / "one")[-1]["moe_expert_load"] == runs["bias"][1][-1]["moe_expert_load"]
+
+
+def test_the_weights_of_the_balancing_losses(runs: dict) -> None:
+    """At initialisation the router is near uniform, so sum_i f_i P_i is near 1/E and each layer's
+    auxiliary loss, averaged over the step's sequences, near its coefficient (0.01; 2 MoE layers);
+    z-loss is off. With it on (one MoE layer), 0.001 times the mean of logsumexp^2 over near-zero
+    logits, about (ln 4)^2."""
+    first = runs["plain"][1][0]
+    assert 2 * 0.008 < first["moe_aux_loss"] < 2 * 0.0125 and first["moe_z_loss"] == 0
+    z = runs["deepseek"][1][0]["moe_z_loss"]
+    assert 0.5 * 0.001 * 1.386**2 < z < 2 * 0.001 * 1.386**2
+
+
+def _imbalance(records: list[dict]) -> float:
+    """max/mean tokens per expert, averaged over the layers and the last 10 steps."""
+    per_step = [
+        sum(max(v) / (sum(v) / len(v)) for v in r["moe_expert_load"].values()) / len(r["moe_expert_load"])
+        for r in records[-10:]
+    ]
+    return sum(per_step) / len(per_step)
+
+
+def test_balancing_lowers_the_load_imbalance(runs: dict) -> None:
+    """50 steps on Python source (the README corpus), on which an unbalanced router collapses onto
+    two experts within the run: the auxiliary loss and the bias each keep the measured max/mean
+    load clearly lower."""
+    imbalance = {m: _imbalance(runs[f"balance-{m}"][1]) for m in BALANCE}
+    assert imbalance["none"] > 1.8, imbalance  # the collapse the balancing must prevent
+    assert imbalance["aux"] < 0.85 * imbalance["none"] and imbalance["bias"] < 0.85 * imbalance["none"], imbalance
