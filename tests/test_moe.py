@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from meshtrain.config import ModelConfig
 from meshtrain.model import build_model, count_params
 from meshtrain.model.math import from_model_config, param_count
 from meshtrain.model.moe import MoE, capacity_mask, combine
+from meshtrain.tools import moe_plot
 
 pytestmark = pytest.mark.pure
 CFG = ModelConfig(dim=16, n_layers=2, n_heads=2, n_kv_heads=1, n_experts=4, top_k=2, expert_ffn_dim=8, vocab_size=64)
@@ -194,3 +196,13 @@ def test_names_follow_deepseek_v3_and_the_count_matches_the_arithmetic() -> None
     ):
         assert want in names
     assert count_params(cfg) == param_count(from_model_config(cfg))
+
+
+def test_the_load_plot_reads_shares_from_the_metrics(tmp_path: Path) -> None:
+    records = [
+        {"step": 1, "moe_expert_load": {"model.layers.0.mlp": [2, 2, 0, 4]}},
+        {"step": 2, "moe_expert_load": {"model.layers.0.mlp": [1, 1, 1, 1]}},
+    ]
+    assert moe_plot.load_shares(records) == {"model.layers.0.mlp": [[0.25, 0.25, 0.0, 0.5], [0.25] * 4]}
+    moe_plot.draw(records, tmp_path / "load.png")
+    assert (tmp_path / "load.png").read_bytes()[:4] == b"\x89PNG"

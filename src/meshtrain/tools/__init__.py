@@ -9,4 +9,5 @@
 - tp_measure.py      what a tensor-parallel block sends and saves, in theory and measured
 - tp_diagram.py      the tensor-parallel block diagram in docs/img
 - cp_diagram.py      which rank computes which attention block at which ring step (docs/img)
+- moe_plot.py        expert load over steps, a heat map per MoE layer, from a run's metrics
 """
