@@ -5,7 +5,8 @@ nowhere else, in this order (torchtitan's, with the pipeline first):
 
   1. pipeline split            which blocks live on this rank: its stages, built on the meta device
                                and initialised with the single-device values (skipped at pp = 1)
-  2. tensor parallelism        the plan (data) swaps linears, embedding and head for parallel layers
+  2. tensor parallelism        the plan (data) swaps linears, embedding and head for parallel layers;
+     expert parallelism        each rank keeps its experts, MoE layers dispatch by all-to-all
   3. context parallelism       every block's attention spans the cp ranks (ring or Ulysses); the
                                runner cuts each micro-batch to this rank's share of the sequence
   4. activation checkpointing  chosen blocks recompute in backward; they are already parallel
@@ -49,6 +50,7 @@ from meshtrain.core.runner import (
 from meshtrain.core.weight_grads import WeightGradQueue, split_weight_grads
 from meshtrain.data_parallel import DataParallel
 from meshtrain.expert_balance import ExpertBalance, moe_layers
+from meshtrain.expert_parallel import ExpertParallel, ExpertParallelEngine, apply_expert_parallel
 from meshtrain.loss import cross_entropy_sum
 from meshtrain.model import Llama, build_model
 from meshtrain.model.moe import LossScale
@@ -103,12 +105,17 @@ def build_parallel(cfg: Config, topo: Topology, device: torch.device, stats: Com
     parts = _model_parts(cfg, device, pipe, topo.local_rank("pp"))
     # 2. tensor parallelism, 3. context parallelism
     tp, cp = _tensor_parallel(parts, topo, cfg, stats, pipe), _context_parallel(parts, topo, cfg, stats)
+    ep = apply_expert_parallel(parts, _axis_group(topo, "ep"), stats) if p.ep > 1 else None
     hooks: list[StepHook] = _expert_balance(parts, topo, cfg, stats)
     # 4. activation checkpointing
     for part in parts:  # every part is a Llama (the whole model or a stage), with tp's layers swapped in
         apply_activation_checkpointing(cast(Llama, part).model.layers, t.activation_checkpointing, t.ac_every)
     # 6. data parallelism or ZeRO, then what the earlier steps change about gradients
-    engine = _gradient_engine(parts, topo, cfg, stats, deferred_weight_grads=pipe is not None and pipe.splits_backward)
+    engine = _gradient_engine(
+        parts, topo, cfg, stats, deferred_weight_grads=pipe is not None and pipe.splits_backward, experts=ep
+    )
+    if ep is not None:  # experts differ across the ep group: their part of the norm is summed over it
+        engine = ExpertParallelEngine(engine, ep.expert_params, _axis_group(topo, "ep"), stats)
     if tp is not None:
         engine = TensorParallelEngine(engine, parts, tp, stats)
     pp_group = topo.group("pp")
@@ -196,7 +203,12 @@ def _model_parts(cfg: Config, device: torch.device, pipe: PipelinePlan | None, p
 
 
 def _gradient_engine(
-    parts: list[nn.Module], topo: Topology, cfg: Config, stats: CommStats, deferred_weight_grads: bool
+    parts: list[nn.Module],
+    topo: Topology,
+    cfg: Config,
+    stats: CommStats,
+    deferred_weight_grads: bool,
+    experts: ExpertParallel | None = None,
 ) -> GradEngine:
     t, p = cfg.training, cfg.parallel
     bucket_bytes = int(p.bucket_mb * 2**20)
@@ -214,9 +226,16 @@ def _gradient_engine(
             prefetch=p.prefetch,
             deferred_weight_grads=deferred_weight_grads,
         )
-    # cp ranks hold the same weights and see different tokens: their gradients are summed like dp's
+    # cp ranks hold the same weights and see different tokens: their gradients are summed like dp's;
+    # under expert parallelism an expert's gradient is summed over the ranks that hold it
     return DataParallel(
-        parts, topo.group("dp_cp"), stats, bucket_bytes=bucket_bytes, reduce_dtype=DTYPES[p.reduce_dtype]
+        parts,
+        topo.group("dp_cp"),
+        stats,
+        bucket_bytes=bucket_bytes,
+        reduce_dtype=DTYPES[p.reduce_dtype],
+        expert_params=experts.expert_params if experts is not None else set(),
+        expert_group=topo.group("edp"),
     )
 
 

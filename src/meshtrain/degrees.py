@@ -46,6 +46,22 @@ class Degrees:
             rank //= size
         return {a: out[a] for a in AXES}
 
+    def expert_groups(self) -> tuple[list[list[int]], list[list[int]]]:
+        """(ep groups, expert-data-parallel groups), each a list of global-rank lists.
+
+        Expert parallelism borrows the dp_shard x cp ranks: flattened row-major, consecutive runs of
+        ep of them form an ep group (they hold different experts); the ranks at the same place of
+        every run, over dp_replicate too, form an expert-data-parallel group (same experts,
+        different tokens: their expert gradients are summed)."""
+        ep_groups: dict[tuple[int, ...], list[int]] = {}
+        edp_groups: dict[tuple[int, ...], list[int]] = {}
+        for rank in range(self.world_size):
+            c = self.coords(rank)
+            flat = c["dp_shard"] * self.cp + c["cp"]
+            ep_groups.setdefault((c["pp"], c["tp"], c["dp_replicate"], flat // self.ep), []).append(rank)
+            edp_groups.setdefault((c["pp"], c["tp"], flat % self.ep), []).append(rank)
+        return list(ep_groups.values()), list(edp_groups.values())
+
     def dp_rank(self, rank: int) -> int:
         c = self.coords(rank)
         return c["dp_replicate"] * self.dp_shard + c["dp_shard"]

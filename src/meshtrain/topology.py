@@ -34,6 +34,10 @@ class Topology:
         self.rank = dist.get_rank()
         self.coords = degrees.coords(self.rank)
         self._flat = {name: mesh[axes]._flatten(name) for name, axes in FLATTENED.items() if self.size(name) > 1}
+        self._expert: dict[str, dist.ProcessGroup | None] = {"ep": None, "edp": None}
+        if degrees.ep > 1:  # not mesh axes: ep borrows dp_shard x cp ranks (degrees.Degrees.expert_groups)
+            for name, enumeration in zip(("ep", "edp"), degrees.expert_groups()):
+                self._expert[name], _ = dist.new_subgroups_by_enumeration(enumeration)
 
     @classmethod
     def build(cls, degrees: Degrees, device: torch.device) -> Topology:
@@ -43,6 +47,8 @@ class Topology:
         return cls(degrees, mesh)
 
     def size(self, axis: str) -> int:
+        if axis == "edp":  # the ranks that hold the same experts
+            return self.size("dp_cp") // self.degrees.ep
         axes = FLATTENED.get(axis, (axis,))
         return math.prod(getattr(self.degrees, a) for a in axes)
 
@@ -59,6 +65,8 @@ class Topology:
             return None
         if axis in FLATTENED:
             return self._flat[axis].get_group()
+        if axis in self._expert:
+            return self._expert[axis]
         return self.mesh.get_group(axis)
 
     def describe(self) -> str:

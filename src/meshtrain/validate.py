@@ -33,8 +33,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 # Degrees this build can run, and the feature that brings the rest. Widened as features land.
-SUPPORTED_MAX = {"ep": 1}
-PENDING = {"ep": "expert parallelism"}
+SUPPORTED_MAX: dict[str, int] = {}
+PENDING: dict[str, str] = {}
 
 POSITIVE = (
     "model.dim",
@@ -232,7 +232,11 @@ def _check_context(cfg: Config) -> None:
 def _check_experts(cfg: Config) -> None:
     m, p = cfg.model, cfg.parallel
     if m.n_experts == 0:
+        if p.ep > 1:
+            raise ConfigError(f"parallel.ep={p.ep} splits experts, but model.n_experts=0; set model.n_experts or ep=1")
         return
+    if p.ep > 1:
+        _check_expert_parallel(cfg)
     if not 1 <= m.top_k <= m.n_experts:
         raise ConfigError(f"model.top_k={m.top_k} must be in 1 .. model.n_experts={m.n_experts}")
     if m.first_dense_layers >= m.n_layers:
@@ -249,6 +253,19 @@ def _check_experts(cfg: Config) -> None:
                 f"model.n_experts={m.n_experts} with parallel.{axis}={getattr(p, axis)} is not supported by this "
                 f"build yet (MoE runs under data parallelism and ZeRO); set parallel.{axis}=1"
             )
+
+
+def _check_expert_parallel(cfg: Config) -> None:
+    m, p = cfg.model, cfg.parallel
+    if m.n_experts % p.ep:
+        raise ConfigError(
+            f"model.n_experts={m.n_experts} must be divisible by parallel.ep={p.ep} (each rank holds n_experts/ep)"
+        )
+    if p.zero_stage:
+        raise ConfigError(
+            f"parallel.ep={p.ep} with parallel.zero_stage={p.zero_stage} is not supported by this build yet "
+            "(ZeRO does not yet shard experts over their expert-data-parallel group); set zero_stage=0"
+        )
 
 
 def _check_pipeline(cfg: Config) -> None:

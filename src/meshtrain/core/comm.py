@@ -159,17 +159,27 @@ def exchange(
     return batch
 
 
-def all_to_all(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup, stats: Recorder) -> None:
-    """Equal chunks of `inp` along dim 0 go to the group's ranks in order; `out` receives theirs.
-    Counted: what this rank holds before the exchange."""
+def all_to_all(
+    out: torch.Tensor,
+    inp: torch.Tensor,
+    group: dist.ProcessGroup,
+    stats: Recorder,
+    *,
+    out_splits: list[int] | None = None,
+    in_splits: list[int] | None = None,
+    payload: float | None = None,
+) -> None:
+    """Chunks of `inp` along dim 0 (equal, or `in_splits` rows) go to the group's ranks in order;
+    `out` receives theirs (`out_splits` rows from each). Counted: `payload` bytes, by default what
+    this rank holds before the exchange."""
     _run(
         stats,
         "all_to_all",
         group,
-        _nbytes(inp),
+        _nbytes(inp) if payload is None else payload,
         _nbytes(inp),
         False,
-        lambda a: dist.all_to_all_single(out, inp, group=group, async_op=a),
+        lambda a: dist.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=a),
     )
 
 

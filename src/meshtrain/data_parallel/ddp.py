@@ -29,6 +29,9 @@ from meshtrain.data_parallel.comm import all_reduce_async
 class Bucket:
     params: list[nn.Parameter]
     buffer: torch.Tensor
+    group: dist.ProcessGroup | None
+    """Where this bucket is summed: the data-parallel group, or for experts' gradients the
+    expert-data-parallel one; None: nowhere (one rank holds these parameters)."""
     ready: int = 0
     work: TrackedWork | None = None
     reduced: torch.Tensor | None = None  # low-precision copy in flight, when reduce_dtype != fp32
@@ -46,24 +49,32 @@ class DataParallel:
     reduce_dtype: torch.dtype = torch.float32
     buckets: list[Bucket] = field(default_factory=list)
     sync: bool = True
+    expert_params: set[str] = field(default_factory=set)
+    """Names of expert parameters (expert parallelism): summed over `expert_group` instead."""
+    expert_group: dist.ProcessGroup | None = None
 
     def __post_init__(self) -> None:
         self.parts = as_parts(self.module)
         ordered = [p for part in backward_order(self.parts) for p in part]
         self._names = {id(p): n for part in self.parts for n, p in part.named_parameters()}
         self._owner: dict[nn.Parameter, Bucket] = {}
-        for group in split_buckets(ordered, self.bucket_bytes):
-            buf = torch.zeros(sum(p.numel() for p in group), dtype=torch.float32, device=group[0].device)
-            bucket = Bucket(group, buf)
-            offset = 0
-            for p in group:
-                p.grad = buf[offset : offset + p.numel()].view_as(p)
-                offset += p.numel()
-                self._owner[p] = bucket
-            self.buckets.append(bucket)
-        if self.group is not None:
-            for p in ordered:
+        experts = [p for p in ordered if self._names[id(p)] in self.expert_params]
+        dense = [p for p in ordered if self._names[id(p)] not in self.expert_params]
+        for params, group in ((dense, self.group), (experts, self.expert_group)):
+            for members in split_buckets(params, self.bucket_bytes) if params else []:
+                self._add_bucket(members, group)
+
+    def _add_bucket(self, members: list[nn.Parameter], group: dist.ProcessGroup | None) -> None:
+        buf = torch.zeros(sum(p.numel() for p in members), dtype=torch.float32, device=members[0].device)
+        bucket = Bucket(members, buf, group)
+        offset = 0
+        for p in members:
+            p.grad = buf[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+            self._owner[p] = bucket
+            if group is not None:
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
+        self.buckets.append(bucket)
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -82,21 +93,20 @@ class DataParallel:
             self._launch(bucket)
 
     def _launch(self, bucket: Bucket) -> TrackedWork:
-        if self.group is None:
+        if bucket.group is None:
             raise RuntimeError("DataParallel reduces only over a group: with one rank there is nothing to launch")
         if self.reduce_dtype == torch.float32:
-            bucket.work = all_reduce_async(bucket.buffer, self.group, self.stats)
+            bucket.work = all_reduce_async(bucket.buffer, bucket.group, self.stats)
         else:
             bucket.reduced = bucket.buffer.to(self.reduce_dtype)
-            bucket.work = all_reduce_async(bucket.reduced, self.group, self.stats)
+            bucket.work = all_reduce_async(bucket.reduced, bucket.group, self.stats)
         return bucket.work
 
     def finish(self) -> None:
         """Wait for every bucket; buckets whose params got no gradient this step are sent now."""
-        if self.group is None:
-            return
-        works = [bucket.work if bucket.work is not None else self._launch(bucket) for bucket in self.buckets]
-        for bucket, work in zip(self.buckets, works):
+        reduced = [b for b in self.buckets if b.group is not None]
+        works = [bucket.work if bucket.work is not None else self._launch(bucket) for bucket in reduced]
+        for bucket, work in zip(reduced, works):
             work.wait()
             if bucket.reduced is not None:
                 bucket.buffer.copy_(bucket.reduced)

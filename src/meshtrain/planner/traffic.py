@@ -162,9 +162,14 @@ def _activation_collectives(
     if lay.cp > 1:
         out += _cp_collectives(shape, lay, ti, layers * m, tokens, redo)
     if lay.ep > 1:
-        routed = tokens * shape.top_k * shape.hidden * ti.act_bytes
-        out.append(Collective("ep all_to_all", "all_to_all", routed, "ep", 2 * layers * m, "exposed_fwd"))
-        out.append(Collective("ep all_to_all", "all_to_all", routed, "ep", 2 * layers * m * redo, "exposed_bwd"))
+        # per MoE block and microbatch: the token rows out and back (this rank's own T*k rows each
+        # way, meshtrain.expert_parallel.comm), the same in backward, and the int64 counts forward
+        moe_blocks = layers - (min(shape.first_dense_layers, layers) if ends[0] else 0)
+        routed = tokens * shape.top_k * shape.hidden * (ti.residual_bytes or ti.act_bytes)
+        out.append(Collective("ep all_to_all", "all_to_all", routed, "ep", 2 * moe_blocks * m, "exposed_fwd"))
+        out.append(Collective("ep all_to_all", "all_to_all", routed, "ep", 2 * moe_blocks * m * redo, "exposed_bwd"))
+        counts = 8 * shape.n_experts
+        out.append(Collective("ep counts", "all_to_all", counts, "ep", moe_blocks * m * redo, "exposed_fwd"))
     if lay.pp > 1:
         # Narayanan et al.'s scatter/gather: stages exchange 1/tp of the activation each;
         # a middle rank sends activations forward and gradients back for each of its v chunks.
