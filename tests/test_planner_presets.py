@@ -51,3 +51,20 @@ def test_model_from_run_config_and_from_shape_keys(tmp_path: Path) -> None:
 def test_missing_file_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_model("/nonexistent/model.toml")
+
+
+def test_moe_presets_have_their_published_sizes_and_the_search_spreads_their_experts() -> None:
+    """Mixtral-8x7B: 46.7B parameters, 12.9B active per token (Jiang et al. 2024); the DeepSeek-V3-
+    like shape (multi-head attention in place of MLA): 671B and 37B published, within 1% and 5%.
+    On 16 H100s the search's best Mixtral layout splits the experts (ep > 1)."""
+    from meshtrain.model.math import matmul_params
+    from meshtrain.planner.evaluate import Workload
+    from meshtrain.planner.search import search
+
+    for name, total, active, slack in (("mixtral-8x7b", 46.7e9, 12.9e9, 0.01), ("deepseek-v3-like", 671e9, 37e9, 0.05)):
+        shape = MODELS[name]
+        assert abs(param_count(shape) / total - 1) < 0.01, name
+        # active: the matmul weights a token meets, plus the input embedding it looks up
+        assert abs((matmul_params(shape) + shape.vocab * shape.hidden) / active - 1) < slack, name
+    best = search(Workload(MODELS["mixtral-8x7b"], CLUSTERS["h100-80gb"], 16, 32, 4096)).ranked[0]
+    assert best.layout.ep > 1, best.layout

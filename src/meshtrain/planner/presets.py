@@ -121,6 +121,28 @@ MODELS: dict[str, ModelShape] = {
     ),
     "llama3-8b": ModelShape("llama3-8b", "llama", 32, 4096, 32, 8, 14336, 128256, seq_len=8192),
     "llama3-70b": ModelShape("llama3-70b", "llama", 80, 8192, 64, 8, 28672, 128256, seq_len=8192),
+    # Mixtral-8x7B (Jiang et al. 2024): 8 experts of 14336, top-2 in every block; 46.7B total, 12.9B active.
+    "mixtral-8x7b": ModelShape(
+        "mixtral-8x7b", "llama", 32, 4096, 32, 8, 14336, 32000, seq_len=4096, n_experts=8, top_k=2, expert_ffn=14336
+    ),
+    # DeepSeek-V3-like (DeepSeek-AI 2024): 256 routed experts of 2048, top-8, one shared expert, the
+    # first 3 blocks dense (18432); attention as plain multi-head (MLA is not modelled): ~671B / ~37B.
+    "deepseek-v3-like": ModelShape(
+        "deepseek-v3-like",
+        "llama",
+        61,
+        7168,
+        128,
+        128,
+        18432,
+        129280,
+        seq_len=4096,
+        n_experts=256,
+        top_k=8,
+        expert_ffn=2048,
+        n_shared_experts=1,
+        first_dense_layers=3,
+    ),
     # = configs/tiny.toml: dim 64, 2 layers, 4 heads, 2 kv heads, vocab 256, ffn derived (192), untied.
     "tiny": from_model_config(
         ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, ffn_dim=0, max_seq_len=128),
