@@ -132,6 +132,8 @@ def test_expert_configs_are_checked(overrides: list[str], fragment: str) -> None
     # MoE under the model-parallel axes waits for its own build
     tp = _error(4, "model.n_experts=4", "parallel.ep=2", "parallel.tp=2", "training.global_batch=4")
     assert "model.n_experts=4 with parallel.tp=2 is not supported by this build yet" in tp
+    zb = _error(2, "model.n_experts=4", "parallel.pp=2", "parallel.pp_schedule=zb-h1", "training.global_batch=4")
+    assert "with parallel.pp_schedule=zb-h1 is not supported: the experts' grouped matmuls" in zb
 
 
 @pytest.mark.parametrize(

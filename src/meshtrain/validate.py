@@ -244,14 +244,19 @@ def _check_experts(cfg: Config) -> None:
             f"model.first_dense_layers={m.first_dense_layers} leaves no MoE block of model.n_layers={m.n_layers}; "
             "lower it or set model.n_experts=0"
         )
-    # Expert parallelism (which splits the experts, and the tensor-parallel and pipelined layouts
-    # that must route around them) comes with the expert-parallel build; until then MoE trains with
-    # its experts replicated, under data parallelism and ZeRO.
-    for axis in ("tp", "pp", "cp"):
+    # MoE under tensor and context parallelism waits for its own build (experts would need splitting
+    # over tp; the auxiliary loss's per-sequence counts would need summing over cp).
+    if p.pp > 1 and splits_backward(p.pp_schedule):
+        raise ConfigError(
+            f"model.n_experts={m.n_experts} with parallel.pp_schedule={p.pp_schedule} is not supported: the "
+            "experts' grouped matmuls compute their weight gradients in backward, not in a separate W step; "
+            "use gpipe, 1f1b or interleaved-1f1b"
+        )
+    for axis in ("tp", "cp"):
         if getattr(p, axis) > 1:
             raise ConfigError(
                 f"model.n_experts={m.n_experts} with parallel.{axis}={getattr(p, axis)} is not supported by this "
-                f"build yet (MoE runs under data parallelism and ZeRO); set parallel.{axis}=1"
+                f"build yet (MoE runs under data, expert and pipeline parallelism and ZeRO); set parallel.{axis}=1"
             )
 
 
