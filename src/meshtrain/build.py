@@ -49,11 +49,11 @@ from meshtrain.core.runner import (
 )
 from meshtrain.core.weight_grads import WeightGradQueue, split_weight_grads
 from meshtrain.data_parallel import DataParallel
-from meshtrain.expert_balance import ExpertBalance, moe_layers
+from meshtrain.expert_balance import ExpertBalance
 from meshtrain.expert_parallel import ExpertParallel, ExpertParallelEngine, apply_expert_parallel
 from meshtrain.loss import cross_entropy_sum
 from meshtrain.model import Llama, build_model
-from meshtrain.model.moe import LossScale
+from meshtrain.model.moe import LossScale, moe_layers
 from meshtrain.pipeline.executor import PipelineExecutor
 from meshtrain.pipeline.schedules import Kind, Layout, Schedule, build_schedule
 from meshtrain.pipeline.stage import build_stage, describe_split, split_blocks, stage_ranges
@@ -115,7 +115,7 @@ def build_parallel(cfg: Config, topo: Topology, device: torch.device, stats: Com
         parts, topo, cfg, stats, deferred_weight_grads=pipe is not None and pipe.splits_backward, experts=ep
     )
     if ep is not None:  # experts differ across the ep group: their part of the norm is summed over it
-        engine = ExpertParallelEngine(engine, ep.expert_params, _axis_group(topo, "ep"), stats)
+        engine = ExpertParallelEngine(engine, ep.expert_params, ep.group, stats)
     if tp is not None:
         engine = TensorParallelEngine(engine, parts, tp, stats)
     pp_group = topo.group("pp")

@@ -74,8 +74,3 @@ class ExpertBalance:
         return {
             f"{name}.gate.e_score_correction_bias": m.gate.e_score_correction_bias for name, m in self.layers.items()
         }
-
-
-def moe_layers(parts: list[torch.nn.Module]) -> dict[str, MoE]:
-    """Every MoE layer of the parts, by its name in the model."""
-    return {name: m for part in parts for name, m in part.named_modules() if isinstance(m, MoE)}

@@ -22,13 +22,15 @@ from torch import nn
 from meshtrain.accounting import Recorder
 from meshtrain.expert_parallel.dispatch import AllToAllDispatch, ExpertGroup
 from meshtrain.expert_parallel.engine import ExpertParallelEngine
-from meshtrain.model.moe import MoE
+from meshtrain.model.moe import moe_layers
 
 __all__ = ["ExpertParallel", "ExpertParallelEngine", "apply_expert_parallel"]
 
 
 @dataclass(frozen=True)
 class ExpertParallel:
+    group: dist.ProcessGroup
+    """The ep group: its ranks hold different experts and exchange tokens."""
     expert_params: set[str]
     """Names of this rank's expert parameters."""
 
@@ -37,13 +39,10 @@ def apply_expert_parallel(parts: list[nn.Module], group: dist.ProcessGroup, stat
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     ep = ExpertGroup(group, size, stats)
     names: set[str] = set()
-    for part in parts:
-        for name, module in part.named_modules():
-            if not isinstance(module, MoE):
-                continue
-            local = module.cfg.n_experts // size
-            keep = [str(j) for j in range(rank * local, (rank + 1) * local)]
-            module.experts = nn.ModuleDict({k: module.experts[k] for k in keep})
-            module.dispatch = AllToAllDispatch(ep)
-            names |= {f"{name}.experts.{pname}" for pname, _ in module.experts.named_parameters()}
-    return ExpertParallel(names)
+    for name, module in moe_layers(parts).items():
+        local = module.cfg.n_experts // size
+        keep = [str(j) for j in range(rank * local, (rank + 1) * local)]
+        module.experts = nn.ModuleDict({k: module.experts[k] for k in keep})
+        module.dispatch = AllToAllDispatch(ep)
+        names |= {f"{name}.experts.{pname}" for pname, _ in module.experts.named_parameters()}
+    return ExpertParallel(group, names)

@@ -197,6 +197,11 @@ class MoE(nn.Module):
         st.z_loss += float(z.detach())
 
 
+def moe_layers(parts: list[nn.Module]) -> dict[str, MoE]:
+    """Every MoE layer of a rank's model parts, by its name in the model (`model.layers.3.mlp`)."""
+    return {name: m for part in parts for name, m in part.named_modules() if isinstance(m, MoE)}
+
+
 def capacity_mask(idx: torch.Tensor, seq_len: int, n_experts: int, factor: float) -> torch.Tensor:
     """(T, k) bool: which assignments their expert takes (module docstring: per sequence, first come)."""
     if factor <= 0:
