@@ -103,10 +103,11 @@ def build_parallel(cfg: Config, topo: Topology, device: torch.device, stats: Com
     # 1. pipeline split
     pipe = _pipeline_plan(cfg) if p.pp > 1 else None
     parts = _model_parts(cfg, device, pipe, topo.local_rank("pp"))
-    # 2. tensor parallelism, 3. context parallelism
+    # 2. tensor and expert parallelism, 3. context parallelism
     tp, cp = _tensor_parallel(parts, topo, cfg, stats, pipe), _context_parallel(parts, topo, cfg, stats)
     ep = apply_expert_parallel(parts, _axis_group(topo, "ep"), stats) if p.ep > 1 else None
-    hooks: list[StepHook] = _expert_balance(parts, topo, cfg, stats)
+    scale = 1.0 / (t.global_batch * t.seq_len)  # what one token's loss weighs in the step's objective
+    hooks: list[StepHook] = _expert_balance(parts, topo, cfg, stats, scale)
     # 4. activation checkpointing
     for part in parts:  # every part is a Llama (the whole model or a stage), with tp's layers swapped in
         apply_activation_checkpointing(cast(Llama, part).model.layers, t.activation_checkpointing, t.ac_every)
@@ -128,7 +129,6 @@ def build_parallel(cfg: Config, topo: Topology, device: torch.device, stats: Com
             split_weight_grads(part, queue)
     # 8. the step runner
     loss_fn: LossFn = tp.loss_fn if tp is not None and tp.loss_fn is not None else cross_entropy_sum
-    scale = 1.0 / (t.global_batch * t.seq_len)
     autocast = autocast_for(t.dtype, device)
     prepare = cp.shard if cp is not None else keep_batch
     if pipe is None:
@@ -147,7 +147,9 @@ def build_parallel(cfg: Config, topo: Topology, device: torch.device, stats: Com
     )
 
 
-def _expert_balance(parts: list[nn.Module], topo: Topology, cfg: Config, stats: CommStats) -> list[StepHook]:
+def _expert_balance(
+    parts: list[nn.Module], topo: Topology, cfg: Config, stats: CommStats, token_scale: float
+) -> list[StepHook]:
     """MoE layers weigh their balancing losses like the cross-entropy (per sequence and per token of
     the global batch), and sum their load over the ranks that see different tokens (dp x cp)."""
     layers = moe_layers(parts)
@@ -155,7 +157,7 @@ def _expert_balance(parts: list[nn.Module], topo: Topology, cfg: Config, stats: 
         return []
     t, m = cfg.training, cfg.model
     for layer in layers.values():
-        layer.loss_scale = LossScale(per_sequence=1.0 / t.global_batch, per_token=1.0 / (t.global_batch * t.seq_len))
+        layer.loss_scale = LossScale(per_sequence=1.0 / t.global_batch, per_token=token_scale)
     return [ExpertBalance(layers, topo.group("dp_cp"), stats, m.load_balance, m.bias_update_rate)]
 
 
