@@ -119,19 +119,17 @@ def test_seq_len_bounded_by_max_seq_len() -> None:
     [
         ([], "parallel.ep=2 splits experts, but model.n_experts=0"),
         (["model.n_experts=3"], "model.n_experts=3 must be divisible by parallel.ep=2"),
-        (
-            ["model.n_experts=4", "parallel.zero_stage=1"],
-            "with parallel.zero_stage=1 is not supported by this build yet",
-        ),
         (["model.n_experts=4", "model.top_k=5"], "model.top_k=5 must be in 1 .. model.n_experts=4"),
         (["model.n_experts=4", "parallel.tp=2", "parallel.dp_shard=1"], "parallel.ep=2 must divide dp_shard*cp = 1"),
     ],
 )
 def test_expert_configs_are_checked(overrides: list[str], fragment: str) -> None:
     assert fragment in _error(2, "parallel.ep=2", "training.global_batch=4", *overrides)
-    # MoE under the model-parallel axes waits for its own build
+    # MoE under tensor parallelism is refused, with the reason; capacity under CP too
     tp = _error(4, "model.n_experts=4", "parallel.ep=2", "parallel.tp=2", "training.global_batch=4")
-    assert "model.n_experts=4 with parallel.tp=2 is not supported by this build yet" in tp
+    assert "model.n_experts=4 with parallel.tp=2 is not supported: tensor parallelism would have to split" in tp
+    cp = _error(2, "model.n_experts=4", "model.capacity_factor=1.0", "parallel.cp=2", "training.global_batch=4")
+    assert "model.capacity_factor=1.0 with parallel.cp=2 is not supported: capacity keeps" in cp
     zb = _error(2, "model.n_experts=4", "parallel.pp=2", "parallel.pp_schedule=zb-h1", "training.global_batch=4")
     assert "with parallel.pp_schedule=zb-h1 is not supported: the experts' grouped matmuls" in zb
 

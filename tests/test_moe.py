@@ -169,6 +169,35 @@ def test_balancing_losses_have_their_formulas_and_their_gradients() -> None:
     torch.testing.assert_close(layer.gate.weight.grad, plain.gate.weight.grad + w.grad)
 
 
+def test_an_auxiliary_loss_split_over_sequence_parts_adds_up_to_the_whole() -> None:
+    """Context parallelism's rule: two halves of each sequence, each told the whole sequence's
+    counts through `sequence_sum` (here the other half's counts, added by hand), give auxiliary
+    losses and router gradients that add up to those of the whole sequences."""
+    x = torch.randn(2, 8, CFG.dim, dtype=torch.float64)
+    whole = _layer(aux_loss_coef=0.1, z_loss_coef=0.01)
+    whole(x).sum().backward()
+    halves = [x[:, :4], x[:, 4:]]
+
+    def counts(layer: MoE, part: torch.Tensor) -> torch.Tensor:
+        idx = layer.route(part.reshape(-1, CFG.dim))[0]
+        return F.one_hot(idx.view(2, -1), 4).sum(1).double()
+
+    split = _layer(aux_loss_coef=0.1, z_loss_coef=0.01)
+    other = [counts(split, halves[1]), counts(split, halves[0])]
+    for part, rest in zip(halves, other):
+        split.sequence_sum = lambda c, rest=rest: c + rest
+        split(part).sum().backward()
+    assert split.stats.aux_loss == pytest.approx(whole.stats.aux_loss) and split.stats.z_loss == pytest.approx(
+        whole.stats.z_loss
+    )
+    torch.testing.assert_close(split.gate.weight.grad, whole.gate.weight.grad)
+    # a half on its own (no sequence_sum) has another loss: the rule is what makes them agree
+    alone = _layer(aux_loss_coef=0.1, z_loss_coef=0.01)
+    for part in halves:
+        alone(part).sum().backward()
+    assert alone.stats.aux_loss != pytest.approx(whole.stats.aux_loss)
+
+
 def test_recomputed_forwards_are_not_counted_twice() -> None:
     cfg = dataclasses.replace(CFG, max_seq_len=16)
     counts = []

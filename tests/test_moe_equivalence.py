@@ -1,8 +1,10 @@
-"""Mixture-of-experts models train to the single-device losses under data parallelism, ZeRO 1 and 3
-(experts replicated) and expert parallelism (ep 2 and 4, with DP), with accumulation, capacity dropping,
-the balancing bias, sigmoid routing with shared experts and a leading dense block, and
-recomputation; the bias is the same on every layout (it decides routing, so the losses would part
-otherwise) and resumes from a checkpoint; every rank sends and holds what the planner predicts."""
+"""Mixture-of-experts models train to the single-device losses under data parallelism, ZeRO-3
+(experts replicated), expert parallelism (ep 2 and 4, with DP), ep with ZeRO-1 and ZeRO-3 (experts
+sharded over the ranks that hold them), with pipelines and with context parallelism (the auxiliary
+loss counts whole sequences over cp); with accumulation, capacity dropping, the balancing bias,
+sigmoid routing with shared experts and a leading dense block, and recomputation. The bias is the
+same on every layout (it decides routing, so the losses would part otherwise) and resumes from a
+checkpoint; every rank sends and holds what the planner predicts."""
 
 from __future__ import annotations
 
@@ -45,14 +47,18 @@ BALANCE = {
 }
 LAYOUTS = {  # name: (variant, nproc, overrides)
     "dp2": ("plain", 2, ["training.micro_batch=4"]),
-    "z1-dp2": ("plain", 2, ["training.micro_batch=4", "parallel.zero_stage=1"]),
-    "z3-dp2": ("plain", 2, ["training.micro_batch=4", "parallel.zero_stage=3"]),
     "bias-dp2-accum2": ("bias", 2, ["training.micro_batch=2"]),
     "bias-z3-dp4": ("bias", 4, ["training.micro_batch=2", "parallel.zero_stage=3"]),
     # expert parallelism: each rank holds n_experts / ep experts, tokens travel by all-to-all
     "ep2": ("plain", 2, ["training.micro_batch=4", "parallel.ep=2", "checkpoint.interval=3"]),
     "ep4-accum2": ("plain", 4, ["training.micro_batch=1", "parallel.ep=4"]),
     "ep2-dp4": ("plain", 4, ["training.micro_batch=2", "parallel.ep=2"]),
+    # ZeRO shards each expert's state over the 2 ranks holding it, the dense state over all 4
+    "ep2-z1-dp4": ("plain", 4, ["training.micro_batch=2", "parallel.ep=2", "parallel.zero_stage=1"]),
+    "ep2-z3-dp4": ("plain", 4, ["training.micro_batch=2", "parallel.ep=2", "parallel.zero_stage=3"]),
+    # context parallelism: each rank holds half of every sequence (ep borrows the cp ranks)
+    "ep2-cp2": ("plain", 2, ["training.micro_batch=8", "parallel.ep=2", "parallel.cp=2"]),
+    "deepseek-ep2-cp2-dp2": ("deepseek", 4, ["training.micro_batch=4", "parallel.ep=2", "parallel.cp=2"]),
     "capacity-ep2": ("capacity", 2, ["training.micro_batch=4", "parallel.ep=2"]),
     "bias-ep2-recompute": (
         "bias",
@@ -147,12 +153,14 @@ def test_balancing_lowers_the_load_imbalance(runs: dict) -> None:
 
 def test_checkpoints_cross_ep_degrees_and_keep_the_bias(runs: dict, tmp_path: Path) -> None:
     """Experts are saved under their global names: ep2's step-3 checkpoint resumes on one process
-    and at ep4, one process's at ep2; bias-dp2-accum2's, biases included, on one process and on 4
-    ranks under ZeRO-3. Each with the single device's losses (and, for the bias, its load)."""
+    and at ep4, one process's at ep2, ep2 x ZeRO-3's at ep4 without ZeRO; bias-dp2-accum2's, biases
+    included, on one process and on 4 ranks under ZeRO-3. Each with the single device's losses (and,
+    for the bias, its load)."""
     targets = {  # name: (nproc, overrides, whose checkpoint, reference)
         "one": (1, ["training.micro_batch=8"], "ep2", "plain"),
         "ep4": (4, ["training.micro_batch=2", "parallel.ep=4"], "ep2", "plain"),
         "to-ep2": (2, ["training.micro_batch=4", "parallel.ep=2"], "plain", "plain"),
+        "ep4-from-ep2-z3": (4, ["training.micro_batch=2", "parallel.ep=4"], "ep2-z3-dp4", "plain"),
         "bias-one": (1, [*VARIANTS["bias"], "training.micro_batch=8"], "bias-dp2-accum2", "bias"),
         "bias-z3-dp4": (
             4,
@@ -170,14 +178,22 @@ def test_checkpoints_cross_ep_degrees_and_keep_the_bias(runs: dict, tmp_path: Pa
     for (name, (*_, ref)), tail in zip(targets.items(), tails):
         assert [r["step"] for r in tail] == [4, 5], name
         assert rel_diff([r["loss"] for r in tail], [r["loss"] for r in runs[ref][1][3:]]) < 1e-5, name
-    assert tails[3][-1]["moe_expert_load"] == runs["bias"][1][-1]["moe_expert_load"]
+    assert tails[4][-1]["moe_expert_load"] == runs["bias"][1][-1]["moe_expert_load"]
 
 
 def test_an_expert_parallel_rank_holds_its_share_of_the_experts(runs: dict) -> None:
     """Model states per rank: ep2 holds half the experts, ep4 a quarter (16 bytes per element:
     fp32 weight, gradient and the two Adam moments), everything else whole. Measured against the
-    parameter count written here: 2 MoE blocks x 4 experts x 3 x 64 x 32."""
+    parameter count written here: 2 MoE blocks x 4 experts x 3 x 64 x 32. Under ZeRO on 4 ranks
+    with ep2, the dense state is split 4 ways and the experts' 2 ways (the ranks holding them):
+    ZeRO-1 the 8 bytes of Adam, ZeRO-3 all 16."""
     experts = 2 * 4 * 3 * 64 * 32
     whole = runs["dp2"][1][0]["mem_model_state_bytes"]
     assert whole - runs["ep2"][1][0]["mem_model_state_bytes"] == 16 * experts // 2
     assert whole - runs["ep4-accum2"][1][0]["mem_model_state_bytes"] == 16 * experts * 3 // 4
+    dense, mine = whole // 16 - experts, experts // 2
+    z1 = 8 * (dense + mine) + 8 * dense / 4 + 8 * mine / 2
+    z3 = 16 * dense / 4 + 16 * mine / 2
+    slack = zero_padding_slack(runs["ep2-z3-dp4"][0])
+    for name, expected in (("ep2-z1-dp4", z1), ("ep2-z3-dp4", z3)):
+        assert abs(runs[name][1][0]["mem_model_state_bytes"] - expected) <= slack, name

@@ -28,3 +28,13 @@ def test_dp_rank_spans_replicate_and_shard() -> None:
     assert dp_ranks == [0, 1, 2, 3]
     # tp neighbours share a dp rank: they must see the same batch
     assert d.dp_rank(0) == d.dp_rank(1)
+
+
+def test_expert_groups_cut_dp_shard_x_cp_into_ep_runs() -> None:
+    """dp_replicate 2 x dp_shard 2 x cp 2 = ranks 0..7 (cp innermost), ep 2: the ep groups are
+    consecutive pairs; edp_shard pairs each rank with the one holding the same experts in its
+    replica (ZeRO shards the experts over it); edp adds the other replica's (gradients are summed)."""
+    groups = Degrees(dp_replicate=2, dp_shard=2, cp=2, ep=2).expert_groups()
+    assert groups["ep"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert groups["edp_shard"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert groups["edp"] == [[0, 2, 4, 6], [1, 3, 5, 7]]

@@ -59,7 +59,7 @@ from meshtrain.pipeline.schedules import Kind, Layout, Schedule, build_schedule
 from meshtrain.pipeline.stage import build_stage, describe_split, split_blocks, stage_ranges
 from meshtrain.tensor_parallel import LLAMA_PLAN, TensorParallel, TensorParallelEngine, apply_tensor_parallel_parts
 from meshtrain.topology import Topology
-from meshtrain.zero import ShardGroups, build_zero_engine
+from meshtrain.zero import ExpertShards, ShardGroups, build_zero_engine
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -107,7 +107,7 @@ def build_parallel(cfg: Config, topo: Topology, device: torch.device, stats: Com
     tp, cp = _tensor_parallel(parts, topo, cfg, stats, pipe), _context_parallel(parts, topo, cfg, stats)
     ep = apply_expert_parallel(parts, _axis_group(topo, "ep"), stats) if p.ep > 1 else None
     scale = 1.0 / (t.global_batch * t.seq_len)  # what one token's loss weighs in the step's objective
-    hooks: list[StepHook] = _expert_balance(parts, topo, cfg, stats, scale)
+    hooks: list[StepHook] = _expert_balance(parts, topo, cfg, stats, scale, cp)
     # 4. activation checkpointing
     for part in parts:  # every part is a Llama (the whole model or a stage), with tp's layers swapped in
         apply_activation_checkpointing(cast(Llama, part).model.layers, t.activation_checkpointing, t.ac_every)
@@ -148,16 +148,24 @@ def build_parallel(cfg: Config, topo: Topology, device: torch.device, stats: Com
 
 
 def _expert_balance(
-    parts: list[nn.Module], topo: Topology, cfg: Config, stats: CommStats, token_scale: float
+    parts: list[nn.Module],
+    topo: Topology,
+    cfg: Config,
+    stats: CommStats,
+    token_scale: float,
+    cp: ContextParallel | None,
 ) -> list[StepHook]:
     """MoE layers weigh their balancing losses like the cross-entropy (per sequence and per token of
-    the global batch), and sum their load over the ranks that see different tokens (dp x cp)."""
+    the global batch), count whole sequences across the cp ranks, and sum their load over the
+    ranks that see different tokens (dp x cp)."""
     layers = moe_layers(parts)
     if not layers:
         return []
     t, m = cfg.training, cfg.model
     for layer in layers.values():
         layer.loss_scale = LossScale(per_sequence=1.0 / t.global_batch, per_token=token_scale)
+        if cp is not None:
+            layer.sequence_sum = cp.sequence_sum
     return [ExpertBalance(layers, topo.group("dp_cp"), stats, m.load_balance, m.bias_update_rate)]
 
 
@@ -216,6 +224,12 @@ def _gradient_engine(
     bucket_bytes = int(p.bucket_mb * 2**20)
     if p.zero_stage:
         groups = ShardGroups(topo.group("dp_shard_cp"), topo.group("dp_replicate"))
+        # an expert's state is sharded over the ranks holding the same expert, replicated like the rest
+        shards = (
+            ExpertShards(experts.expert_params, ShardGroups(topo.group("edp_shard"), groups.replicate))
+            if experts is not None
+            else None
+        )
         return build_zero_engine(
             parts,
             p.zero_stage,
@@ -227,6 +241,7 @@ def _gradient_engine(
             offload=p.offload,
             prefetch=p.prefetch,
             deferred_weight_grads=deferred_weight_grads,
+            experts=shards,
         )
     # cp ranks hold the same weights and see different tokens: their gradients are summed like dp's;
     # under expert parallelism an expert's gradient is summed over the ranks that hold it

@@ -46,21 +46,26 @@ class Degrees:
             rank //= size
         return {a: out[a] for a in AXES}
 
-    def expert_groups(self) -> tuple[list[list[int]], list[list[int]]]:
-        """(ep groups, expert-data-parallel groups), each a list of global-rank lists.
+    def expert_groups(self) -> dict[str, list[list[int]]]:
+        """The expert groups by name, each a list of global-rank lists.
 
         Expert parallelism borrows the dp_shard x cp ranks: flattened row-major, consecutive runs of
-        ep of them form an ep group (they hold different experts); the ranks at the same place of
-        every run, over dp_replicate too, form an expert-data-parallel group (same experts,
-        different tokens: their expert gradients are summed)."""
-        ep_groups: dict[tuple[int, ...], list[int]] = {}
-        edp_groups: dict[tuple[int, ...], list[int]] = {}
+        ep of them form an `ep` group (they hold different experts). The ranks at the same place of
+        every run form an `edp_shard` group (same experts, different tokens: ZeRO shards the experts'
+        state over it, as it shards the dense state over dp_shard x cp), and with dp_replicate too an
+        `edp` group (the experts' gradients are summed over it)."""
+        keys = {
+            "ep": lambda c, flat: (c["pp"], c["tp"], c["dp_replicate"], flat // self.ep),
+            "edp_shard": lambda c, flat: (c["pp"], c["tp"], c["dp_replicate"], flat % self.ep),
+            "edp": lambda c, flat: (c["pp"], c["tp"], flat % self.ep),
+        }
+        out: dict[str, dict[tuple[int, ...], list[int]]] = {name: {} for name in keys}
         for rank in range(self.world_size):
             c = self.coords(rank)
             flat = c["dp_shard"] * self.cp + c["cp"]
-            ep_groups.setdefault((c["pp"], c["tp"], c["dp_replicate"], flat // self.ep), []).append(rank)
-            edp_groups.setdefault((c["pp"], c["tp"], flat % self.ep), []).append(rank)
-        return list(ep_groups.values()), list(edp_groups.values())
+            for name, key in keys.items():
+                out[name].setdefault(key(c, flat), []).append(rank)
+        return {name: list(runs.values()) for name, runs in out.items()}
 
     def dp_rank(self, rank: int) -> int:
         c = self.coords(rank)

@@ -24,6 +24,10 @@ FLATTENED: dict[str, tuple[str, ...]] = {
     "dp_shard_cp": ("dp_shard", "cp"),
 }
 
+# The groups of ranks that hold the same experts (meshtrain.degrees.Degrees.expert_groups), not mesh
+# axes: 1/ep of the flattened group each is cut from, as the ep group takes ep of the dp_shard x cp ranks.
+SAME_EXPERTS: dict[str, str] = {"edp_shard": "dp_shard_cp", "edp": "dp_cp"}
+
 
 class Topology:
     """Degrees plus the live DeviceMesh. Each parallelism asks it for the group of its own axis."""
@@ -34,9 +38,9 @@ class Topology:
         self.rank = dist.get_rank()
         self.coords = degrees.coords(self.rank)
         self._flat = {name: mesh[axes]._flatten(name) for name, axes in FLATTENED.items() if self.size(name) > 1}
-        self._expert: dict[str, dist.ProcessGroup | None] = {"ep": None, "edp": None}
+        self._expert: dict[str, dist.ProcessGroup | None] = dict.fromkeys(("ep", *SAME_EXPERTS))
         if degrees.ep > 1:  # not mesh axes: ep borrows dp_shard x cp ranks (degrees.Degrees.expert_groups)
-            for name, enumeration in zip(("ep", "edp"), degrees.expert_groups()):
+            for name, enumeration in degrees.expert_groups().items():
                 self._expert[name], _ = dist.new_subgroups_by_enumeration(enumeration)
 
     @classmethod
@@ -47,8 +51,8 @@ class Topology:
         return cls(degrees, mesh)
 
     def size(self, axis: str) -> int:
-        if axis == "edp":  # the ranks that hold the same experts
-            return self.size("dp_cp") // self.degrees.ep
+        if axis in SAME_EXPERTS:
+            return self.size(SAME_EXPERTS[axis]) // self.degrees.ep
         axes = FLATTENED.get(axis, (axis,))
         return math.prod(getattr(self.degrees, a) for a in axes)
 

@@ -244,20 +244,25 @@ def _check_experts(cfg: Config) -> None:
             f"model.first_dense_layers={m.first_dense_layers} leaves no MoE block of model.n_layers={m.n_layers}; "
             "lower it or set model.n_experts=0"
         )
-    # MoE under tensor and context parallelism waits for its own build (experts would need splitting
-    # over tp; the auxiliary loss's per-sequence counts would need summing over cp).
     if p.pp > 1 and splits_backward(p.pp_schedule):
         raise ConfigError(
             f"model.n_experts={m.n_experts} with parallel.pp_schedule={p.pp_schedule} is not supported: the "
             "experts' grouped matmuls compute their weight gradients in backward, not in a separate W step; "
             "use gpipe, 1f1b or interleaved-1f1b"
         )
-    for axis in ("tp", "cp"):
-        if getattr(p, axis) > 1:
-            raise ConfigError(
-                f"model.n_experts={m.n_experts} with parallel.{axis}={getattr(p, axis)} is not supported by this "
-                f"build yet (MoE runs under data, expert and pipeline parallelism and ZeRO); set parallel.{axis}=1"
-            )
+    if p.tp > 1:
+        raise ConfigError(
+            f"model.n_experts={m.n_experts} with parallel.tp={p.tp} is not supported: tensor parallelism would "
+            "have to split every expert over tp (Megatron's expert tensor parallelism) or replicate the experts "
+            "and split their tokens by sequence parallelism, and this build does neither; MoE runs under dp, "
+            "ZeRO, ep, cp and pp: set parallel.tp=1"
+        )
+    if p.cp > 1 and m.capacity_factor > 0:
+        raise ConfigError(
+            f"model.capacity_factor={m.capacity_factor} with parallel.cp={p.cp} is not supported: capacity keeps "
+            "each expert's first assignments of a whole sequence, and context parallelism splits the sequence "
+            "over ranks; set model.capacity_factor=0 (dropless) or parallel.cp=1"
+        )
 
 
 def _check_expert_parallel(cfg: Config) -> None:
@@ -265,11 +270,6 @@ def _check_expert_parallel(cfg: Config) -> None:
     if m.n_experts % p.ep:
         raise ConfigError(
             f"model.n_experts={m.n_experts} must be divisible by parallel.ep={p.ep} (each rank holds n_experts/ep)"
-        )
-    if p.zero_stage:
-        raise ConfigError(
-            f"parallel.ep={p.ep} with parallel.zero_stage={p.zero_stage} is not supported by this build yet "
-            "(ZeRO does not yet shard experts over their expert-data-parallel group); set zero_stage=0"
         )
 
 

@@ -10,6 +10,8 @@
 then shard) and positions (the global ones, for RoPE) to this rank's part. Everything else is
 unchanged: a rank's summed loss covers its tokens, scaled by 1 / tokens in the global batch, so the
 gradients summed over dp x cp and the losses summed over the world are the single device's.
+Per-sequence figures that are not sums over tokens (an MoE layer's auxiliary loss needs each
+sequence's expert counts) come whole from `ContextParallel.sequence_sum`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from meshtrain.accounting import Recorder
+from meshtrain.context_parallel import comm
 from meshtrain.context_parallel.ring import Ring, ring_attention
 from meshtrain.context_parallel.ulysses import Ulysses, ulysses_attention
 from meshtrain.core.runner import Batch
@@ -55,6 +58,10 @@ class ContextParallel:
         if self.mode == "ulysses":
             return ulysses_attention(q, k, v, Ulysses(self.group, self.size, self.stats))
         return ring_attention(q, k, v, Ring(self.group, self.size, self.rank, self.zigzag, self.stats))
+
+    def sequence_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-sequence figures of this rank's tokens, summed over the cp ranks: the whole sequences'."""
+        return comm.sequence_sum(t, self.group, self.stats)
 
     def shard(self, batch: Batch) -> Batch:
         """This rank's part of a micro-batch (positions filled in: meshtrain.core.runner.with_positions)."""

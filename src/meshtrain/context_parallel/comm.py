@@ -1,7 +1,8 @@
 """The collectives context parallelism needs, counted and logged by the communication layer.
 
 - ring_exchange: send tensors to the next rank of the cp ring and receive the previous rank's, in flight;
-- all_to_all_dim0: Ulysses' all-to-all of equal chunks along dim 0.
+- all_to_all_dim0: Ulysses' all-to-all of equal chunks along dim 0;
+- sequence_sum: per-sequence figures (an MoE layer's expert counts) summed over the cp ranks.
 """
 
 from __future__ import annotations
@@ -42,4 +43,11 @@ def all_to_all_dim0(x: torch.Tensor, group: torch.distributed.ProcessGroup, stat
     x = x.contiguous()
     out = torch.empty_like(x)  # of the contiguous input: empty_like keeps a view's strides
     comm.all_to_all(out, x, group, stats)
+    return out
+
+
+def sequence_sum(t: torch.Tensor, group: torch.distributed.ProcessGroup, stats: Recorder) -> torch.Tensor:
+    """`t`, summed over the cp ranks (which hold the other parts of the same sequences); not differentiable."""
+    out = t.detach().clone()
+    comm.all_reduce(out, group, stats)
     return out

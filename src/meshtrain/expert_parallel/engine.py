@@ -1,6 +1,7 @@
 """The gradient norm under expert parallelism: dense gradients are the same on every rank of an ep
 group, expert gradients are disjoint across it (each rank holds other experts), so the squares of
-the latter are summed over the group and those of the former counted once."""
+the latter are summed over the group and those of the former counted once. Under ZeRO the inner
+engine's norm already sums over the shard group, which spans the ep group (meshtrain.zero.base)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ class ExpertParallelEngine(EngineDecorator):
         )
 
     def grad_norm(self) -> torch.Tensor:
+        if self.inner.shard_group is not None:
+            return self.inner.grad_norm()
         dense = torch.zeros((), dtype=torch.float64)
         experts = torch.zeros((), dtype=torch.float64)
         for (name, _), grad in zip(self.inner.optim_params(), self.inner.optim_grads()):

@@ -21,7 +21,10 @@ Balancing losses, both computed per sequence and scaled to the step's objective 
 path), so they add up over micro-batches and ranks like the cross-entropy does:
     auxiliary (Switch / GShard, DeepSeek-V3's sequence-wise form): E * sum_i f_i * P_i, with
         f_i = (assignments to expert i) / (s*k) and P_i = mean over the sequence's tokens of the
-        normalised score of expert i; f is a count, so only P carries gradient;
+        normalised score of expert i; f is a count, so only P carries gradient. The loss is linear
+        in P, so a rank holding part of each sequence (context parallelism) adds its tokens' share
+        of P_i weighted by the whole sequence's f_i, which `sequence_sum` (a sum over the ranks
+        holding the other parts, set by the build path) gives it; the shares add up to the loss;
     z-loss (ST-MoE): logsumexp(router logits)^2 per token.
 They enter backward through `_WithAuxiliaryLoss`, so no runner or loss function needs to know them;
 their values are kept in `stats` for the metrics.
@@ -89,6 +92,10 @@ Dispatch = Callable[[torch.Tensor, torch.Tensor, nn.ModuleDict], torch.Tensor]
 """(tokens sorted by expert, tokens per expert, the experts) -> their outputs, in the same order."""
 
 
+def _whole_sequences(counts: torch.Tensor) -> torch.Tensor:
+    return counts  # one device holds every token of its sequences
+
+
 def grouped_experts(x: torch.Tensor, counts: torch.Tensor, experts: nn.ModuleDict) -> torch.Tensor:
     """Run each expert on its contiguous run of `x`: torch._grouped_mm when the shapes allow it (its
     operands need 16-byte aligned strides), else one matmul per expert. Zero-token experts are fine."""
@@ -136,6 +143,8 @@ class MoE(nn.Module):
         self.shared_experts = Expert(cfg.dim, cfg.n_shared_experts * cfg.moe_ffn_dim) if cfg.n_shared_experts else None
         self.dispatch: Dispatch = grouped_experts
         self.loss_scale = LossScale()
+        self.sequence_sum: Callable[[torch.Tensor], torch.Tensor] = _whole_sequences
+        """Per-sequence counts (b, E) summed over the ranks that hold the rest of those sequences."""
         self.stats = RoutingStats(cfg.n_experts)
 
     def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -178,8 +187,9 @@ class MoE(nn.Module):
         cfg, k, e = self.cfg, self.cfg.top_k, self.cfg.n_experts
         aux = z = torch.zeros((), dtype=torch.float32, device=logits.device)
         if cfg.load_balance == "aux_loss" and cfg.aux_loss_coef:
-            counts = F.one_hot(idx.view(b, s * k), e).sum(1).float()  # (b, E), no gradient
-            f, p = counts / (s * k), probs.view(b, s, e).mean(1)
+            counts = self.sequence_sum(F.one_hot(idx.view(b, s * k), e).sum(1).float())  # (b, E), no gradient
+            assignments = counts.sum(1, keepdim=True)  # the whole sequence's length times k
+            f, p = counts / assignments, probs.view(b, s, e).sum(1) * (k / assignments)
             aux = cfg.aux_loss_coef * e * (f * p).sum() * self.loss_scale.per_sequence
         if cfg.z_loss_coef:
             z = cfg.z_loss_coef * logits.logsumexp(-1).pow(2).sum() * self.loss_scale.per_token

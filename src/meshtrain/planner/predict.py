@@ -97,8 +97,16 @@ def predict_run(cfg: Config, world_size: int, rank: int = 0) -> dict[str, Any]:
     # ZeRO-3 gathers parameters in the compute dtype (FSDP's param_dtype); ZeRO-1/2 gather fp32 weights
     gathered = StateDtypes(param=2, grad=4, master=0, optim=8) if p.zero_stage == 3 and t.dtype == "bf16" else FP32
     # the residual stream (the embedding's output, what pipeline stages exchange) stays fp32 under autocast
+    m = cfg.model
     ti = TrafficInputs(
-        t.seq_len, t.grad_accum, gathered, act, 4 if p.reduce_dtype == "fp32" else 2, p.bucket_mb, residual_bytes=4
+        t.seq_len,
+        t.grad_accum,
+        gathered,
+        act,
+        4 if p.reduce_dtype == "fp32" else 2,
+        p.bucket_mb,
+        residual_bytes=4,
+        aux_loss=m.load_balance == "aux_loss" and m.aux_loss_coef > 0,
     )
     sizes = groups(lay, gpus_per_node=1)
     payload: dict[str, float] = defaultdict(float)

@@ -57,6 +57,8 @@ class TrafficInputs:
     residual_bytes: int | None = None
     """Bytes per element of the residual stream between regions (the embedding's output and its
     gradient); None: act_bytes, as in Megatron's bf16 models. meshtrain's autocast keeps it fp32."""
+    aux_loss: bool = False
+    """MoE's sequence-wise auxiliary loss is on: under CP each forward sums its expert counts over cp."""
 
 
 def _tp_collectives(
@@ -159,12 +161,17 @@ def _activation_collectives(
     redo = 2 if lay.recompute == "full" else 1  # full recompute replays the forward's traffic in backward
     out: list[Collective] = []
     out += _tp_collectives(shape, lay, ti, layers, tokens, hidden, redo, ends)
+    moe_blocks = layers - (min(shape.first_dense_layers, layers) if ends[0] else 0) if shape.is_moe else 0
     if lay.cp > 1:
         out += _cp_collectives(shape, lay, ti, layers * m, tokens, redo)
+        if moe_blocks and ti.aux_loss:  # each sequence's fp32 expert counts, per MoE block and forward
+            counts = 4 * lay.micro_batch * shape.n_experts
+            out.append(
+                Collective("moe sequence counts", "all_reduce", counts, "cp", moe_blocks * m * redo, "exposed_fwd")
+            )
     if lay.ep > 1:
         # per MoE block and microbatch: the token rows out and back (this rank's own T*k rows each
         # way, meshtrain.expert_parallel.comm), the same in backward, and the int64 counts forward
-        moe_blocks = layers - (min(shape.first_dense_layers, layers) if ends[0] else 0)
         routed = tokens * shape.top_k * shape.hidden * (ti.residual_bytes or ti.act_bytes)
         out.append(Collective("ep all_to_all", "all_to_all", routed, "ep", 2 * moe_blocks * m, "exposed_fwd"))
         out.append(Collective("ep all_to_all", "all_to_all", routed, "ep", 2 * moe_blocks * m * redo, "exposed_bwd"))

@@ -8,7 +8,8 @@
 The engine takes whatever parts this rank holds once the earlier steps of the build path have run
 (meshtrain.build): with tensor parallelism their tp-local parameters (the dp_shard group is the
 ranks of the same tp coordinate, so they shard identical shapes), with pipelining one part per stage
-(the group is the ranks of the same stages).
+(the group is the ranks of the same stages). Under expert parallelism the experts' parameters are
+flat units of their own, sharded over the ranks that hold the same experts (`ExpertShards`).
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import torch
 from torch import nn
 
 from meshtrain.accounting import CommStats
-from meshtrain.zero.base import FlatUnit, ShardGroups, ZeroBase
+from meshtrain.zero.base import ExpertShards, FlatUnit, ShardGroups, ZeroBase
 from meshtrain.zero.stage3 import Zero3
 from meshtrain.zero.stage12 import Zero12
 
-__all__ = ["FlatUnit", "ShardGroups", "Zero3", "Zero12", "ZeroBase", "build_zero_engine"]
+__all__ = ["ExpertShards", "FlatUnit", "ShardGroups", "Zero3", "Zero12", "ZeroBase", "build_zero_engine"]
 
 
 def build_zero_engine(
@@ -36,14 +37,31 @@ def build_zero_engine(
     offload: bool,
     prefetch: bool,
     deferred_weight_grads: bool,
+    experts: ExpertShards | None = None,
 ) -> Zero3 | Zero12:
     """The engine for ZeRO `stage` (1-3). `param_dtype` is what ZeRO-3 gathers and computes in.
     `deferred_weight_grads`: some weight gradients are accumulated outside autograd, after backward
-    (a zero-bubble pipeline's W), where no hook sees them, so ZeRO-2 must reduce once, in finish()."""
+    (a zero-bubble pipeline's W), where no hook sees them, so ZeRO-2 must reduce once, in finish().
+    `experts`: expert parallelism's parameters and the groups they shard over."""
     if stage == 3:
         return Zero3(
-            parts, groups, stats, param_dtype=param_dtype, reduce_dtype=reduce_dtype, offload=offload, prefetch=prefetch
+            parts,
+            groups,
+            stats,
+            param_dtype=param_dtype,
+            reduce_dtype=reduce_dtype,
+            offload=offload,
+            prefetch=prefetch,
+            experts=experts,
         )
     return Zero12(
-        parts, stage, groups, stats, bucket_bytes, reduce_dtype, offload, reduce_each_micro=not deferred_weight_grads
+        parts,
+        stage,
+        groups,
+        stats,
+        bucket_bytes,
+        reduce_dtype,
+        offload,
+        reduce_each_micro=not deferred_weight_grads,
+        experts=experts,
     )

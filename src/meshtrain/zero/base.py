@@ -150,28 +150,27 @@ class OptimState(dict):
     def __init__(
         self,
         local: dict[str, torch.Tensor],
-        units: list[FlatUnit],
-        group: dist.ProcessGroup | None,
+        units: list[tuple[FlatUnit, dist.ProcessGroup | None]],
         device: torch.device,
         stats: CommStats,
     ) -> None:
         super().__init__(local)
-        self._units, self._group, self._device, self._stats = units, group, device, stats
+        self._units, self._device, self._stats = units, device, stats
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {"steps": self["steps"]}
-        for unit in self._units:
+        for unit, group in self._units:
             for kind in KINDS:
                 shard = torch.zeros(unit.shard_size, dtype=torch.float32, device=self._device)
                 for name, view in unit.piece_views(shard):
                     view.copy_(self[f"{kind}.{name}"])
                 full = torch.empty(unit.padded, dtype=torch.float32, device=self._device)
-                gather_uncounted(full, shard, self._group, self._stats)
+                gather_uncounted(full, shard, group, self._stats)
                 out.update((f"{kind}.{n}", v.clone()) for n, v in zip(unit.names, unit.views(full)))
         return out
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        for unit in self._units:
+        for unit, _ in self._units:
             for piece in unit.pieces:
                 for kind in KINDS:
                     flat = sd[f"{kind}.{piece.name}"].reshape(-1)
@@ -184,6 +183,26 @@ class OptimState(dict):
 IN_FLIGHT = 2
 
 
+@dataclass
+class ShardGroups:
+    """The dp_shard group the state is split over and the dp_replicate group it is copied across (HSDP)."""
+
+    shard: dist.ProcessGroup | None
+    replicate: dist.ProcessGroup | None
+
+    @property
+    def size(self) -> int:
+        return dist.get_world_size(self.shard) if self.shard is not None else 1
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.shard) if self.shard is not None else 0
+
+    @property
+    def replicas(self) -> int:
+        return dist.get_world_size(self.replicate) if self.replicate is not None else 1
+
+
 @dataclass(eq=False)
 class Unit:
     layout: FlatUnit
@@ -193,6 +212,8 @@ class Unit:
     """fp32 shard of the summed gradient, as the optimizer reads it."""
     full: torch.Tensor
     """The padded flat parameters the model computes with (ZeRO-3: storage freed outside use)."""
+    groups: ShardGroups
+    """Where this unit is sharded and replicated: dp_shard x cp, or for experts their edp_shard group."""
     grad_full: torch.Tensor | None = None
     """ZeRO-1's persistent padded gradient bucket; param.grad are views into it."""
     ready: int = 0
@@ -217,27 +238,17 @@ class Pending:
     keep: torch.Tensor = field(repr=False)  # the input buffer, alive until the work completes
 
 
-@dataclass
-class ShardGroups:
-    """The dp_shard group the state is split over and the dp_replicate group it is copied across (HSDP)."""
+@dataclass(frozen=True)
+class ExpertShards:
+    """Expert parallelism's parameters: their state is sharded over the ranks that hold the same
+    experts (edp_shard), not over the dense group, whose other ranks hold other experts."""
 
-    shard: dist.ProcessGroup | None
-    replicate: dist.ProcessGroup | None
-
-    @property
-    def size(self) -> int:
-        return dist.get_world_size(self.shard) if self.shard is not None else 1
-
-    @property
-    def rank(self) -> int:
-        return dist.get_rank(self.shard) if self.shard is not None else 0
-
-    @property
-    def replicas(self) -> int:
-        return dist.get_world_size(self.replicate) if self.replicate is not None else 1
+    names: set[str]
+    groups: ShardGroups
 
 
 U = TypeVar("U", bound=Unit)
+P = TypeVar("P")
 
 
 class ZeroBase(Generic[U]):
@@ -247,15 +258,30 @@ class ZeroBase(Generic[U]):
     collective_forward = False
 
     def __init__(
-        self, groups: ShardGroups, stats: CommStats, reduce_dtype: torch.dtype, offload: bool, device: torch.device
+        self,
+        groups: ShardGroups,
+        stats: CommStats,
+        reduce_dtype: torch.dtype,
+        offload: bool,
+        device: torch.device,
+        experts: ExpertShards | None = None,
     ) -> None:
-        self.groups, self.stats = groups, stats
+        self.groups, self.stats, self.experts = groups, stats, experts
         self.reduce_dtype, self.offload, self.device = reduce_dtype, offload, device
         self.units: list[U] = []
         self.pending: deque[Pending] = deque()
         self.sync = True
 
     # ---- construction helpers -------------------------------------------------------------------
+    def by_groups(self, named: list[tuple[str, P]]) -> list[tuple[list[tuple[str, P]], ShardGroups]]:
+        """`named` cut into the dense parameters and the experts', each with the groups its units
+        shard over (a flat unit lives in one group); empty parts left out."""
+        if self.experts is None:
+            return [(named, self.groups)] if named else []
+        names = self.experts.names
+        dense, experts = [x for x in named if x[0] not in names], [x for x in named if x[0] in names]
+        return [(x, g) for x, g in ((dense, self.groups), (experts, self.experts.groups)) if x]
+
     def host_copy(self, t: torch.Tensor) -> torch.Tensor:
         """An fp32 copy on the host (pinned, when there is a GPU to copy from) for offloaded state."""
         out = torch.empty(t.shape, dtype=torch.float32, pin_memory=t.device.type == "cuda")
@@ -287,10 +313,10 @@ class ZeroBase(Generic[U]):
         ('alias': the output is `target` itself, 'copy' or 'add')."""
         if flat.dtype != self.reduce_dtype:
             flat, mode = flat.to(self.reduce_dtype), "copy" if mode == "alias" else mode
-        out = flat[unit.layout.shard]
+        out, group = flat[unit.layout.shard], unit.groups.shard
         work = None
-        if self.groups.shard is not None:
-            work = reduce_scatter(out, flat, self.groups.shard, self.stats, unit.layout.real_bytes(flat.element_size()))
+        if group is not None:
+            work = reduce_scatter(out, flat, group, self.stats, unit.layout.real_bytes(flat.element_size()))
         self.pending.append(Pending(unit, work, out, target, mode, flat))
         unit.launched = True
         self.drain(IN_FLIGHT)
@@ -307,14 +333,15 @@ class ZeroBase(Generic[U]):
 
     def all_reduce_replicas(self) -> None:
         """HSDP: the shard group's sums are partial; add the replicas' once per optimizer step."""
-        if self.groups.replicate is None:
+        replicate = self.groups.replicate  # experts are replicated over the same dp_replicate group
+        if replicate is None:
             return
         grads = [u.grad_shard() for u in self.units]
         bufs = [g if g.dtype == self.reduce_dtype else g.to(self.reduce_dtype) for g in grads]
         works = []
         for unit, buf in zip(self.units, bufs):
-            share = unit.layout.real_bytes(buf.element_size()) / self.groups.size
-            works.append(all_reduce(buf, self.groups.replicate, self.stats, share))
+            share = unit.layout.real_bytes(buf.element_size()) / unit.groups.size
+            works.append(all_reduce(buf, replicate, self.stats, share))
         for grad, buf, work in zip(grads, bufs, works):
             work.wait()
             if buf is not grad:
@@ -342,7 +369,9 @@ class ZeroBase(Generic[U]):
         return self.groups.shard
 
     def grad_norm(self) -> torch.Tensor:
-        # Padding is zero in every shard, and each element lives in exactly one shard of the group.
+        # Padding is zero in every shard, and each element lives in exactly one shard of the group. An
+        # expert's element lives in one shard of its edp_shard group, whose product with the ep group
+        # (the ranks holding the other experts) is the dense group: one sum over it counts each once.
         sq = torch.stack([u.grad_shard().double().square().sum() for u in self.units]).sum().to(self.device)
         if self.groups.shard is not None:
             comm.all_reduce(sq, self.groups.shard, self.stats, counted=False)
@@ -358,7 +387,7 @@ class ZeroBase(Generic[U]):
         return ModelState(self.full_params, self.load_full_params)
 
     def optim_state_dict(self, optim_sd: dict[str, torch.Tensor]) -> OptimState:
-        return OptimState(optim_sd, [u.layout for u in self.units], self.groups.shard, self.device, self.stats)
+        return OptimState(optim_sd, [(u.layout, u.groups.shard) for u in self.units], self.device, self.stats)
 
     def step_metrics(self) -> dict[str, float]:
         return {}
@@ -370,7 +399,7 @@ class ZeroBase(Generic[U]):
         for unit in self.units:
             lay = unit.layout
             full = torch.empty(lay.padded, dtype=torch.float32, device=self.device)
-            gather_uncounted(full, unit.master.to(self.device), self.groups.shard, self.stats)
+            gather_uncounted(full, unit.master.to(self.device), unit.groups.shard, self.stats)
             out.update((n, v.clone()) for n, v in zip(lay.names, lay.views(full)))
         return out
 
@@ -402,13 +431,15 @@ class ZeroBase(Generic[U]):
         held = {k: tensor_bytes(v) for k, v in self.held().items() if tensor_bytes(v)}
         held["Adam"] = 8 * sum(p.numel for x in lay for p in x.pieces)
         parts = " + ".join(f"{k} {human_bytes(v)}" for k, v in held.items())
+        shares = sum(u.layout.numel / u.groups.size for u in self.units)
         replicas = (
-            f", all-reduce {human_bytes(self.reduce_dtype.itemsize * self.num_params() / n)} over replicas once"
+            f", all-reduce {human_bytes(self.reduce_dtype.itemsize * shares)} over replicas once"
             if self.groups.replicas > 1
             else ""
         )
+        experts = f", experts over edp_shard={self.experts.groups.size}" if self.experts is not None else ""
         return (
-            f"ZeRO-{self.stage} over dp_shard={n}{hsdp}: {len(lay)} flat units (largest "
+            f"ZeRO-{self.stage} over dp_shard={n}{hsdp}{experts}: {len(lay)} flat units (largest "
             f"{human_bytes(4 * max(x.padded for x in lay))}), {sum(x.padded - x.numel for x in lay)} padding elements; "
             f"offload {'on' if self.offload else 'off'}\n"
             f"  model states per rank: {parts} = {human_bytes(sum(held.values()))}\n"

@@ -36,7 +36,7 @@ from torch import nn
 
 from meshtrain.accounting import CommStats, human_bytes
 from meshtrain.core.parts import as_parts, backward_order, split_buckets
-from meshtrain.zero.base import FlatUnit, ShardGroups, Unit, ZeroBase
+from meshtrain.zero.base import ExpertShards, FlatUnit, ShardGroups, Unit, ZeroBase
 from meshtrain.zero.comm import all_gather, gather_uncounted
 
 
@@ -58,26 +58,34 @@ class Zero12(ZeroBase[Unit]):
         reduce_dtype: torch.dtype = torch.float32,
         offload: bool = False,
         reduce_each_micro: bool = True,
+        experts: ExpertShards | None = None,
     ) -> None:
         if stage not in (1, 2):
             raise ValueError(f"Zero12 runs ZeRO stage 1 or 2, not {stage}")
         parts = as_parts(module)
-        super().__init__(groups, stats, reduce_dtype, offload, next(parts[0].parameters()).device)
+        super().__init__(groups, stats, reduce_dtype, offload, next(parts[0].parameters()).device, experts)
         self.stage, self.reduce_each_micro = stage, reduce_each_micro
         names = {id(p): n for part in parts for n, p in part.named_parameters()}
-        # buckets never span two of a rank's stages; backward reaches the last stage first
-        buckets = [bucket for params in backward_order(parts) for bucket in split_buckets(params, bucket_bytes)]
-        for i, bucket in enumerate(buckets):
-            lay = FlatUnit(f"zero.unit{i}", [(names[id(p)], p) for p in bucket], groups.size, groups.rank)
-            self.units.append(self._build_unit(lay))
+        # buckets never span two of a rank's stages, nor dense and expert parameters (they shard over
+        # different groups); backward reaches the last stage first
+        for params in backward_order(parts):
+            for named, shard_groups in self.by_groups([(names[id(p)], p) for p in params]):
+                for bucket in split_buckets([p for _, p in named], bucket_bytes):
+                    lay = FlatUnit(
+                        f"zero.unit{len(self.units)}",
+                        [(names[id(p)], p) for p in bucket],
+                        shard_groups.size,
+                        shard_groups.rank,
+                    )
+                    self.units.append(self._build_unit(lay, shard_groups))
         self.register_grad_hooks()
 
-    def _build_unit(self, lay: FlatUnit) -> Unit:
+    def _build_unit(self, lay: FlatUnit, groups: ShardGroups) -> Unit:
         full = lay.flatten([p.detach() for p in lay.params], torch.float32, self.device)
         for p, view in zip(lay.params, lay.views(full)):
             p.data = view
         master = self.host_copy(full[lay.shard]) if self.offload else full[lay.shard]
-        unit = Unit(lay, master, grad=None, full=full)
+        unit = Unit(lay, master, grad=None, full=full, groups=groups)
         if self.stage == 1:
             unit.grad_full = torch.zeros(lay.padded, dtype=torch.float32, device=self.device)
             for p, view in zip(lay.params, lay.views(unit.grad_full)):
@@ -125,8 +133,8 @@ class Zero12(ZeroBase[Unit]):
             own = unit.full[unit.layout.shard]
             if self.offload:
                 own.copy_(unit.master)
-            if self.groups.shard is not None:
-                works.append(all_gather(unit.full, own, self.groups.shard, self.stats, unit.layout.real_bytes(4)))
+            if unit.groups.shard is not None:
+                works.append(all_gather(unit.full, own, unit.groups.shard, self.stats, unit.layout.real_bytes(4)))
         for work in works:
             work.wait()
 
@@ -158,4 +166,4 @@ class Zero12(ZeroBase[Unit]):
             own = unit.full[unit.layout.shard]
             if self.offload:
                 own.copy_(unit.master)
-            gather_uncounted(unit.full, own, self.groups.shard, self.stats)
+            gather_uncounted(unit.full, own, unit.groups.shard, self.stats)

@@ -32,7 +32,7 @@ gather moves bf16, as FSDP2's param_dtype does; gradients are reduced in paralle
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, cast
 
@@ -43,7 +43,7 @@ from meshtrain.accounting import CommStats, human_bytes
 from meshtrain.core.comm import TrackedWork
 from meshtrain.core.parts import as_parts
 from meshtrain.model import Llama
-from meshtrain.zero.base import FlatUnit, ShardGroups, Unit, ZeroBase, named_unique
+from meshtrain.zero.base import ExpertShards, FlatUnit, ShardGroups, Unit, ZeroBase, named_unique
 from meshtrain.zero.comm import all_gather
 
 
@@ -118,9 +118,10 @@ class Zero3(ZeroBase[GatherUnit]):
         reduce_dtype: torch.dtype = torch.float32,
         offload: bool = False,
         prefetch: bool = True,
+        experts: ExpertShards | None = None,
     ) -> None:
         parts = as_parts(model)
-        super().__init__(groups, stats, reduce_dtype, offload, next(parts[0].parameters()).device)
+        super().__init__(groups, stats, reduce_dtype, offload, next(parts[0].parameters()).device, experts)
         self.param_dtype, self.prefetch = param_dtype, prefetch
         self.live_bytes = self.peak_bytes = 0
         self.next_fwd: dict[int, int] = {}
@@ -134,18 +135,20 @@ class Zero3(ZeroBase[GatherUnit]):
         seen: set[int] = set()
         specs, start = [], len(self.units)
         for spec in block_specs(cast(Llama, part)):  # ZeRO-3 cuts units along a Llama's structure
-            named = named_unique(spec.modules, seen)
-            if named:  # a module whose weights another unit already owns (tying) needs no unit
-                specs.append(spec)
-                lay = FlatUnit(spec.name, named, self.groups.size, self.groups.rank)
-                self.units.append(self._build_unit(lay, len(self.units)))
+            # A module whose weights another unit already owns (tying) needs no unit. A block's experts
+            # are a unit of their own (they shard over another group), gathered and freed with the rest
+            # of the block: the same modules hook both, and the block's unit prefetches its experts'.
+            for i, (named, shard_groups) in enumerate(self.by_groups(named_unique(spec.modules, seen))):
+                specs.append(spec if i == 0 else replace(spec, name=f"{spec.name}.experts"))
+                lay = FlatUnit(specs[-1].name, named, shard_groups.size, shard_groups.rank)
+                self.units.append(self._build_unit(lay, len(self.units), shard_groups))
         self.next_fwd.update(following(specs, start, 0, reverse=False))
         self.next_bwd.update(following(specs, start, 1, reverse=True))
         for i, spec in enumerate(specs, start):
             spec.first.register_forward_pre_hook(partial(self._pre_forward, i))
             spec.last.register_forward_hook(partial(self._post_forward, i))
 
-    def _build_unit(self, lay: FlatUnit, index: int) -> GatherUnit:
+    def _build_unit(self, lay: FlatUnit, index: int, groups: ShardGroups) -> GatherUnit:
         full = lay.flatten([p.detach() for p in lay.params], torch.float32, self.device)
         shard = full[lay.shard].clone()
         compute = full if self.param_dtype == torch.float32 else full.to(self.param_dtype)
@@ -155,7 +158,13 @@ class Zero3(ZeroBase[GatherUnit]):
         grad = torch.zeros(lay.shard_size, dtype=torch.float32, device=self.device)
         master = self.host_copy(shard) if self.offload else shard
         return GatherUnit(
-            lay, master, self.host_copy(grad) if self.offload else grad, full=compute, shard=shard, index=index
+            lay,
+            master,
+            self.host_copy(grad) if self.offload else grad,
+            full=compute,
+            groups=groups,
+            shard=shard,
+            index=index,
         )
 
     # ---- gather / free ----------------------------------------------------------------------------
@@ -169,13 +178,13 @@ class Zero3(ZeroBase[GatherUnit]):
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
         source = unit.shard if unit.shard.dtype == self.param_dtype else unit.shard.to(self.param_dtype)
         unit.state = "inflight"
-        if self.groups.shard is None:
+        if unit.groups.shard is None:
             unit.full.copy_(source)
             return
         # Writing into storage that autograd's saved views share trips no version check: `p.data = view`
         # left each parameter its own version counter, which is the one its saved views carry.
         unit.work = all_gather(
-            unit.full, source, self.groups.shard, self.stats, unit.layout.real_bytes(unit.full.element_size())
+            unit.full, source, unit.groups.shard, self.stats, unit.layout.real_bytes(unit.full.element_size())
         )
         unit.source = source
 
