@@ -291,6 +291,8 @@ def _pipeline_executor(
         loss_fn=loss_fn,
         act_shape=(t.micro_batch, seq, cfg.model.dim),
         device=device,
+        # ZeRO-3 computes with weights gathered in the compute dtype, the embedding's output included
+        act_dtype=DTYPES[t.dtype] if p.zero_stage == 3 else torch.float32,
         autocast=autocast,
         scale=1.0 / (t.global_batch * t.seq_len),
         engine=engine,

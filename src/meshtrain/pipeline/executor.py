@@ -55,6 +55,9 @@ class PipelineExecutor:
     loss_fn: LossFn  # the last stage's: cross-entropy, or the vocab-parallel one under tensor parallelism
     act_shape: tuple[int, ...]  # of a stage output and its gradient: the recv buffers
     device: torch.device
+    act_dtype: torch.dtype = torch.float32
+    """The residual stream's dtype, which stages exchange: fp32 under autocast; bf16 when ZeRO-3
+    computes with bf16 weights (the embedding then looks up bf16 rows)."""
     autocast: Autocast = contextlib.nullcontext
     scale: float = 1.0  # 1 / tokens in the global batch: the loss convention of meshtrain.core.runner
     engine: GradEngine | None = None  # told to hold its reduction until finish(): once per step
@@ -119,7 +122,7 @@ class PipelineExecutor:
             if a.kind in (Kind.SEND_F, Kind.SEND_B):
                 sends.append((self.outbox.pop((a.kind, a.stage, a.microbatch)), a.peer))
             else:
-                buf = torch.empty(self.act_shape, dtype=torch.float32, device=self.device)
+                buf = torch.empty(self.act_shape, dtype=self.act_dtype, device=self.device)
                 recvs.append((buf, a.peer))
                 landed.append((a, buf))
         exchange(sends, recvs, self.group, self.stats)

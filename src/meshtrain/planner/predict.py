@@ -9,8 +9,8 @@ unit up to a multiple of N is left out), so a sharded figure may be fractional. 
 are those of its pipeline stages, with the run's real block split (parallel.pp_split): they are
 what that rank writes to metrics.rank{R}.jsonl. A pipeline rank sends each of its chunks'
 activations forward (but the last stage's) and each chunk's input gradient back (but the first
-stage's), always in fp32 (the residual stream stays fp32 under autocast), 1/tp of them under
-sequence parallelism, and of this cp rank's tokens only.
+stage's), in the residual stream's dtype (fp32 under autocast, bf16 when ZeRO-3 gathers bf16
+weights), 1/tp of them under sequence parallelism, and of this cp rank's tokens only.
 """
 
 from __future__ import annotations
@@ -66,6 +66,12 @@ def _stage_share(cfg: Config, rank: int) -> tuple[int, bool, bool, list[int]]:
     return sum(sizes[s] for s in mine), 0 in mine, n - 1 in mine, mine
 
 
+def _residual_bytes(cfg: Config) -> int:
+    """The residual stream (the embedding's output) stays fp32 under autocast, unless ZeRO-3 gathers
+    bf16 weights: the embedding then looks up bf16 rows, and the stream is bf16 from there on."""
+    return 2 if cfg.parallel.zero_stage == 3 and cfg.training.dtype == "bf16" else 4
+
+
 def _stage_p2p(cfg: Config, stages: list[int]) -> float:
     """Bytes a pipeline rank sends per step: m activations per chunk but the last stage's, m input
     gradients per chunk but the first stage's."""
@@ -73,7 +79,9 @@ def _stage_p2p(cfg: Config, stages: list[int]) -> float:
     n = p.pp * p.pp_chunks
     if p.pp == 1:
         return 0.0
-    per_message = t.micro_batch * t.seq_len // p.cp * cfg.model.dim * 4 / (p.tp if p.sequence_parallel else 1)
+    per_message = (
+        t.micro_batch * t.seq_len // p.cp * cfg.model.dim * _residual_bytes(cfg) / (p.tp if p.sequence_parallel else 1)
+    )
     messages = sum(s < n - 1 for s in stages) + sum(s > 0 for s in stages)
     return messages * t.grad_accum * per_message
 
@@ -96,7 +104,6 @@ def predict_run(cfg: Config, world_size: int, rank: int = 0) -> dict[str, Any]:
     act = 2 if t.dtype == "bf16" else 4
     # ZeRO-3 gathers parameters in the compute dtype (FSDP's param_dtype); ZeRO-1/2 gather fp32 weights
     gathered = StateDtypes(param=2, grad=4, master=0, optim=8) if p.zero_stage == 3 and t.dtype == "bf16" else FP32
-    # the residual stream (the embedding's output, what pipeline stages exchange) stays fp32 under autocast
     m = cfg.model
     ti = TrafficInputs(
         t.seq_len,
@@ -105,7 +112,7 @@ def predict_run(cfg: Config, world_size: int, rank: int = 0) -> dict[str, Any]:
         act,
         4 if p.reduce_dtype == "fp32" else 2,
         p.bucket_mb,
-        residual_bytes=4,
+        residual_bytes=_residual_bytes(cfg),
         aux_loss=m.load_balance == "aux_loss" and m.aux_loss_coef > 0,
     )
     sizes = groups(lay, gpus_per_node=1)
