@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from meshtrain.config import DataConfig, OptimizerConfig, TrainingConfig
+from meshtrain.config import ConfigError, DataConfig, OptimizerConfig, TrainingConfig
 from meshtrain.data import BatchSampler, build_dataset, build_tokenizer
-from meshtrain.data.dataset import PackedDataset
+from meshtrain.data.dataset import PackedDataset, held_out
 from meshtrain.optim import AdamW, lr_at
 
 pytestmark = pytest.mark.pure
@@ -78,3 +78,17 @@ def test_lr_schedules_warm_up_then_end_where_they_should(schedule: str) -> None:
     assert lrs[-1] == pytest.approx(1.0 if schedule == "constant" else 0.1, abs=0.02)
     if schedule == "wsd":
         assert lrs[70] == pytest.approx(1.0)
+
+
+def test_the_validation_split_is_the_streams_last_sequences() -> None:
+    """10 sequences of 4 (41 tokens): val_fraction 0.2 holds out the last 2, training keeps the first 8
+    (their windows end where the held-out ones start); 0 keeps all 10 and has no validation split."""
+    tokens = np.arange(41)
+    train, val = held_out(tokens, 4, 0.2, "train"), held_out(tokens, 4, 0.2, "val")
+    assert (len(train), len(val)) == (8, 2)
+    x, y = val.batch(np.array([0, 1]))
+    assert x.tolist() == [[32, 33, 34, 35], [36, 37, 38, 39]] and y[-1].tolist() == [37, 38, 39, 40]
+    assert train.batch(np.array([7]))[1].tolist() == [[29, 30, 31, 32]]
+    assert len(held_out(tokens, 4, 0.0, "train")) == 10
+    with pytest.raises(ConfigError, match="no validation split"):
+        held_out(tokens, 4, 0.0, "val")

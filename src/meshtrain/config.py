@@ -201,6 +201,8 @@ class DataConfig:
     """Stop reading the corpus after this many tokens (keeps start-up quick)."""
     extensions: str = ".py,.txt,.md"
     """Comma-separated file suffixes read from folders."""
+    val_fraction: float = 0.0
+    """Hold out this fraction of the sequences (the stream's last ones) for validation; 0: train on all, no validation split."""
 
 
 @dataclass

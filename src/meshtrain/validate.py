@@ -87,6 +87,7 @@ VALUES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
     ("model.z_loss_coef", _in(0, INF), "must not be negative"),
     ("model.bias_update_rate", _in(0, INF), "must not be negative"),
     ("data.max_tokens", _in(1, INF), "must be at least 1"),
+    ("data.val_fraction", _in(0, 0.5, hi_open=True), "must be in [0, 0.5) (0 = no validation split)"),
     ("parallel.bucket_mb", _in(0, INF, lo_open=True), "must be > 0"),
     ("logging.peak_tflops", _in(0, INF), "must not be negative (0 detects it)"),
     ("logging.sample_tokens", _in(0, INF), "must not be negative"),

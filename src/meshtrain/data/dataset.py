@@ -3,17 +3,22 @@
 A corpus becomes one long token stream (documents joined by a newline); sequence i is the window
 stream[i*L : i*L + L + 1], whose first L tokens are the input and last L the targets. Files are read
 in sorted order, so every rank and every run sees the same stream.
+
+Validation (`split="val"`): the last `data.val_fraction` of the stream's sequences are held out, and
+the training split ends before them; with val_fraction = 0 (the default) training sees the whole
+stream, exactly as before, and there is no validation split.
 """
 
 from __future__ import annotations
 
+import math
 import sysconfig
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from meshtrain.config import DataConfig
+from meshtrain.config import ConfigError, DataConfig
 from meshtrain.data.tokenizer import Tokenizer
 
 
@@ -70,9 +75,30 @@ def synthetic_tokens(vocab: int, n_tokens: int, seed: int) -> np.ndarray:
     return out
 
 
-def build_dataset(cfg: DataConfig, tok: Tokenizer, seq_len: int, seed: int) -> PackedDataset:
+SPLITS = ("train", "val")
+
+
+def build_dataset(cfg: DataConfig, tok: Tokenizer, seq_len: int, seed: int, split: str = "train") -> PackedDataset:
+    """The training sequences, or the held-out validation ones (module docstring)."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: one of {SPLITS}")
+    return held_out(_stream(cfg, tok, seed), seq_len, cfg.val_fraction, split)
+
+
+def held_out(tokens: np.ndarray, seq_len: int, fraction: float, split: str) -> PackedDataset:
+    """Cut a stream into training sequences and, after them, the last `fraction` of its sequences."""
+    n = (len(tokens) - 1) // seq_len
+    n_val = math.ceil(n * fraction) if fraction > 0 else 0
+    if split == "train":
+        return PackedDataset(tokens[: (n - n_val) * seq_len + 1], seq_len)
+    if n_val == 0:
+        raise ConfigError("there is no validation split: set data.val_fraction > 0 (e.g. 0.01)")
+    return PackedDataset(tokens[(n - n_val) * seq_len :], seq_len)
+
+
+def _stream(cfg: DataConfig, tok: Tokenizer, seed: int) -> np.ndarray:
     if cfg.source == "synthetic":
-        return PackedDataset(synthetic_tokens(tok.vocab_size, min(cfg.max_tokens, 200_000), seed), seq_len)
+        return synthetic_tokens(tok.vocab_size, min(cfg.max_tokens, 200_000), seed)
     exts = tuple(e.strip() for e in cfg.extensions.split(",") if e.strip())
     if cfg.source == "stdlib":
         root = Path(sysconfig.get_paths()["stdlib"])
@@ -81,4 +107,4 @@ def build_dataset(cfg: DataConfig, tok: Tokenizer, seq_len: int, seed: int) -> P
         if not cfg.path or not Path(cfg.path).exists():
             raise FileNotFoundError(f"data.path={cfg.path!r} does not exist; point it at a text file or folder")
         paths = _text_files(Path(cfg.path), exts)
-    return PackedDataset(read_corpus(paths, tok, cfg.max_tokens), seq_len)
+    return read_corpus(paths, tok, cfg.max_tokens)
