@@ -41,6 +41,11 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     nodes.add_argument("--node-rank", type=int, default=0, help="this node's index, 0 .. nnodes-1")
     nodes.add_argument("--master-addr", default="127.0.0.1", help="address of node 0, which hosts the rendezvous")
     nodes.add_argument("--master-port", type=int, default=29500, help="a free port on node 0 (default 29500)")
+    p.add_argument(
+        "--init-from-hf",
+        metavar="DIR",
+        help="start from a Hugging Face model folder (model.init_from=hf:DIR): its config, weights, tokenizer",
+    )
     choice = p.add_mutually_exclusive_group()
     choice.add_argument(
         "--resume",
@@ -59,6 +64,7 @@ def run_train(args: argparse.Namespace) -> int:
     overrides = args.overrides + ([f"logging.run_dir={args.run_dir}"] if args.run_dir else [])
     overrides += ["checkpoint.resume=auto"] if args.resume else []
     overrides += ["checkpoint.resume=never"] if args.overwrite else []
+    overrides += [f"model.init_from=hf:{args.init_from_hf}"] if args.init_from_hf else []
     if args.max_restarts < 0:
         raise ConfigError(f"--max-restarts {args.max_restarts} must not be negative")
     _check_nodes(args)
@@ -139,6 +145,7 @@ def run_config_help(args: argparse.Namespace) -> int:
 LAZY = {
     "plan": ("meshtrain.planner.cli", "predict memory and step time; recommend a parallel layout"),
     "schedule": ("meshtrain.tools.schedule_cli", "simulate a pipeline-parallel schedule and report its bubble"),
+    "export-hf": ("meshtrain.hf.cli", "write a run's checkpoint as a Hugging Face model folder"),
 }
 
 

@@ -72,6 +72,8 @@ class ModelConfig:
     """Weight of the router z-loss, logsumexp(logits)^2 per token (ST-MoE); 0 = off."""
     bias_update_rate: float = 1e-3
     """Step of the balancing bias per optimizer step: rate * sign(mean load - load), re-centred (load_balance = bias)."""
+    init_from: str = ""
+    """Start from Hugging Face weights: "hf:DIR", a LlamaForCausalLM or MixtralForCausalLM folder; its config.json sets the fields above, its tokenizer.json the tokenizer. Empty: random init."""
 
     @property
     def head_dim(self) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from meshtrain import checkpoint as ckpt
-from meshtrain.config import ConfigError, load_config
+from meshtrain.config import Config, ConfigError, load_config
 from meshtrain.data.tokenizer import Tokenizer, build_tokenizer
 from meshtrain.model import Llama, build_model
 
@@ -42,14 +42,27 @@ def sample_text(
     return tok.decode(ids)
 
 
-def load_for_generation(run_dir: Path) -> tuple[Llama, Tokenizer, int]:
-    """Rebuild the model from the newest checkpoint's own config.toml (the config it was trained
-    with: RUN_DIR/config.toml may belong to a later run) and load its weights."""
+def load_for_generation(run_dir: Path, step: int | None = None) -> tuple[Llama, Tokenizer, int]:
+    """Rebuild the model from the newest checkpoint's (or step `step`'s) own config.toml (the config
+    it was trained with: RUN_DIR/config.toml may belong to a later run) and load its weights."""
+    model, cfg, at = load_checkpoint_model(run_dir, step)
+    return model, build_tokenizer(cfg.data.tokenizer), at
+
+
+def load_checkpoint_model(run_dir: Path, step: int | None = None) -> tuple[Llama, Config, int]:
+    """(one process's model, the config it was trained with, its step) from a checkpoint of any layout."""
     if not run_dir.is_dir():
         raise ConfigError(f"--run-dir {run_dir} does not exist; pass the folder of a `meshtrain train` run")
-    path = ckpt.latest(run_dir / "checkpoints", warn=lambda text: print(f"warning: {text}", file=sys.stderr))
+    root = run_dir / "checkpoints"
+    if step is None:
+        path = ckpt.latest(root, warn=lambda text: print(f"warning: {text}", file=sys.stderr))
+    else:
+        path = ckpt.step_dir(root, step)
+        if ckpt.committed(path) is None or ckpt.verify(path) is not None:
+            steps = sorted(int(ckpt.read_meta(p)["step"]) for p in ckpt.candidates(root))
+            raise ConfigError(f"--step {step}: no complete checkpoint of that step under {root}; there are {steps}")
     if path is None:
-        raise ConfigError(f"no complete checkpoint under {run_dir / 'checkpoints'}; train with checkpoint.interval > 0")
+        raise ConfigError(f"no complete checkpoint under {root}; train with checkpoint.interval > 0")
     cfg = load_config(path / "config.toml")
     model = build_model(cfg.model, "cpu", seed=cfg.training.seed)
     state = {"model": dict(model.named_parameters())}
@@ -57,4 +70,4 @@ def load_for_generation(run_dir: Path) -> tuple[Llama, Tokenizer, int]:
         # DCP warns that it loads without a process group: exactly what a one-process sampler wants.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         meta = ckpt.load(path, state, load_rng=False)
-    return model, build_tokenizer(cfg.data.tokenizer), int(meta["step"])
+    return model, cfg, int(meta["step"])

@@ -28,6 +28,8 @@ from meshtrain.core.runner import Batch
 from meshtrain.data import BatchSampler, build_dataset, build_tokenizer
 from meshtrain.distributed import DistEnv
 from meshtrain.faults import fault_requested, maybe_fail
+from meshtrain.hf.config import hf_dir
+from meshtrain.hf.weights import load_hf_weights
 from meshtrain.logs import get_logger
 from meshtrain.metrics import MetricsWriter, ProgressBar, detect_peak_tflops, peak_rss_bytes
 from meshtrain.model import count_params
@@ -88,6 +90,11 @@ class Trainer:
     def maybe_resume(self) -> None:
         path = ckpt.latest(self.ckpt_root, warn=self.log.warning) if self.cfg.checkpoint.resume == "auto" else None
         if path is None:
+            if self.cfg.model.init_from:  # a fresh fine-tune; a restarted one continues from its checkpoint
+                directory = hf_dir(self.cfg.model.init_from)
+                with self.stats.log.doing(f"loading Hugging Face weights from {directory}"):
+                    load_hf_weights(self.engine.model_state_dict(), directory)
+                self.log.info(f"initialised from {directory} (Hugging Face weights)")
             return
         state = self.app_state()
         with self.stats.log.doing(f"loading {path.name}"):

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 from meshtrain.config import SECTIONS, Config, ConfigError, ParallelConfig
+from meshtrain.hf.config import hf_dir, read_hf_config
+from meshtrain.hf.files import expected_params, header_shapes, missing_or_misshaped
 from meshtrain.pipeline.schedules import SCHEDULES, ScheduleError, build_schedule, is_custom, splits_backward
 from meshtrain.tools.schedule_check import validate_schedule
 
@@ -407,12 +409,33 @@ def _batch_message(gb: int, mb: int, ga: int, dp: int) -> str:
     )
 
 
+def _from_hf(cfg: Config) -> None:
+    """model.init_from = "hf:DIR": DIR's config.json sets the model, its tokenizer.json the tokenizer
+    (unless data.tokenizer names one), and its files must hold every weight in the right shape."""
+    directory = hf_dir(cfg.model.init_from)
+    cfg.model = dataclasses.replace(cfg.model, **read_hf_config(directory))
+    tokenizer = directory / "tokenizer.json"
+    if cfg.data.tokenizer == "byte" and tokenizer.is_file():
+        cfg.data.tokenizer = str(tokenizer)
+    found = header_shapes(directory)
+    if not found:
+        raise ConfigError(f"model.init_from: {directory} holds no *.safetensors; save the model with safetensors")
+    wrong = missing_or_misshaped(expected_params(cfg.model), found)
+    if wrong:
+        more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+        raise ConfigError(
+            f"model.init_from: {directory}'s weights do not fit its config.json: {', '.join(wrong[:3])}{more}"
+        )
+
+
 def validate(cfg: Config, world_size: int) -> Config:
     """Return a copy with dp_shard resolved; raise ConfigError on the first problem found."""
     cfg = copy.deepcopy(cfg)
     if world_size < 1:
         raise ConfigError(f"--nproc {world_size} must be at least 1")
     _check_fields(cfg)
+    if cfg.model.init_from:
+        _from_hf(cfg)
     _check_values(cfg)
     _check_model(cfg)
     cfg.parallel.dp_shard = resolve_dp_shard(cfg, world_size)
