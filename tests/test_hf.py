@@ -32,7 +32,13 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {  # name: (transformers class, c
     ),
     "tied": (
         "Llama",
-        {**SMALL, "intermediate_size": 48, "num_attention_heads": 4, "num_key_value_heads": 4, "tie_word_embeddings": True},
+        {
+            **SMALL,
+            "intermediate_size": 48,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "tie_word_embeddings": True,
+        },
     ),
     "mixtral": (
         "Mixtral",

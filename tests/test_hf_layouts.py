@@ -23,7 +23,10 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.dist
 SHAPE = {"vocab_size": 256, "hidden_size": 32, "num_hidden_layers": 2, "max_position_embeddings": 64}
 MODELS = {
-    "llama": ("Llama", {"intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 5e4}),
+    "llama": (
+        "Llama",
+        {"intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 5e4},
+    ),
     "mixtral": ("Mixtral", {"intermediate_size": 16, "num_attention_heads": 4, "num_key_value_heads": 2}),
 }
 BASE = ["training.steps=3", "data.source=synthetic", "checkpoint.interval=0", "training.seq_len=32"]
@@ -49,7 +52,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("hf")
     hf = {name: _save(name, root / f"hf-{name}") for name in MODELS}
     specs = {
-        f"one-{m}": Run(root / f"one-{m}", 1, [*BASE, f"model.init_from=hf:{root / f'hf-{m}'}", "training.micro_batch=8"])
+        f"one-{m}": Run(
+            root / f"one-{m}", 1, [*BASE, f"model.init_from=hf:{root / f'hf-{m}'}", "training.micro_batch=8"]
+        )
         for m in MODELS
     }
     for name, (m, nproc, overrides) in LAYOUTS.items():
