@@ -90,6 +90,20 @@ def test_cached_logits_equal_full_window_logits(name: str) -> None:
 
 
 @torch.no_grad()
+def test_cache_refuses_what_it_cannot_hold(model: Llama) -> None:
+    cache = KVCache(32)
+    model(torch.zeros(1, 30, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="30 of 32 positions; 3 more"):
+        model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="positions from the cache"):
+        model(torch.zeros(1, 1, dtype=torch.long), positions=torch.tensor([30]), cache=cache)
+    sharded = build_model(CONFIGS["gqa"]).eval()
+    sharded.model.layers["1"].self_attn.attention = lambda q, k, v: q  # as context parallelism swaps it
+    with pytest.raises(RuntimeError, match="single-device attention core"):
+        sharded(torch.zeros(1, 4, dtype=torch.long), cache=KVCache(32))
+
+
+@torch.no_grad()
 def test_cache_refills_its_window_when_full(model: Llama) -> None:
     """Past max_seq_len (32) the decoder keeps generating: each call's logits equal a full forward
     over the context it says it holds, which is the newest tokens, 3/4 of a window to a whole one."""
