@@ -97,6 +97,8 @@ def test_cache_refuses_what_it_cannot_hold(model: Llama) -> None:
         model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="positions from the cache"):
         model(torch.zeros(1, 1, dtype=torch.long), positions=torch.tensor([30]), cache=cache)
+    with pytest.raises(ValueError, match="pass model.max_seq_len = 32"):
+        model(torch.zeros(1, 33, dtype=torch.long), cache=KVCache(40))
     sharded = build_model(CONFIGS["gqa"]).eval()
     sharded.model.layers["1"].self_attn.attention = lambda q, k, v: q  # as context parallelism swaps it
     with pytest.raises(RuntimeError, match="single-device attention core"):

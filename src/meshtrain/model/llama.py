@@ -174,6 +174,8 @@ class Llama(nn.Module):
             if positions is not None:
                 raise ValueError("a forward with a KV cache takes its positions from the cache; pass none")
             span = cache.reserve(s)
+            if span.stop > len(self.rope_cos):  # a cache made longer than the model's window
+                raise ValueError(f"positions up to {span.stop} pass model.max_seq_len = {len(self.rope_cos)}")
             cos, sin = self.rope_cos[span.start : span.stop], self.rope_sin[span.start : span.stop]
         else:
             # Explicit positions: a rank that holds a shard of the sequence (sequence parallelism between
