@@ -27,6 +27,7 @@ BENCHMARKS = [  # (script, extra arguments)
     ("bench_tp.py", ["--sp"]),
     ("bench_pp.py", []),
     ("bench_cp.py", []),
+    ("bench_generate.py", []),
 ]
 
 

@@ -96,31 +96,67 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
         help="sample text from a run's latest checkpoint",
-        description="Load RUN_DIR/config.toml and the newest checkpoint, then sample.",
+        description="Load the newest checkpoint of RUN_DIR with the config it was trained with, then continue "
+        "the prompt token by token. The text goes to stdout; the step and the speed (tokens/s) to stderr. "
+        "Each token is drawn from the model's distribution after temperature, top-k and top-p; the same "
+        "--seed gives the same text. Generation ends after --max-new-tokens, at the tokenizer's end-of-text "
+        "token (a tokenizer.json's <|endoftext|>, </s>, <eos>, ...; the byte tokenizer has none) or at a --stop "
+        "text. See docs/generation.md.",
     )
     p.add_argument("--run-dir", required=True, help="folder of a finished or running `meshtrain train`")
-    p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
-    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature (default 0.8)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--prompt", default="", help="text to continue (default: none, start from token 0)")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="most tokens to generate (default 100)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.8,
+        help="softmax temperature: below 1 sharpens the distribution, above 1 flattens it; 0 always takes "
+        "the most likely token (greedy; --top-k, --top-p and --seed then do nothing); default 0.8",
+    )
+    p.add_argument(
+        "--top-k", type=int, default=40, help="draw among the K most likely tokens only; 0 = all (default 40)"
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="nucleus sampling: draw among the fewest most likely tokens whose probabilities add up to P, "
+        "0 < P <= 1; applied after --top-k; default 1 (off)",
+    )
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="end the text where TEXT first appears in the generated part (TEXT left out); repeat for several",
+    )
+    p.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same text (default 0)")
+    p.add_argument(
+        "--no-kv-cache",
+        action="store_true",
+        help="recompute the whole window for every token instead of reusing the cached keys and values "
+        "(slower; for comparison)",
+    )
     p.set_defaults(func=run_generate)
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from meshtrain.generate import load_for_generation, sample_text
+    from meshtrain.generate import Sampling, generate, load_for_generation
 
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     model, tok, step = load_for_generation(Path(args.run_dir))
-    text = sample_text(
-        model,
-        tok,
-        args.prompt,
-        args.max_new_tokens,
-        model.rope_cos.device,
-        temperature=args.temperature,
-        seed=args.seed,
+    kv_cache = not args.no_kv_cache
+    out = generate(
+        model, tok, args.prompt, args.max_new_tokens, model.rope_cos.device, sampling, args.stop, kv_cache=kv_cache
     )
     print(f"# {args.run_dir} @ step {step}", file=sys.stderr)
-    print(text)
+    rate = out.new_tokens / out.seconds if out.seconds > 0 else 0.0
+    print(
+        f"# {out.new_tokens} tokens in {out.seconds:.2f} s: {rate:,.0f} tokens/s "
+        f"({'kv cache' if kv_cache else 'no kv cache'}; ended by {out.stopped})",
+        file=sys.stderr,
+    )
+    print(out.text)
     return 0
 
 

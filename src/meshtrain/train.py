@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg.logging.sample_tokens,
             env.device,
             seed=cfg.training.seed,
+            # The sampler may be wrapped by a strategy (TP, ZeRO-3, EP) that the KV cache is not
+            # tested under; the few tokens of this sample recompute their window instead.
+            kv_cache=False,
         )
         if env.rank == 0:
             trainer.console.print("[bold]sample[/bold] " + repr(text)[:400], highlight=False)

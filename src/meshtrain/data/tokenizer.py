@@ -7,9 +7,14 @@ from typing import Protocol
 
 import numpy as np
 
+# Special tokens that end a document in common tokenizer.json files (GPT-2, Llama 2 and 3, Gemma, ...).
+EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "<|im_end|>")
+
 
 class Tokenizer(Protocol):
     vocab_size: int
+    eos_id: int | None
+    """The token that ends a text, where the vocabulary has one; generation stops on it."""
 
     def encode(self, text: str) -> np.ndarray: ...
 
@@ -18,6 +23,7 @@ class Tokenizer(Protocol):
 
 class ByteTokenizer:
     vocab_size = 256
+    eos_id: int | None = None  # every byte value is text
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
@@ -36,6 +42,8 @@ class JsonTokenizer:
             raise RuntimeError("data.tokenizer points to a tokenizer.json; pip install tokenizers") from None
         self._tok = HFTokenizer.from_file(path)
         self.vocab_size = self._tok.get_vocab_size()
+        found = (self._tok.token_to_id(name) for name in EOS_TOKENS)
+        self.eos_id: int | None = next((i for i in found if i is not None), None)
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text).ids, dtype=np.int64)

@@ -4,6 +4,7 @@ Parameter names follow Hugging Face's LlamaForCausalLM (`model.layers.0.self_att
 so import and export are a renaming away. Blocks live in a ModuleDict keyed by their global index:
 a pipeline stage that drops blocks keeps the names of the ones it holds, and so does its checkpoint.
 Submodules that a stage does not own may be set to None; forward skips them.
+Generation may pass a KV cache (meshtrain.model.kv_cache) down to the attention; training never does.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from meshtrain.config import ModelConfig
+from meshtrain.model.kv_cache import KVCache, LayerCache, cached_attention
 from meshtrain.model.moe import MoE
 
 
@@ -71,13 +73,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+    ) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self.attention(q, k, v)
+        if cache is None:
+            out = self.attention(q, k, v)
+        elif self.attention is causal_attention:
+            out = cached_attention(q, *cache.extend(k, v))
+        else:  # an attention core that spans ranks sees a shard of the sequence, not a cached prefix
+            raise RuntimeError("the KV cache works with the single-device attention core only")
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -104,15 +113,19 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp: nn.Module = MoE(cfg) if cfg.is_moe_layer(index) else MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+    ) -> torch.Tensor:
         # Inside the module call: hooks on the block (ZeRO-3's gather and free) run once around the
         # checkpoint, not again during the recomputation in backward.
         if self.recompute and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, cos, sin, use_reentrant=False)
-        return self._forward(x, cos, sin)
+            return checkpoint(self._forward, x, cos, sin, cache, use_reentrant=False)
+        return self._forward(x, cos, sin, cache)
 
-    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def _forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -150,15 +163,29 @@ class Llama(nn.Module):
             raise RuntimeError("tie_embeddings needs both the embedding and the lm_head on this model")
         self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """With a cache, `tokens` follow the cached ones: their positions continue from cache.length,
+        their keys and values are added to the cache, and they attend to the cached prefix."""
         h = self.model.embed_tokens(tokens) if self.model.embed_tokens is not None else tokens
         s = h.shape[1]
-        # Explicit positions: a rank that holds a shard of the sequence (sequence parallelism between
-        # regions, context parallelism) cannot infer them from its input; the step runner passes them.
-        cos = self.rope_cos[:s] if positions is None else self.rope_cos[positions]
-        sin = self.rope_sin[:s] if positions is None else self.rope_sin[positions]
-        for block in self.model.layers.values():
-            h = block(h, cos, sin)
+        if cache is not None:
+            if positions is not None:
+                raise ValueError("a forward with a KV cache takes its positions from the cache; pass none")
+            span = cache.reserve(s)
+            if span.stop > len(self.rope_cos):  # a cache made longer than the model's window
+                raise ValueError(f"positions up to {span.stop} pass model.max_seq_len = {len(self.rope_cos)}")
+            cos, sin = self.rope_cos[span.start : span.stop], self.rope_sin[span.start : span.stop]
+        else:
+            # Explicit positions: a rank that holds a shard of the sequence (sequence parallelism between
+            # regions, context parallelism) cannot infer them from its input; the step runner passes them.
+            cos = self.rope_cos[:s] if positions is None else self.rope_cos[positions]
+            sin = self.rope_sin[:s] if positions is None else self.rope_sin[positions]
+        for name, block in self.model.layers.items():
+            h = block(h, cos, sin) if cache is None else block(h, cos, sin, cache.layer(name))
+        if cache is not None:
+            cache.advance(s)
         if self.model.norm is not None:
             h = self.model.norm(h)
         return self.lm_head(h) if self.lm_head is not None else h
