@@ -1,4 +1,4 @@
-"""`meshtrain`: train, sample, plan layouts and draw pipeline schedules.
+"""`meshtrain`: train, evaluate, sample, plot runs, plan layouts and draw pipeline schedules.
 
 Every subcommand validates its input first and reports a problem as one line, `error: ...`, with a
 non-zero exit and no traceback.

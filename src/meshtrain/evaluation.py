@@ -98,7 +98,7 @@ def evaluate_checkpoint(run_dir: Path, data: str | None = None, batches: int | N
     import torch
 
     from meshtrain import checkpoint as ckpt
-    from meshtrain.config import load_config
+    from meshtrain.config import ConfigError, load_config
     from meshtrain.core.runner import Batch, ModelLoss
     from meshtrain.data import build_dataset
     from meshtrain.generate import load_for_generation
@@ -107,7 +107,8 @@ def evaluate_checkpoint(run_dir: Path, data: str | None = None, batches: int | N
 
     model, tok, step = load_for_generation(run_dir)
     path = ckpt.latest(run_dir / "checkpoints")
-    assert path is not None  # load_for_generation found it
+    if path is None:  # load_for_generation found one a moment ago: it was removed since
+        raise ConfigError(f"no complete checkpoint under {run_dir / 'checkpoints'} any more")
     cfg = load_config(path / "config.toml", data_overrides(data))
     check_data(cfg)
     t = cfg.training

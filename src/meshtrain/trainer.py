@@ -91,7 +91,7 @@ class Trainer:
         sampler = ValSampler(
             len(val), t.global_batch, t.micro_batch, self.topo.local_rank("dp"), self.topo.size("dp"), t.seed
         )
-        if sampler.wraps(t.eval_batches):
+        if sampler.wraps(t.eval_batches) and self.env.rank == 0:
             self.log.warning(
                 f"the validation split holds {len(val)} sequences, fewer than training.eval_batches x global_batch "
                 f"= {t.eval_batches * t.global_batch}: evaluation wraps around and counts some twice"

@@ -22,11 +22,11 @@ Figure = Any  # matplotlib.figure.Figure, imported lazily
 
 # one colour per communication kind, stable across figures
 KIND_COLOURS = dict(zip(KINDS, ("#3b6fb6", "#e08a2b", "#4fa85a", "#9a5fb8", "#c94c4c", "#7f7f7f")))
-MEMORY = (  # (record key, label), smallest first
-    ("mem_model_state_bytes", "model states (params, grads, optimizer)"),
-    ("zero3_peak_gathered_bytes", "ZeRO-3 gathered parameters (peak)"),
-    ("peak_cuda_bytes", "peak CUDA allocated"),
-    ("peak_rss_bytes", "peak host RSS (process)"),
+MEMORY = (  # (record key, label, colour): a figure keeps its colour whichever others a run has
+    ("mem_model_state_bytes", "model states (params, grads, optimizer)", "#3b6fb6"),
+    ("zero3_peak_gathered_bytes", "ZeRO-3 gathered parameters (peak)", "#9a5fb8"),
+    ("peak_cuda_bytes", "peak CUDA allocated", "#4fa85a"),
+    ("peak_rss_bytes", "peak host RSS (process)", "#e08a2b"),
 )
 
 
@@ -192,17 +192,16 @@ def draw_memory(fig: Figure, per_rank: dict[int, Records]) -> None:
     """Grouped bars, one group per rank, on a log scale: model states are often 100x below the RSS."""
     ax = fig.add_subplot()
     ranks = list(per_rank)
-    present = [(key, label) for key, label in MEMORY if any(key in recs[-1] for recs in per_rank.values())]
+    present = [entry for entry in MEMORY if any(entry[0] in recs[-1] for recs in per_rank.values())]
     width = 0.8 / max(len(present), 1)
-    colours = ("#3b6fb6", "#9a5fb8", "#4fa85a", "#e08a2b")
-    for i, (key, label) in enumerate(present):
+    for i, (key, label, colour) in enumerate(present):
         values = [per_rank[r][-1].get(key, 0) for r in ranks]
         xs = [r + (i - (len(present) - 1) / 2) * width for r in range(len(ranks))]
-        bars = ax.bar(xs, values, width, label=label, color=colours[i % len(colours)])
+        bars = ax.bar(xs, values, width, label=label, color=colour)
         ax.bar_label(bars, [human_bytes(v) if v else "" for v in values], fontsize=7, rotation=90, padding=2)
     ax.set_yscale("log")
     _log_bytes_axis(ax.yaxis)
-    smallest = min((v for recs in per_rank.values() for k, _ in present if (v := recs[-1].get(k, 0)) > 0), default=1)
+    smallest = min((v for recs in per_rank.values() for k, *_ in present if (v := recs[-1].get(k, 0)) > 0), default=1)
     ax.set_ylim(bottom=smallest / 4, top=ax.get_ylim()[1] * 8)  # every bar visible, room for labels above
     ax.set_xticks(range(len(ranks)), [f"rank {r}" for r in ranks])
     ax.set_ylabel(f"bytes at step {per_rank[ranks[0]][-1]['step']} (log scale)")
