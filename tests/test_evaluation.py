@@ -4,7 +4,10 @@ One pool of gloo ranks trains every layout with evaluation after each step: val_
 single process's under dp, ZeRO-3, tp + sp, a pipeline (1f1b on its forward-only schedule) and MoE
 under expert parallelism; evaluation leaves training exactly as it was (losses, gradient norms,
 the experts' counted load); the single process's val_loss equals an oracle computed here, by hand,
-from the run's checkpoint; its TensorBoard events hold what metrics.jsonl holds.
+from the run's checkpoint; its TensorBoard events hold what metrics.jsonl holds; `meshtrain eval`
+and `meshtrain plot` read the runs back. Without processes: every forward-only pipeline schedule
+runs each forward once and cannot deadlock; a missing validation split or tensorboard package is
+one ConfigError line before anything starts.
 """
 
 from __future__ import annotations
@@ -156,3 +159,14 @@ def test_evaluating_without_a_validation_split_is_refused_in_one_line() -> None:
         validate(cfg, 1)
     assert "\n" not in str(err.value)
     assert validate(load_config(TINY, ["training.eval_interval=5", "data.val_fraction=0.01"]), 1).training.eval_interval
+
+
+@pytest.mark.pure
+def test_tensorboard_without_its_package_is_refused_before_spawning(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(ConfigError, match="pip install tensorboard") as err:
+        validate(load_config(TINY, ["logging.tensorboard=true"]), 1)
+    assert "\n" not in str(err.value)
