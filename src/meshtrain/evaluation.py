@@ -111,6 +111,7 @@ def evaluate_checkpoint(run_dir: Path, data: str | None = None, batches: int | N
         raise ConfigError(f"no complete checkpoint under {run_dir / 'checkpoints'} any more")
     cfg = load_config(path / "config.toml", data_overrides(data))
     check_data(cfg)
+    load_balancing_biases(model, path)
     t = cfg.training
     n = batches or t.eval_batches
     val = build_dataset(cfg.data, tok, t.seq_len, t.seed, split="val")
@@ -124,6 +125,24 @@ def evaluate_checkpoint(run_dir: Path, data: str | None = None, batches: int | N
     tokens = n * t.global_batch * t.seq_len
     mean = float(total) / tokens
     return {"step": step, "batches": n, "tokens": tokens, "val_loss": mean, "val_ppl": perplexity(mean)}
+
+
+def load_balancing_biases(model: Any, path: Path) -> None:
+    """MoE's balancing biases are hook state, not parameters (meshtrain.expert_balance), so the
+    sampler's loader leaves them at zero; under load_balance = bias they choose the experts, and the
+    loss would differ from training's without them."""
+    import warnings
+
+    from meshtrain import checkpoint as ckpt
+    from meshtrain.model.moe import moe_layers
+
+    layers = moe_layers([model])
+    if not layers:
+        return
+    hooks = {f"{name}.gate.e_score_correction_bias": m.gate.e_score_correction_bias for name, m in layers.items()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process, no group
+        ckpt.load(path, {"hooks": hooks}, load_rng=False)
 
 
 def data_overrides(data: str | None) -> list[str]:
