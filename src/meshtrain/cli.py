@@ -1,4 +1,4 @@
-"""`meshtrain`: train, sample, plan layouts and draw pipeline schedules.
+"""`meshtrain`: train, evaluate, sample, plot runs, plan layouts and draw pipeline schedules.
 
 Every subcommand validates its input first and reports a problem as one line, `error: ...`, with a
 non-zero exit and no traceback.
@@ -21,6 +21,8 @@ EPILOG = """examples:
   meshtrain train --config configs/tiny.toml --nproc 2 --set training.steps=30 --run-dir runs/tiny
   torchrun --nproc-per-node 2 -m meshtrain.train --config configs/tiny.toml
   meshtrain generate --run-dir runs/tiny --prompt "def "
+  meshtrain eval --run-dir runs/tiny
+  meshtrain plot --run-dir runs/tiny
 """
 
 
@@ -182,6 +184,8 @@ LAZY = {
     "plan": ("meshtrain.planner.cli", "predict memory and step time; recommend a parallel layout"),
     "schedule": ("meshtrain.tools.schedule_cli", "simulate a pipeline-parallel schedule and report its bubble"),
     "export-hf": ("meshtrain.hf.cli", "write a run's checkpoint as a Hugging Face model folder"),
+    "eval": ("meshtrain.evaluation", "validation loss and perplexity of a run's newest checkpoint"),
+    "plot": ("meshtrain.tools.metrics_plot", "draw a run's loss, throughput, memory and traffic as PNGs"),
 }
 
 

@@ -175,6 +175,10 @@ class TrainingConfig:
     """With activation_checkpointing = full, checkpoint every k-th block (1 = all blocks)."""
     device: str = "auto"
     """cpu, cuda, or auto (cuda when available). The backend follows: gloo on cpu, nccl on cuda."""
+    eval_interval: int = 0
+    """Compute the validation loss every this many steps and at the last step (val_loss, val_ppl in metrics.jsonl); 0 = never. Needs a validation split (data.val_fraction > 0)."""
+    eval_batches: int = 4
+    """Global batches of validation sequences per evaluation: always the split's first ones, wrapping around when it holds fewer."""
 
 
 @dataclass
@@ -251,6 +255,8 @@ class LoggingConfig:
     """Prompt of the text sample generated at the end of training; empty disables it."""
     sample_tokens: int = 64
     """Tokens generated for that sample."""
+    tensorboard: bool = False
+    """Also write every step's metrics as TensorBoard events to RUN_DIR/tb (rank 0; `tensorboard --logdir RUN_DIR/tb`)."""
 
 
 @dataclass

@@ -8,11 +8,14 @@ moves each layer's bias by rate * sign(mean load - load), re-centred to zero mea
 auxiliary-loss-free balancing, as torchtitan re-centres it). Doing this here, not in forward, keeps
 gradient accumulation exact: the bias is constant within a step, whatever the number of micro-steps.
 
-The biases are state: `state_dict` hands them to the checkpoint by their parameter-style names.
+Evaluation's forwards (`outside_training`) are not counted: the load, the metrics and the bias are
+training's alone. The biases are state: `state_dict` hands them to the checkpoint by their parameter-style names.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -63,6 +66,17 @@ class ExpertBalance:
         }
         for layer in self.layers.values():
             layer.stats.reset()
+
+    @contextlib.contextmanager
+    def outside_training(self) -> Iterator[None]:
+        """Evaluation's forwards route tokens too; they must not count towards the load that moves the bias."""
+        for layer in self.layers.values():
+            layer.stats.paused = True
+        try:
+            yield
+        finally:
+            for layer in self.layers.values():
+                layer.stats.paused = False
 
     def _device(self) -> torch.device:
         return next(iter(self.layers.values())).gate.weight.device

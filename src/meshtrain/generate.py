@@ -25,6 +25,7 @@ from meshtrain.config import Config, ConfigError, load_config
 from meshtrain.data.tokenizer import Tokenizer, build_tokenizer
 from meshtrain.model import Llama, build_model
 from meshtrain.model.kv_cache import KVCache
+from meshtrain.model.moe import moe_layers
 
 NextLogits = Callable[[list[int]], torch.Tensor]
 """All token ids so far -> fp32 logits (vocab,) of the next token, on the CPU."""
@@ -214,4 +215,18 @@ def load_checkpoint_model(run_dir: Path, step: int | None = None) -> tuple[Llama
         # DCP warns that it loads without a process group: exactly what a one-process sampler wants.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         meta = ckpt.load(path, state, load_rng=False)
+    load_balancing_biases(model, path)
     return model, cfg, int(meta["step"])
+
+
+def load_balancing_biases(model: Llama, path: Path) -> None:
+    """MoE's balancing biases are hook state, not parameters (meshtrain.expert_balance), saved apart
+    in the checkpoint; under load_balance = bias they choose the experts, so sampling, evaluating or
+    exporting without them would compute another model."""
+    layers = moe_layers([model])
+    if not layers:
+        return
+    hooks = {f"{name}.gate.e_score_correction_bias": m.gate.e_score_correction_bias for name, m in layers.items()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process, no group
+        ckpt.load(path, {"hooks": hooks}, load_rng=False)

@@ -1,4 +1,5 @@
-"""Throughput, MFU and memory figures, the metrics.jsonl writer, and rank 0's live progress bar."""
+"""Throughput, MFU and memory figures, the metrics.jsonl writer, its TensorBoard twin, and rank 0's
+live progress bar."""
 
 from __future__ import annotations
 
@@ -14,7 +15,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from meshtrain.accounting import human_bytes
 
-__all__ = ["GPU_PEAK_TFLOPS", "MetricsWriter", "ProgressBar", "detect_peak_tflops", "human_bytes", "peak_rss_bytes"]
+__all__ = [
+    "GPU_PEAK_TFLOPS",
+    "MetricsWriter",
+    "ProgressBar",
+    "TensorBoardWriter",
+    "detect_peak_tflops",
+    "human_bytes",
+    "peak_rss_bytes",
+    "tensorboard_scalars",
+]
 
 
 # Dense bf16 peak per GPU, from the vendors' datasheets (no sparsity).
@@ -67,6 +77,61 @@ class MetricsWriter:
         for path in self.paths:
             with path.open("a") as f:
                 f.write(line)
+
+
+# TensorBoard tags (and so its sections) by record-key prefix, first match wins: (prefix, section,
+# whether the prefix leaves the name). Everything else is "train/" (train/loss, train/lr).
+TAG_GROUPS = (
+    ("val_comm_", "val_comm/", True),
+    ("val_", "val/", True),
+    ("comm_", "comm/", True),
+    ("mem_", "memory/", True),
+    ("peak_", "memory/", False),
+    ("zero3_", "memory/", False),
+    ("moe_", "moe/", True),
+    ("pp_", "pipeline/", True),
+    ("step_time", "perf/", False),
+    ("slowest_rank", "perf/", False),
+    ("tokens_per_s", "perf/", False),
+    ("mfu", "perf/", False),
+)
+
+
+def tensorboard_scalars(record: dict[str, Any]) -> dict[str, float]:
+    """Every number of a metrics record under a TensorBoard tag: comm_p2p_bytes -> comm/p2p_bytes,
+    val_loss -> val/loss, peak_rss_bytes -> memory/peak_rss_bytes, loss -> train/loss. Flags
+    (skipped), per-expert lists and the step itself are left out."""
+    out = {}
+    for key, value in record.items():
+        if key == "step" or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        section, name = "train/", key
+        for prefix, group, drop in TAG_GROUPS:
+            if key.startswith(prefix):
+                section, name = group, key.removeprefix(prefix) if drop else key
+                break
+        out[section + name] = float(value)
+    return out
+
+
+class TensorBoardWriter:
+    """Rank 0's metrics as TensorBoard scalars in RUN_DIR/tb, one event per number per step.
+
+    A resumed run purges the events after the step it resumes from, as MetricsWriter drops those
+    records, so that replayed steps appear once."""
+
+    def __init__(self, log_dir: Path, resume_step: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when asked for
+
+        self.writer = SummaryWriter(str(log_dir), purge_step=resume_step + 1 if resume_step else None)
+
+    def write(self, record: dict[str, Any]) -> None:
+        for tag, value in tensorboard_scalars(record).items():
+            self.writer.add_scalar(tag, value, record["step"])
+        self.writer.flush()  # a crashed run keeps what it logged, as metrics.jsonl does
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def _step(line: str) -> int | None:

@@ -53,7 +53,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # gloo's own timeout must outlast the watchdog's, which names the rank and collective
     env = init_distributed(cfg.training.device, timeout_s=max(300.0, cfg.resilience.collective_timeout_s + 120))
-    trainer = Trainer(cfg, env)
+    try:
+        trainer = Trainer(cfg, env)
+    except ConfigError as e:  # what only the data can tell (no validation split in a data source): one line
+        if env.rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        os._exit(2)  # no teardown: the other ranks stop on the same error
     try:
         trainer.fit()
     except (CheckpointError, TrainingStopped) as e:

@@ -6,10 +6,17 @@ gradient engine and a step runner, and every step goes through those three.
 Loss convention: each micro-batch's summed token cross-entropy is divided by the number of tokens in
 the whole global batch. Summing those gradients over micro-steps and ranks therefore yields exactly
 the gradient of the global mean loss, whatever the layout: the basis of the equivalence tests.
+
+Evaluation (training.eval_interval): after a step's record is taken, the runner's forward-only
+`evaluate` runs the validation batches (meshtrain.evaluation) with the step hooks set aside, and
+val_loss, val_ppl and the evaluation's own communication (val_comm_*) join that step's record, so
+neither the step's figures nor the next step's training see it. Rank 0 writes each record to
+metrics.jsonl and, with logging.tensorboard, to RUN_DIR/tb as TensorBoard scalars.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -26,12 +33,14 @@ from meshtrain.config import Config, dump_toml
 from meshtrain.core import comm
 from meshtrain.core.runner import Batch
 from meshtrain.data import BatchSampler, build_dataset, build_tokenizer
+from meshtrain.data.dataset import PackedDataset
 from meshtrain.distributed import DistEnv
+from meshtrain.evaluation import ValSampler, is_eval_step, perplexity
 from meshtrain.faults import fault_requested, maybe_fail
 from meshtrain.hf.config import hf_dir
 from meshtrain.hf.weights import load_hf_weights
 from meshtrain.logs import get_logger
-from meshtrain.metrics import MetricsWriter, ProgressBar, detect_peak_tflops, peak_rss_bytes
+from meshtrain.metrics import MetricsWriter, ProgressBar, TensorBoardWriter, detect_peak_tflops, peak_rss_bytes
 from meshtrain.model import count_params
 from meshtrain.model.math import flops_per_token
 from meshtrain.optim import AdamW, lr_at
@@ -63,6 +72,7 @@ class Trainer:
             self.topo.size("dp"),
             cfg.training.seed,
         )
+        self.val_sampler, self.val_dataset = self._validation()
         self.step = 0
         self.ckpt_root = self.run_dir / "checkpoints"
         self.global_tokens = cfg.training.global_batch * cfg.training.seq_len
@@ -74,6 +84,21 @@ class Trainer:
         self.stragglers = Stragglers(env.world_size, r.straggler_factor, r.straggler_steps, self.stats)
         self.run_id = env.launch_id
         self.saver: ckpt.Saver | None = None
+
+    def _validation(self) -> tuple[ValSampler | None, PackedDataset | None]:
+        t = self.cfg.training
+        if not t.eval_interval:
+            return None, None
+        val = build_dataset(self.cfg.data, self.tokenizer, t.seq_len, t.seed, split="val")
+        sampler = ValSampler(
+            len(val), t.global_batch, t.micro_batch, self.topo.local_rank("dp"), self.topo.size("dp"), t.seed
+        )
+        if sampler.wraps(t.eval_batches) and self.env.rank == 0:
+            self.log.warning(
+                f"the validation split holds {len(val)} sequences, fewer than training.eval_batches x global_batch "
+                f"= {t.eval_batches * t.global_batch}: evaluation wraps around and counts some twice"
+            )
+        return sampler, val
 
     # ---- state -------------------------------------------------------------------------------
     def app_state(self) -> dict[str, Any]:
@@ -172,6 +197,23 @@ class Trainer:
         self.step += 1
         return self._record(loss_mean, lr, grad_norm, elapsed, applied)
 
+    def evaluate(self) -> dict[str, Any]:
+        """The validation loss of the current weights (meshtrain.evaluation), forward only."""
+        if self.val_sampler is None or self.val_dataset is None:
+            raise RuntimeError("evaluate() needs training.eval_interval > 0 (the validation split is not loaded)")
+        n = self.cfg.training.eval_batches
+        start = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        with contextlib.ExitStack() as outside:
+            for hook in self.parallel.hooks:
+                outside.enter_context(hook.outside_training())
+            for b in range(n):
+                batches = [Batch(*self.val_dataset.batch(idx)) for idx in self.val_sampler.rank_indices(b)]
+                loss_sum += self.runner.evaluate(batches)
+        loss = self.parallel.reduce_loss(loss_sum) / (n * self.global_tokens)
+        comm = {f"val_{key}": value for key, value in self.stats.snapshot_and_reset().items()}
+        return {"val_loss": loss, "val_ppl": perplexity(loss), "val_time_s": time.perf_counter() - start, **comm}
+
     def _record(self, loss: float, lr: float, grad_norm: float, elapsed: float, applied: bool) -> dict[str, Any]:
         tps = self.global_tokens / elapsed
         times, warning = self.stragglers.figures(self.stragglers.gather(elapsed))
@@ -220,6 +262,7 @@ class Trainer:
         own = self.run_dir / f"metrics.rank{self.env.rank}.jsonl"
         # records after the checkpoint resumed from are replayed, so they go (none at all at step 0)
         writer = MetricsWriter([self.run_dir / "metrics.jsonl", own] if is_root else [own], keep_through=self.step)
+        board = TensorBoardWriter(self.run_dir / "tb", self.step) if is_root and self.cfg.logging.tensorboard else None
         self.log.info(self.summary())
         self.log.info(self.engine.describe())
         bar = ProgressBar(
@@ -233,9 +276,14 @@ class Trainer:
                 maybe_fail("sleep", self.step + 1)
                 with self.stats.log.doing(f"computing step {self.step + 1}"):
                     rec = self.train_step()
+                if is_eval_step(self.step, self.cfg.training.eval_interval, self.cfg.training.steps):
+                    with self.stats.log.doing(f"evaluating after step {self.step}"):
+                        rec.update(self.evaluate())
                 history.append(rec)
                 # the record first: a checkpoint of step N must never exist without step N's record
                 writer.write(rec)
+                if board is not None:
+                    board.write(rec)
                 bar.update(self.step, rec)
                 self._log_step(rec)
                 self._maybe_save()
@@ -244,6 +292,8 @@ class Trainer:
                 self.saver.finish()
         finally:
             bar.close()
+            if board is not None:
+                board.close()
             if watchdog is not None:
                 watchdog.stop()
         self.runner.close()
@@ -264,9 +314,10 @@ class Trainer:
         ).start()
 
     def _log_step(self, rec: dict[str, Any]) -> None:
-        if rec["step"] % self.cfg.logging.log_interval == 0 or rec["step"] == self.cfg.training.steps:
+        val = f" | val loss {rec['val_loss']:.4f} (ppl {rec['val_ppl']:.2f})" if "val_loss" in rec else ""
+        if rec["step"] % self.cfg.logging.log_interval == 0 or rec["step"] == self.cfg.training.steps or val:
             self.log.info(
-                f"step {rec['step']:>5} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | grad norm "
+                f"step {rec['step']:>5} | loss {rec['loss']:.4f}{val} | lr {rec['lr']:.2e} | grad norm "
                 f"{rec['grad_norm']:.3f} | {rec['tokens_per_s']:,.0f} tok/s | MFU {100 * rec['mfu']:.2f}% | "
                 f"model states {human_bytes(rec['mem_model_state_bytes'])} | peak RSS "
                 f"{human_bytes(rec['peak_rss_bytes'])}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import math
 from collections.abc import Callable
 from typing import Any
@@ -50,6 +51,7 @@ POSITIVE = (
     "training.micro_batch",
     "training.seq_len",
     "training.ac_every",
+    "training.eval_batches",
     "parallel.dp_replicate",
     "parallel.tp",
     "parallel.pp",
@@ -123,6 +125,26 @@ def _check_values(cfg: Config) -> None:
             f"{r.collective_timeout_s}"
         )
     _check_data_fields(cfg)
+    _check_evaluation(cfg)
+
+
+# Sources whose validation split is the held-out tail of data.val_fraction (meshtrain.data.dataset).
+HELD_OUT_SOURCES = ("stdlib", "files", "synthetic")
+
+
+def _check_evaluation(cfg: Config) -> None:
+    t, d = cfg.training, cfg.data
+    if t.eval_interval and d.source in HELD_OUT_SOURCES and d.val_fraction == 0:
+        raise ConfigError(
+            f"training.eval_interval={t.eval_interval} needs a validation split, but data.val_fraction=0 "
+            f"holds none out; set data.val_fraction (e.g. 0.01) or training.eval_interval=0"
+        )
+    # torch.utils.tensorboard needs the package; look for it without importing it
+    if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            "logging.tensorboard=true needs the tensorboard package; pip install tensorboard or set "
+            "logging.tensorboard=false"
+        )
 
 
 def _check_data_fields(cfg: Config) -> None:
@@ -150,7 +172,7 @@ def _check_fields(cfg: Config) -> None:
     for key in POSITIVE:
         if _get(cfg, key) < 1:
             raise ConfigError(f"{key}={_get(cfg, key)} must be at least 1")
-    for key in ("training.warmup_steps", "checkpoint.interval", "model.ffn_dim"):
+    for key in ("training.warmup_steps", "training.eval_interval", "checkpoint.interval", "model.ffn_dim"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}={_get(cfg, key)} must not be negative")
     if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:

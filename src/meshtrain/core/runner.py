@@ -6,6 +6,10 @@ pipeline's executor (meshtrain.pipeline.executor) is the other implementation. B
 convention of trainer.py: each micro-batch's summed token cross-entropy is scaled by 1 / (tokens in
 the global batch) before backward, so gradients summed over micro-steps and ranks are exactly those
 of the global mean loss, whatever the layout.
+
+`evaluate` is the forward-only counterpart (the validation loss): the same forwards and loss
+function under torch.no_grad(), returning the same summed token loss, so that `LossReduction`
+adds it up over ranks exactly as it does the training loss; no gradient, no engine call.
 """
 
 from __future__ import annotations
@@ -56,6 +60,10 @@ class StepHook(Protocol):
         """State the checkpoint keeps, tensors loaded in place."""
         ...
 
+    def outside_training(self) -> contextlib.AbstractContextManager[None]:
+        """Forwards run inside it (evaluation) are not the step's: the hook leaves its figures and state alone."""
+        ...
+
 
 def keep_batch(batch: Batch) -> Batch:
     return batch
@@ -78,6 +86,11 @@ class StepRunner(Protocol):
         """Every forward and backward of one optimizer step; this rank's summed token loss (float64)."""
         ...
 
+    def evaluate(self, batches: list[Batch]) -> torch.Tensor:
+        """Forward passes only, under torch.no_grad(): this rank's summed token loss (float64) of
+        `batches`, one global batch's share; gradients, optimizer and the step's figures untouched."""
+        ...
+
     def metrics(self) -> dict[str, float]:
         """The runner's own figures for the step just run (e.g. the pipeline's in-flight peak)."""
         ...
@@ -89,6 +102,32 @@ class StepRunner(Protocol):
     def close(self) -> None:
         """After the last step (e.g. write the pipeline trace)."""
         ...
+
+
+@dataclass(frozen=True)
+class ModelLoss:
+    """A whole model's summed token loss on a micro-batch, as the micro-step runner computes it; also
+    what `meshtrain eval` runs on one process."""
+
+    loss_fn: LossFn
+    device: torch.device
+    autocast: Autocast = contextlib.nullcontext
+    prepare: BatchTransform = keep_batch
+
+    def __call__(self, model: nn.Module, raw: Batch) -> torch.Tensor:
+        """Summed token loss, a float32 scalar (with autograd's graph when grad is on)."""
+        batch = self.prepare(with_positions(raw, self.device))
+        with self.autocast():
+            logits = model(batch.tokens, batch.positions)
+        return self.loss_fn(logits, batch.targets)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: list[Batch]) -> torch.Tensor:
+        """Summed token loss over `batches` (float64), forward only."""
+        total = torch.zeros((), dtype=torch.float64)
+        for batch in batches:
+            total += self(model, batch).double().cpu()
+        return total
 
 
 @dataclass
@@ -107,14 +146,18 @@ class MicroStepRunner:
     def run(self, batches: list[Batch]) -> torch.Tensor:
         loss_sum = torch.zeros((), dtype=torch.float64)
         for micro, raw in enumerate(batches):
-            batch = self.prepare(with_positions(raw, self.device))
             self.engine.set_sync(micro == len(batches) - 1)
-            with self.autocast():
-                logits = self.model(batch.tokens, batch.positions)
-            loss = self.loss_fn(logits, batch.targets)
+            loss = self.model_loss(self.model, raw)
             (loss * self.scale).backward()
             loss_sum += loss.detach().double().cpu()
         return loss_sum
+
+    @property
+    def model_loss(self) -> ModelLoss:
+        return ModelLoss(self.loss_fn, self.device, self.autocast, self.prepare)
+
+    def evaluate(self, batches: list[Batch]) -> torch.Tensor:
+        return self.model_loss.evaluate(self.model, batches)
 
     def metrics(self) -> dict[str, float]:
         return {}

@@ -78,6 +78,8 @@ class RoutingStats:
     assignments: float = 0.0
     aux_loss: float = 0.0
     z_loss: float = 0.0
+    paused: bool = False
+    """Set while the model evaluates: those forwards are not the training step's routing."""
 
     def add(self, idx: torch.Tensor) -> None:
         counts = torch.bincount(idx.flatten(), minlength=self.n_experts).to(torch.float64)
@@ -197,9 +199,9 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def _count(self, idx: torch.Tensor, keep: torch.Tensor, aux: torch.Tensor, z: torch.Tensor) -> None:
-        if torch._C._current_graph_task_id() != -1:  # a recomputation inside backward
-            return
         st = self.stats
+        if st.paused or torch._C._current_graph_task_id() != -1:  # evaluating, or recomputing in backward
+            return
         st.add(idx)
         st.assignments += idx.numel()
         st.dropped += float((~keep).sum())

@@ -7,7 +7,9 @@ stage input (whose gradient B sends back), the output until its backward, and no
 activation's storage is released at once: backward needs the output's autograd node, not its values.
 
 It is this rank's step runner (meshtrain.core.runner.StepRunner) when the model is pipelined: the
-trainer hands it the step's micro-batches like any other runner. Gradients are reduced once per
+trainer hands it the step's micro-batches like any other runner. Evaluation runs another list on the
+same machinery: the forward half of GPipe (schedules.forward_only), F and its sends and receives only,
+under no_grad, each stage input dropped once its forward has run. Gradients are reduced once per
 step, after the last microbatch (the engine's set_sync(False) for the whole step, then finish()).
 With `trace_path` set it records every compute action's (kind, stage, microbatch, start, end) and,
 at close(), writes the last step's to that file; meshtrain.tools.trace reads it back.
@@ -33,7 +35,7 @@ from meshtrain.core.engine import GradEngine
 from meshtrain.core.runner import Autocast, Batch, BatchTransform, LossFn, keep_batch, with_positions
 from meshtrain.core.weight_grads import WeightGradQueue
 from meshtrain.pipeline.comm import exchange
-from meshtrain.pipeline.schedules import Action, Kind, Layout, TraceRecord, group_steps
+from meshtrain.pipeline.schedules import Action, Kind, Layout, TraceRecord, forward_only, group_steps
 
 Key = tuple[int, int]  # (virtual stage, microbatch)
 
@@ -70,6 +72,10 @@ class PipelineExecutor:
     """Where the stages' layers put deferred weight gradients (meshtrain.core.weight_grads.split_weight_grads)."""
     trace: list[TraceRecord] = field(default_factory=list)
     peak_inflight: float = 0.0
+    eval_plans: dict[int, tuple[list[Action], list[list[int]]]] = field(default_factory=dict)
+    """Forward-only action lists (and their comm batches) by microbatch count, built on first use."""
+    training: bool = True
+    """Whether the pass running is a training step (keeps what backward needs) or an evaluation."""
 
     def __post_init__(self) -> None:
         self.last = self.layout.num_stages - 1
@@ -81,6 +87,23 @@ class PipelineExecutor:
         """One optimizer step's forward and backward passes; returns this rank's summed token loss."""
         if self.engine is not None:
             self.engine.set_sync(False)  # the pipeline's gradients are reduced once, in finish()
+        self.trace, self.inflight, self.peak_inflight = [], 0.0, 0.0
+        return self._execute(self.actions, self.steps, batches, training=True)
+
+    def evaluate(self, batches: list[Batch]) -> torch.Tensor:
+        """The forward-only schedule (schedules.forward_only) over `batches`, under no_grad: this rank's
+        summed token loss (nonzero on the last stage only). The trace and in-flight peak stay the step's."""
+        if len(batches) not in self.eval_plans:
+            actions = forward_only(self.layout, len(batches))[self.me]
+            self.eval_plans[len(batches)] = (actions, group_steps(actions))
+        actions, steps = self.eval_plans[len(batches)]
+        with torch.no_grad():
+            return self._execute(actions, steps, batches, training=False)
+
+    def _execute(
+        self, actions: list[Action], steps: list[list[int]], batches: list[Batch], training: bool
+    ) -> torch.Tensor:
+        self.training = training
         self.batches = [self.prepare(with_positions(b, self.device)) for b in batches]
         self.inputs: dict[Key, torch.Tensor] = {}
         self.outputs: dict[Key, torch.Tensor] = {}
@@ -88,16 +111,17 @@ class PipelineExecutor:
         self.outbox: dict[tuple[Kind, int, int], torch.Tensor] = {}
         self.deferred: dict[Key, list[Callable[[], None]]] = defaultdict(list)
         self.loss_sum = torch.zeros((), dtype=torch.float64)
-        self.trace, self.inflight, self.peak_inflight = [], 0.0, 0.0
-        for step in self.steps:
-            acts = [self.actions[i] for i in step]
+        for step in steps:
+            acts = [actions[i] for i in step]
             if acts[0].kind.is_comm:
                 self._communicate(acts)
-            else:
+            elif training:
                 # perf_counter is the host's monotonic clock, so ranks' traces line up.
                 start = time.perf_counter()
                 self._compute(acts[0])
                 self.trace.append((acts[0].kind.value, acts[0].stage, acts[0].microbatch, start, time.perf_counter()))
+            else:
+                self._compute(acts[0])
         if self.inputs or self.outputs or self.grads or self.outbox or any(self.deferred.values()):
             raise RuntimeError("pipeline schedule left work undone: it does not cover every microbatch")
         return self.loss_sum
@@ -150,7 +174,8 @@ class PipelineExecutor:
     def _forward(self, key: Key) -> None:
         stage, mb = key
         batch = self.batches[mb]
-        x = batch.tokens if stage == 0 else self.inputs[key]
+        # a forward-only pass has no backward to hand the input's gradient to: the input goes now
+        x = batch.tokens if stage == 0 else self.inputs[key] if self.training else self.inputs.pop(key)
         with self.autocast():
             out = self.stages[stage](x, batch.positions)
         if stage == self.last:
@@ -161,6 +186,8 @@ class PipelineExecutor:
             self.inputs[(stage + 1, mb)] = out.detach().requires_grad_()
         else:
             self.outbox[(Kind.SEND_F, stage, mb)] = out.detach()
+        if not self.training:
+            return
         self.outputs[key] = out
         self.inflight += 1 / self.layout.chunks
         self.peak_inflight = max(self.peak_inflight, self.inflight)

@@ -326,6 +326,24 @@ def zb_h2(pp: int, microbatches: int, chunks: int = 1) -> Schedule:
     return _family("zb-h2", pp, microbatches, chunks, lambda r: 2 * (pp - r - 1), lambda r: 2 * r)
 
 
+def forward_only(layout: Layout, microbatches: int) -> Schedule:
+    """Evaluation's schedule: GPipe's forward half on any layout. Each rank runs its stages in order,
+    each over every microbatch (F only), so microbatch i+1 enters stage s while stage s+1 takes i;
+    `add_comms` places the sends and receives. With no backward nothing waits in flight."""
+    if microbatches < 1:
+        raise ValueError(f"forward_only needs microbatches >= 1 (got {microbatches})")
+    compute = [
+        [
+            Action(Kind.F, s, i)
+            for s in range(layout.num_stages)
+            if layout.rank_of(s) == rank
+            for i in range(microbatches)
+        ]
+        for rank in range(layout.pp)
+    ]
+    return add_comms(compute, layout)
+
+
 def interleaved_1f1b(pp: int, microbatches: int, chunks: int = 1) -> Schedule:
     """Megatron's interleaved 1F1B: each rank runs ``chunks`` looped stages, in groups of pp microbatches."""
     _check_sizes("interleaved-1f1b", pp, microbatches, chunks, max_chunks=None)

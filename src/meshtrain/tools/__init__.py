@@ -10,4 +10,5 @@
 - tp_diagram.py      the tensor-parallel block diagram in docs/img
 - cp_diagram.py      which rank computes which attention block at which ring step (docs/img)
 - moe_plot.py        expert load over steps, a heat map per MoE layer, from a run's metrics
+- metrics_plot.py    `meshtrain plot`: a run's loss, throughput, memory and traffic as PNGs
 """
