@@ -139,6 +139,11 @@ def run_config_help(args: argparse.Namespace) -> int:
 LAZY = {
     "plan": ("meshtrain.planner.cli", "predict memory and step time; recommend a parallel layout"),
     "schedule": ("meshtrain.tools.schedule_cli", "simulate a pipeline-parallel schedule and report its bubble"),
+    "tokenizer": ("meshtrain.tools.tokenizer_cli", "train a byte-level BPE tokenizer (tokenizer.json) on a corpus"),
+    "prepare-data": (
+        "meshtrain.tools.prepare_data",
+        "tokenize a corpus into memory-mapped token shards (data.source=tokens)",
+    ),
 }
 
 
