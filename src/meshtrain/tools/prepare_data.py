@@ -195,10 +195,14 @@ def tokenize(texts: Iterator[list[str]], spec: str, eos: int, dtype: str, worker
 
 @contextmanager
 def byte_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A progress bar over `total` bytes of input on stderr; yields the function that advances it."""
+    """A progress bar over `total` bytes of input on stderr (a terminal); yields the function that advances it."""
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
+    console = Console(file=sys.stderr)
+    if not console.is_terminal:  # a log file gets the summary lines, not a bar's last frame
+        yield lambda n: None
+        return
     columns = (
         TextColumn(f"[bold]{label}"),
         BarColumn(),
@@ -206,6 +210,6 @@ def byte_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
         TransferSpeedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=Console(file=sys.stderr), transient=False) as progress:
+    with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(label, total=max(total, 1))
         yield lambda n: progress.advance(task, n)
