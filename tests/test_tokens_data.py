@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from meshtrain.cli import main
-from meshtrain.config import ConfigError, load_config
+from meshtrain.config import Config, ConfigError, load_config
 from meshtrain.data import build_dataset, build_tokenizer
 from meshtrain.data.dataset import PackedDataset, TokenDataset
 from meshtrain.data.shard_writer import ShardWriter, read_index
@@ -154,8 +154,8 @@ def test_an_interrupted_run_is_not_mistaken_for_finished_data(tmp_path: Path) ->
         read_meta(out)
 
 
-def config(*overrides: str, nproc: int = 1) -> object:
-    return validate(load_config(TINY, list(overrides)), nproc)
+def config(*overrides: str) -> Config:
+    return validate(load_config(TINY, list(overrides)), 1)
 
 
 def test_source_tokens_is_checked_before_training(tmp_path: Path) -> None:
@@ -175,8 +175,8 @@ def test_source_tokens_is_checked_before_training(tmp_path: Path) -> None:
             config(*overrides)
     cfg = config(*tokens)
     tok = build_tokenizer("byte")
-    train = build_dataset(cfg.data, tok, 32, seed=0)  # type: ignore[attr-defined]
-    val = build_dataset(cfg.data, tok, 32, seed=0, split="val")  # type: ignore[attr-defined]
+    train = build_dataset(cfg.data, tok, 32, seed=0)
+    val = build_dataset(cfg.data, tok, 32, seed=0, split="val")
     meta = read_meta(out)
     assert (len(train), len(val)) == (
         (meta["splits"]["train"]["tokens"] - 1) // 32,
@@ -190,7 +190,9 @@ def test_a_trained_tokenizer_round_trips_and_prepares_data(tmp_path: Path) -> No
     write_jsonl(corpus / "a.jsonl", DOCS)
     (corpus / "b.md").write_text("# Ünïcode and emoji 🙂\n\n" + "def f(x):\n    return x + 1\n" * 20)
     out = tmp_path / "tok.json"
-    assert main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "320", "--out", str(out)]) == 0
+    train = ["tokenizer", "train", "--input", str(corpus), "--vocab-size", "320", "--out", str(out)]
+    assert main(train) == 0
+    assert main(train) == 2 and main([*train, "--overwrite"]) == 0  # an existing file is replaced only when asked
     tok = build_tokenizer(str(out))
     assert 256 < tok.vocab_size <= 320 and tok.eos_id is not None  # a small corpus may not fill it
     for text in ("héllo wörld 🙂 unseen: ∑ξ\ttabs\n", (corpus / "b.md").read_text(), DOCS[3]):

@@ -42,6 +42,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="the tokenizer.json to write")
     p.add_argument("--min-frequency", type=int, default=2, help="merge only pairs seen this often (default 2)")
     p.add_argument("--eos", default="<|endoftext|>", help="the end-of-document special token")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=run)
 
 
@@ -54,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.is_dir():
         raise ConfigError(f"--out {args.out!r} is a folder; give a file name such as {out / 'tokenizer.json'}")
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"--out {args.out!r} exists; pass --overwrite to replace it, or choose another name")
     files = find_inputs(args.input)
     try:
         import tokenizers  # noqa: F401  (optional: only this command and tokenizer.json runs need it)
