@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -42,7 +43,9 @@ def write_corpus(root: Path, n_tokens: int, seed: int) -> float:
     claim_output(root, overwrite=False)
     rng = np.random.default_rng(seed)
     writer = ShardWriter(root, "train", "uint16", shard_tokens=100_000_000)
-    chunk = 64 * DOC_TOKENS * 256  # 64M tokens a write: 128 MB of memory at a time
+    # 8M tokens a write: this process stays small, and Linux's ru_maxrss, which a child inherits
+    # from its parent across fork and exec, would otherwise raise the floor of every figure below
+    chunk = 2048 * DOC_TOKENS
     for lo in range(0, n_tokens, chunk):
         tokens = rng.integers(1, 256, size=min(chunk, n_tokens - lo), dtype=np.uint16)
         lengths = np.full(-(-len(tokens) // DOC_TOKENS), DOC_TOKENS, dtype=np.int64)
@@ -55,9 +58,15 @@ def write_corpus(root: Path, n_tokens: int, seed: int) -> float:
 
 
 def write_text(path: Path, n_bytes: int, seed: int) -> None:
-    """A text file of printable ASCII (one byte, so one token, per character)."""
+    """A text file of printable ASCII (one byte, so one token, per character), written in chunks."""
     rng = np.random.default_rng(seed)
-    path.write_bytes(rng.integers(32, 127, size=n_bytes, dtype=np.uint8).tobytes())
+    with path.open("wb") as f:
+        for lo in range(0, n_bytes, 1 << 24):
+            f.write(rng.integers(32, 127, size=min(1 << 24, n_bytes - lo), dtype=np.uint8).tobytes())
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def train(run_dir: Path, steps: int, *overrides: str) -> tuple[int, float]:
@@ -77,14 +86,16 @@ def train(run_dir: Path, steps: int, *overrides: str) -> tuple[int, float]:
 
 
 SAMPLER_PEAK = """
-import resource, sys
+import re, sys
 sys.path.insert(0, sys.argv[2])
 from meshtrain.data.sampler import BatchSampler
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm():  # this process's own peak (VmHWM is per address space: not inherited, unlike ru_maxrss)
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+before = hwm()
 sampler = BatchSampler(int(sys.argv[1]), 8, 2, 0, 1, 1234)
 for step in range(3):
     sampler.rank_indices(step)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+print(hwm() - before)
 """
 
 
@@ -108,6 +119,7 @@ def main() -> None:
             seconds = write_corpus(tmp / name, n, seed=len(name))
             print(f"wrote {name}: {n:,} tokens, {2 * n / 1e9:.2f} GB in {seconds:.1f} s", flush=True)
         write_text(tmp / "text.txt", small, seed=0)
+        print(f"this process's own peak RSS (a floor for its children's ru_maxrss): {peak_rss() / 2**20:.1f} MiB")
         runs = {
             f"tokens, memmap, {args.tokens:,} tokens": ("data.source=tokens", f"data.path={tmp / 'large'}"),
             f"tokens, memmap, {small:,} tokens": ("data.source=tokens", f"data.path={tmp / 'small'}"),
