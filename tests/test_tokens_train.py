@@ -30,7 +30,7 @@ def test_prepare_data_then_train_on_the_shards_and_resume_exactly(tmp_path: Path
     straight, half = tmp_path / "straight", tmp_path / "resumed"
     records = train_runs(
         [
-            Run(straight, 2, [*base, "training.steps=4"]),
+            Run(straight, 2, [*base, "training.steps=4", "checkpoint.interval=0"]),
             Run(half, 2, [*base, "training.steps=2"]),
             Run(half, 2, [*base, "training.steps=4", "training.warmup_steps=0", "checkpoint.resume=auto"]),
         ]
