@@ -12,7 +12,7 @@ import pytest
 from meshtrain.cli import main
 from meshtrain.config import Config, ConfigError, load_config
 from meshtrain.data import build_dataset, build_tokenizer
-from meshtrain.data.dataset import PackedDataset, TokenDataset
+from meshtrain.data.dataset import PackedDataset, TokenDataset, has_val_split
 from meshtrain.data.shard_writer import ShardWriter, read_index
 from meshtrain.data.shards import INCOMPLETE, claim_output, dtype_for, read_meta, write_meta
 from meshtrain.data.tokenizer import BYTE_EOS
@@ -174,6 +174,7 @@ def test_source_tokens_is_checked_before_training(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=message):
             config(*overrides)
     cfg = config(*tokens)
+    assert has_val_split(cfg.data) and not has_val_split(config().data)
     tok = build_tokenizer("byte")
     train = build_dataset(cfg.data, tok, 32, seed=0)
     val = build_dataset(cfg.data, tok, 32, seed=0, split="val")

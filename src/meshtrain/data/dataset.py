@@ -127,6 +127,14 @@ def build_dataset(
     return held_out(_stream(cfg, tok, seed), seq_len, cfg.val_fraction, split)
 
 
+def has_val_split(cfg: DataConfig) -> bool:
+    """Whether build_dataset(..., split="val") has sequences to give: data.val_fraction > 0, or, for
+    source = tokens, prepared data with a validation split (its data.val_fraction is 0)."""
+    if cfg.source == "tokens":
+        return read_meta(Path(cfg.path))["splits"]["val"]["tokens"] > 0
+    return cfg.val_fraction > 0
+
+
 def held_out(tokens: np.ndarray, seq_len: int, fraction: float, split: str) -> PackedDataset:
     """Cut a stream into training sequences and, after them, the last `fraction` of its sequences."""
     n = (len(tokens) - 1) // seq_len
