@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +148,11 @@ def test_an_interrupted_run_is_not_mistaken_for_finished_data(tmp_path: Path) ->
     (out / "train-00000.bin").write_bytes(b"\x01\x00" * 10)
     with pytest.raises(ConfigError, match="holds an interrupted prepare-data run"):
         read_meta(out)
+    marker = (out / INCOMPLETE).read_text()
+    (out / INCOMPLETE).write_text(f"prepare-data (pid {os.getppid()}) is writing this folder\n")  # a live process
+    with pytest.raises(ConfigError, match=f"is being written by prepare-data \\(pid {os.getppid()}\\)"):
+        claim_output(out, overwrite=True)
+    (out / INCOMPLETE).write_text(marker)
     assert prepare(out, write_jsonl(tmp_path / "c.jsonl", DOCS)) == 0  # its own leftovers: replaced freely
     assert read_meta(out)["splits"]["train"]["documents"] == len(DOCS)
     (out / "train-00000.bin").write_bytes(b"\x01\x00")  # truncated after the fact

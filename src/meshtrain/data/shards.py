@@ -74,7 +74,7 @@ def claim_output(root: Path, overwrite: bool) -> None:
 
     A missing or empty folder is fine. A folder of our own output (only our file names, and a
     meta.json or .incomplete marker) is cleared: an interrupted run's freely, a finished one only with
-    `overwrite`. Anything else is refused. The marker is written first and meta.json removed first,
+    `overwrite`; one that a live prepare-data is still writing, never. Anything else is refused. The marker is written first and meta.json removed first,
     so a half-replaced folder never reads as finished.
     """
     if root.exists() and not root.is_dir():
@@ -91,9 +91,28 @@ def claim_output(root: Path, overwrite: bool) -> None:
             )
         if META in names and not overwrite:
             raise ConfigError(f"--out {str(root)!r} already holds prepared data; pass --overwrite to replace it")
+        if INCOMPLETE in names and (pid := _writer_alive(root / INCOMPLETE)):
+            raise ConfigError(
+                f"--out {str(root)!r} is being written by prepare-data (pid {pid}); wait for it or stop it "
+                f"(if pid {pid} is not prepare-data, delete {root / INCOMPLETE})"
+            )
     (root / INCOMPLETE).write_text(f"prepare-data (pid {os.getpid()}) is writing this folder\n")
     for name in sorted(names - {INCOMPLETE}, key=lambda n: n != META):
         (root / name).unlink()
+
+
+def _writer_alive(marker: Path) -> int | None:
+    """The pid that a .incomplete marker names, if that process still runs (and is not this one)."""
+    found = re.search(r"pid (\d+)", marker.read_text(errors="replace"))
+    if not found or int(found.group(1)) == os.getpid():
+        return None
+    try:
+        os.kill(int(found.group(1)), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return None  # the run that wrote it is gone: an interrupted run, whose leftovers are ours to clear
+    except PermissionError:
+        pass  # it exists, under another user
+    return int(found.group(1))
 
 
 def write_meta(root: Path, meta: dict[str, Any]) -> None:
