@@ -186,6 +186,11 @@ LAZY = {
     "export-hf": ("meshtrain.hf.cli", "write a run's checkpoint as a Hugging Face model folder"),
     "eval": ("meshtrain.evaluation", "validation loss and perplexity of a run's newest checkpoint"),
     "plot": ("meshtrain.tools.metrics_plot", "draw a run's loss, throughput, memory and traffic as PNGs"),
+    "tokenizer": ("meshtrain.tools.tokenizer_cli", "train a byte-level BPE tokenizer (tokenizer.json) on a corpus"),
+    "prepare-data": (
+        "meshtrain.tools.prepare_data",
+        "tokenize a corpus into memory-mapped token shards (data.source=tokens)",
+    ),
 }
 
 

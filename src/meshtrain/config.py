@@ -198,17 +198,17 @@ class OptimizerConfig:
 @dataclass
 class DataConfig:
     source: str = "stdlib"
-    """stdlib (the interpreter's own .py sources), files (data.path) or synthetic (for tests)."""
+    """stdlib (the interpreter's own .py sources), files (data.path), tokens (data.path from `meshtrain prepare-data`, memory-mapped) or synthetic (for tests)."""
     path: str = ""
-    """File or folder of text for source = files; folders are read recursively."""
+    """File or folder of text for source = files (folders are read recursively); the prepared folder for source = tokens."""
     tokenizer: str = "byte"
     """byte (vocab 256, no download) or a path to a tokenizer.json for the tokenizers library."""
     max_tokens: int = 8_000_000
-    """Stop reading the corpus after this many tokens (keeps start-up quick)."""
+    """Stop reading the corpus after this many tokens (keeps start-up quick); source = tokens ignores it and reads all."""
     extensions: str = ".py,.txt,.md"
     """Comma-separated file suffixes read from folders."""
     val_fraction: float = 0.0
-    """Hold out this fraction of the sequences (the stream's last ones) for validation; 0: train on all, no validation split."""
+    """Hold out this fraction of the sequences (the stream's last ones) for validation; 0: train on all, no validation split. Must be 0 for source = tokens, whose split prepare-data made."""
 
 
 @dataclass

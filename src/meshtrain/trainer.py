@@ -33,7 +33,7 @@ from meshtrain.config import Config, dump_toml
 from meshtrain.core import comm
 from meshtrain.core.runner import Batch
 from meshtrain.data import BatchSampler, build_dataset, build_tokenizer
-from meshtrain.data.dataset import PackedDataset
+from meshtrain.data.dataset import Dataset
 from meshtrain.distributed import DistEnv
 from meshtrain.evaluation import ValSampler, is_eval_step, perplexity
 from meshtrain.faults import fault_requested, maybe_fail
@@ -85,7 +85,7 @@ class Trainer:
         self.run_id = env.launch_id
         self.saver: ckpt.Saver | None = None
 
-    def _validation(self) -> tuple[ValSampler | None, PackedDataset | None]:
+    def _validation(self) -> tuple[ValSampler | None, Dataset | None]:
         t = self.cfg.training
         if not t.eval_interval:
             return None, None

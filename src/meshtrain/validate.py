@@ -11,12 +11,15 @@ import dataclasses
 import importlib.util
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from meshtrain.config import SECTIONS, Config, ConfigError, ParallelConfig
+from meshtrain.data.shards import has_val_split, read_meta
 from meshtrain.hf.config import hf_dir, read_hf_config
 from meshtrain.hf.files import expected_params, header_shapes, missing_or_misshaped
 from meshtrain.pipeline.schedules import SCHEDULES, ScheduleError, build_schedule, is_custom, splits_backward
+from meshtrain.preflight import tokenizer_vocab
 from meshtrain.tools.schedule_check import validate_schedule
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -31,7 +34,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.router_score": ("softmax", "sigmoid"),
     "model.load_balance": ("aux_loss", "bias", "none"),
     "optimizer.name": ("adamw",),
-    "data.source": ("stdlib", "files", "synthetic"),
+    "data.source": ("stdlib", "files", "tokens", "synthetic"),
     "checkpoint.resume": ("auto", "never"),
 }
 
@@ -125,19 +128,17 @@ def _check_values(cfg: Config) -> None:
             f"{r.collective_timeout_s}"
         )
     _check_data_fields(cfg)
+    _check_tokens_data(cfg)
     _check_evaluation(cfg)
-
-
-# Sources whose validation split is the held-out tail of data.val_fraction (meshtrain.data.dataset).
-HELD_OUT_SOURCES = ("stdlib", "files", "synthetic")
 
 
 def _check_evaluation(cfg: Config) -> None:
     t, d = cfg.training, cfg.data
-    if t.eval_interval and d.source in HELD_OUT_SOURCES and d.val_fraction == 0:
+    if t.eval_interval and not has_val_split(d):
+        fix = "prepare it with --val-fraction" if d.source == "tokens" else "set data.val_fraction (e.g. 0.01)"
         raise ConfigError(
-            f"training.eval_interval={t.eval_interval} needs a validation split, but data.val_fraction=0 "
-            f"holds none out; set data.val_fraction (e.g. 0.01) or training.eval_interval=0"
+            f"training.eval_interval={t.eval_interval} needs a validation split, and data.source={d.source!r} "
+            f"holds none out; {fix} or set training.eval_interval=0"
         )
     # torch.utils.tensorboard needs the package; look for it without importing it
     if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -149,13 +150,45 @@ def _check_evaluation(cfg: Config) -> None:
 
 def _check_data_fields(cfg: Config) -> None:
     d = cfg.data
-    if d.path and d.source != "files":
+    if d.path and d.source not in ("files", "tokens"):
         raise ConfigError(
             f"data.path={d.path!r} is ignored by data.source={d.source!r}; set data.source=files or remove data.path"
         )
     bad = [e for e in d.extensions.split(",") if e.strip() and not e.strip().startswith(".")]
     if bad:
         raise ConfigError(f"data.extensions={d.extensions!r}: {bad[0]!r} needs a leading dot, e.g. .{bad[0].strip()}")
+
+
+def _check_tokens_data(cfg: Config) -> None:
+    """data.source = tokens: data.path holds finished prepare-data output that fits the config."""
+    d = cfg.data
+    if d.source != "tokens":
+        return
+    if not d.path:
+        raise ConfigError("data.source=tokens needs data.path, a folder written by `meshtrain prepare-data`")
+    meta = read_meta(Path(d.path))
+    vocab, prepared = tokenizer_vocab(d.tokenizer), meta["vocab_size"]
+    if vocab != prepared:
+        raise ConfigError(
+            f"data.tokenizer={d.tokenizer!r} has {vocab} tokens but data.path={d.path!r} was prepared with "
+            f"{meta['tokenizer']!r} ({prepared} tokens); set data.tokenizer to the tokenizer it was prepared with"
+        )
+    if cfg.model.vocab_size < prepared:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is below the {prepared} token ids in data.path={d.path!r}; "
+            f"set model.vocab_size >= {prepared}"
+        )
+    if d.val_fraction > 0:
+        raise ConfigError(
+            f"data.val_fraction={d.val_fraction} does not apply to data.source=tokens: its validation split is the one "
+            "prepare-data --val-fraction held out; set data.val_fraction=0"
+        )
+    sequences = (meta["splits"]["train"]["tokens"] - 1) // cfg.training.seq_len
+    if sequences < cfg.training.global_batch:
+        raise ConfigError(
+            f"data.path={d.path!r} holds {sequences} training sequences of training.seq_len={cfg.training.seq_len}, "
+            f"fewer than one training.global_batch={cfg.training.global_batch}; prepare more data or lower them"
+        )
 
 
 def _get(cfg: Config, dotted: str) -> Any:

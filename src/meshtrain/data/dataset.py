@@ -7,6 +7,11 @@ in sorted order, so every rank and every run sees the same stream.
 Validation (`split="val"`): the last `data.val_fraction` of the stream's sequences are held out, and
 the training split ends before them; with val_fraction = 0 (the default) training sees the whole
 stream, exactly as before, and there is no validation split.
+
+Prepared data (`data.source = "tokens"`, data.path = a `meshtrain prepare-data` folder) is read
+through memory maps by `TokenDataset`: the same windows over the concatenation of a split's shards,
+gathered per batch, so a process holds only the batch, never the corpus. Its validation split is the
+one prepare-data held out (whole documents); data.max_tokens does not apply to it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 import torch
 
 from meshtrain.config import ConfigError, DataConfig
+from meshtrain.data.shards import SPLITS, read_meta
 from meshtrain.data.tokenizer import Tokenizer
 
 
@@ -38,6 +44,41 @@ class PackedDataset:
         windows = starts[:, None] + torch.arange(self.seq_len + 1)
         seqs = self.tokens[windows]
         return seqs[:, :-1], seqs[:, 1:]
+
+
+class TokenDataset:
+    """PackedDataset's sequences over memory-mapped shards: `len()` and `batch()` give the same values."""
+
+    def __init__(self, root: Path, split: str, seq_len: int) -> None:
+        meta = read_meta(root)
+        shards = [s for s in meta["splits"][split]["shards"] if s["tokens"]]
+        if not shards and split == "val":
+            raise ConfigError(f"data.path={str(root)!r} has no validation split; prepare it with --val-fraction > 0")
+        # mode "r": read-only, so no training run can write into the prepared data
+        self.shards = [np.memmap(root / f"{s['name']}.bin", dtype=meta["dtype"], mode="r") for s in shards]
+        self.offsets = np.cumsum([0, *(len(m) for m in self.shards)])
+        self.seq_len = seq_len
+        if self.offsets[-1] < seq_len + 1:
+            raise ValueError(f"{split} split has {self.offsets[-1]} tokens, fewer than one sequence of {seq_len + 1}")
+
+    def __len__(self) -> int:
+        return (int(self.offsets[-1]) - 1) // self.seq_len
+
+    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets, each (len(indices), seq_len), read from the shards now."""
+        seqs = torch.from_numpy(np.stack([self._window(int(i) * self.seq_len) for i in np.asarray(indices).ravel()]))
+        seqs = seqs.reshape(*np.shape(indices), self.seq_len + 1)
+        return seqs[..., :-1], seqs[..., 1:]
+
+    def _window(self, start: int) -> np.ndarray:
+        """Tokens start .. start + seq_len of the split, as int64; a window may span shards."""
+        end, parts = start + self.seq_len + 1, []
+        shard = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        while start < end:
+            lo, hi = int(self.offsets[shard]), int(self.offsets[shard + 1])
+            parts.append(self.shards[shard][start - lo : min(end, hi) - lo])
+            start, shard = min(end, hi), shard + 1
+        return np.concatenate(parts).astype(np.int64)
 
 
 def _text_files(root: Path, extensions: tuple[str, ...]) -> list[Path]:
@@ -75,13 +116,16 @@ def synthetic_tokens(vocab: int, n_tokens: int, seed: int) -> np.ndarray:
     return out
 
 
-SPLITS = ("train", "val")
+Dataset = PackedDataset | TokenDataset
+"""Either holds fixed-length windows: len() of them, and batch(indices) -> (inputs, targets)."""
 
 
-def build_dataset(cfg: DataConfig, tok: Tokenizer, seq_len: int, seed: int, split: str = "train") -> PackedDataset:
+def build_dataset(cfg: DataConfig, tok: Tokenizer, seq_len: int, seed: int, split: str = "train") -> Dataset:
     """The training sequences, or the held-out validation ones (module docstring)."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: one of {SPLITS}")
+    if cfg.source == "tokens":
+        return TokenDataset(Path(cfg.path), split, seq_len)
     return held_out(_stream(cfg, tok, seed), seq_len, cfg.val_fraction, split)
 
 

@@ -9,6 +9,7 @@ position to resume from is just the step number stored in the checkpoint.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -35,8 +36,8 @@ class BatchSampler:
 
     def global_indices(self, step: int) -> np.ndarray:
         epoch, k = divmod(step, self.steps_per_epoch)
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_sequences)
-        return perm[k * self.global_batch : (k + 1) * self.global_batch]
+        perm = _permutation(self.seed, epoch, self.n_sequences)
+        return perm[k * self.global_batch : (k + 1) * self.global_batch].copy()  # a step's own, writable
 
     def rank_indices(self, step: int) -> np.ndarray:
         """(grad_accum, micro_batch) sequence indices for this rank at `step`."""
@@ -51,3 +52,13 @@ class BatchSampler:
             "seed": self.seed,
             "sequences_consumed": step * self.global_batch,
         }
+
+
+@lru_cache(maxsize=1)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The epoch's order, computed once per epoch rather than every step: the same values, but a
+    corpus of billions of tokens has millions of sequences, whose shuffle takes seconds (read-only,
+    since every step of the epoch shares it)."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    perm.flags.writeable = False
+    return perm
