@@ -54,7 +54,8 @@ class ShardWriter:
         self._tokens += len(tokens)
 
     def _finish_shard(self) -> None:
-        assert self._file is not None  # called only with a shard open
+        if self._file is None:
+            raise RuntimeError("_finish_shard needs an open shard")
         name = shard_name(self.split, len(self.shards))
         _sync_close(self._file)
         with (self.root / f"{name}.idx").open("xb") as f:

@@ -1,8 +1,9 @@
 """Hugging Face interop: start from a LlamaForCausalLM checkpoint, and hand one back.
 
 - config.py   config.json <-> ModelConfig (LlamaForCausalLM fields; anything we cannot run is refused)
-- weights.py  safetensors files: read into any layout (through DCP's Hugging Face reader), written
-              sharded with an index
+- files.py    what a model folder holds, read without torch: names, shapes and files of its tensors
+- weights.py  safetensors files: read into any layout (through DCP's Hugging Face reader, or one
+              tensor at a time into ZeRO's shards), written sharded with an index
 - cli.py      `meshtrain export-hf`
 
 Our parameter names are LlamaForCausalLM's (meshtrain.model.llama), so both directions are file

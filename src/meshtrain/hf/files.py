@@ -63,15 +63,25 @@ def _swiglu(prefix: str, d: int, width: int) -> list[tuple[str, tuple[int, ...]]
     ]
 
 
-def header_shapes(directory: Path) -> dict[str, list[int]]:
-    """Tensor name -> shape over DIR's *.safetensors, from their headers alone (no tensor is read)."""
-    out: dict[str, list[int]] = {}
+def _headers(directory: Path) -> dict[str, tuple[Path, list[int]]]:
+    """Tensor name -> (its file, its shape) over DIR's *.safetensors, from their headers alone."""
+    out: dict[str, tuple[Path, list[int]]] = {}
     for path in sorted(directory.glob("*.safetensors")):
         with path.open("rb") as f:
             n = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(n))
-        out |= {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+        out |= {k: (path, v["shape"]) for k, v in header.items() if k != "__metadata__"}
     return out
+
+
+def header_shapes(directory: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape over DIR's *.safetensors (no tensor is read)."""
+    return {name: shape for name, (_, shape) in _headers(directory).items()}
+
+
+def tensor_files(directory: Path) -> dict[str, Path]:
+    """Tensor name -> the *.safetensors file of DIR that holds it."""
+    return {name: path for name, (path, _) in _headers(directory).items()}
 
 
 def missing_or_misshaped(expected: Iterable[tuple[str, tuple[int, ...]]], found: dict[str, list[int]]) -> list[str]:

@@ -7,9 +7,10 @@ Mixtral's on-disk layout (what transformers writes and reads for MixtralForCausa
 Loading goes through torch.distributed.checkpoint with its Hugging Face reader, the same collective
 load a resume does, so every layout reads what it holds: a pipeline stage its blocks, an
 expert-parallel rank its experts, a tensor-parallel rank the rows or columns of its shards
-(DTensors: DCP reads those slices of the files). ZeRO's checkpoint view gathers and scatters whole
-tensors, so under ZeRO each rank holds one full copy of the weights while loading, as it does when
-it resumes from a checkpoint; afterwards only its shards.
+(DTensors: DCP reads those slices of the files). ZeRO's view would gather whole tensors for DCP to
+fill, a full copy of the model on every rank; it loads by name instead (`LoadsByName`): each tensor
+is read alone from its file and each rank copies the pieces of its own shards, so a rank holds one
+full tensor at a time, never the model. (Under TP over ZeRO the DCP path remains.)
 
 Writing: one model.safetensors, or above `max_shard_bytes` numbered shards with the index file
 (model.safetensors.index.json: total size and the file of every tensor) that transformers reads.
@@ -19,7 +20,9 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -27,13 +30,16 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from meshtrain.config import ModelConfig
 from meshtrain.hf.config import read_hf_config
-from meshtrain.hf.files import INDEX, SINGLE, to_hf_name
+from meshtrain.hf.files import INDEX, SINGLE, tensor_files, to_hf_name
 from meshtrain.model import Llama, build_model
 
 
 def load_hf_weights(view: dict[str, torch.Tensor] | Stateful, directory: Path) -> None:
     """Overwrite the weights of a checkpoint view (GradEngine.model_state_dict(): tensors, or ZeRO's
     Stateful) with DIR's. Collective when a process group exists: every rank calls it."""
+    if isinstance(view, LoadsByName):  # ZeRO: each rank fills its shards, one full tensor at a time
+        view.load_by_name(_reader(directory))
+        return
     tensors = view.state_dict() if isinstance(view, Stateful) else view
     renamed = {to_hf_name(name): t for name, t in tensors.items()}
     with warnings.catch_warnings(), torch.no_grad():
@@ -42,6 +48,26 @@ def load_hf_weights(view: dict[str, torch.Tensor] | Stateful, directory: Path) -
         dcp.load(renamed, storage_reader=dcp.HuggingFaceStorageReader(str(directory)))
     if isinstance(view, Stateful):
         view.load_state_dict({name: renamed[to_hf_name(name)] for name in tensors})
+
+
+@runtime_checkable
+class LoadsByName(Protocol):
+    """A checkpoint view that loads from full tensors fetched by name (meshtrain.zero.base.ModelState)."""
+
+    def load_by_name(self, fetch: Callable[[str], torch.Tensor]) -> None: ...
+
+
+def _reader(directory: Path) -> Callable[[str], torch.Tensor]:
+    """name -> that tensor of DIR's safetensors, in fp32, read alone (safetensors maps the file)."""
+    from safetensors import safe_open
+
+    where = tensor_files(directory)
+
+    def fetch(name: str) -> torch.Tensor:
+        with safe_open(str(where[to_hf_name(name)]), framework="pt") as f:
+            return f.get_tensor(to_hf_name(name)).float()
+
+    return fetch
 
 
 def load_hf_model(directory: Path, device: str = "cpu") -> Llama:

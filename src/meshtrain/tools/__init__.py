@@ -11,4 +11,6 @@
 - cp_diagram.py      which rank computes which attention block at which ring step (docs/img)
 - moe_plot.py        expert load over steps, a heat map per MoE layer, from a run's metrics
 - metrics_plot.py    `meshtrain plot`: a run's loss, throughput, memory and traffic as PNGs
+- tokenizer_cli.py   `meshtrain tokenizer train`: a byte-level BPE tokenizer.json from a corpus
+- prepare_data.py    `meshtrain prepare-data`: a corpus tokenized into memory-mapped token shards
 """

@@ -163,7 +163,8 @@ def _init_worker(spec: str, eos: int, dtype: str) -> None:
 
 def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """One batch: its documents' tokens, each followed by the EOS id, and their lengths."""
-    assert _worker is not None, "_init_worker runs first in every worker"
+    if _worker is None:
+        raise RuntimeError("_init_worker runs first in every worker")
     tok, eos, dtype = _worker
     parts = [np.append(tok.encode(text), eos).astype(dtype) for text in texts]
     return np.concatenate(parts), np.asarray([len(p) for p in parts], dtype=np.int64)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Generic, TypeVar
@@ -131,15 +131,42 @@ class ModelState:
     """Stateful: the model's parameters, gathered to full tensors for a save, scattered back on load."""
 
     def __init__(
-        self, gather: Callable[[], dict[str, torch.Tensor]], scatter: Callable[[dict[str, torch.Tensor]], None]
+        self,
+        gather: Callable[[], dict[str, torch.Tensor]],
+        scatter: Callable[[Mapping[str, torch.Tensor]], None],
     ) -> None:
         self._gather, self._scatter = gather, scatter
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self._gather()
 
-    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
         self._scatter(sd)
+
+    def load_by_name(self, fetch: Callable[[str], torch.Tensor]) -> None:
+        """Load from full tensors fetched one name at a time (a Hugging Face import): each rank copies
+        the pieces of its shards, and holds no more than one full tensor at a time, never the model."""
+        self._scatter(_OneAtATime(fetch))
+
+
+class _OneAtATime(Mapping[str, torch.Tensor]):
+    """The full tensor of the name asked for last; the scatter reads each parameter's pieces in a row."""
+
+    def __init__(self, fetch: Callable[[str], torch.Tensor]) -> None:
+        self._fetch = fetch
+        self._name: str | None = None
+        self._value = torch.empty(0)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name != self._name:
+            self._name, self._value = name, self._fetch(name)
+        return self._value
+
+    def __iter__(self) -> Iterator[str]:
+        raise TypeError("tensors are fetched by name only")
+
+    def __len__(self) -> int:
+        raise TypeError("tensors are fetched by name only")
 
 
 class OptimState(dict):
@@ -403,7 +430,7 @@ class ZeroBase(Generic[U]):
             out.update((n, v.clone()) for n, v in zip(lay.names, lay.views(full)))
         return out
 
-    def load_full_params(self, full: dict[str, torch.Tensor]) -> None:
+    def load_full_params(self, full: Mapping[str, torch.Tensor]) -> None:
         for unit in self.units:
             for piece, (_, view) in zip(unit.layout.pieces, unit.layout.piece_views(unit.master)):
                 view.copy_(full[piece.name].reshape(-1)[piece.param_start : piece.param_start + piece.numel])
