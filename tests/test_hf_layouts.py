@@ -1,6 +1,6 @@
 """`model.init_from = "hf:DIR"` under every layout: a LlamaForCausalLM (and a MixtralForCausalLM)
 made by transformers, offline, trains to the same losses on one process and under DP, ZeRO-3 (which
-imports one tensor at a time), TP, PP and EP with ZeRO-1; the first step's loss is transformers' own
+imports one tensor at a time), TP, PP, CP and EP with ZeRO-1; the first step's loss is transformers' own
 loss on that batch (the oracle)."""
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ LAYOUTS = {  # name: (model, nproc, overrides)
     "z3-dp2": ("llama", 2, ["training.micro_batch=4", "parallel.zero_stage=3"]),
     "tp2": ("llama", 2, ["training.micro_batch=8", "parallel.tp=2"]),
     "pp2": ("llama", 2, ["training.micro_batch=4", "parallel.pp=2"]),
+    "cp2": ("llama", 2, ["training.micro_batch=8", "parallel.cp=2"]),
     "ep2-z1": ("mixtral", 2, ["training.micro_batch=4", "parallel.ep=2", "parallel.zero_stage=1"]),
 }
 
