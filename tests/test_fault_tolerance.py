@@ -225,10 +225,10 @@ def test_two_nodes_train_like_one(base: tuple, tmp_path: Path) -> None:
 
 def test_sigkilled_workers_resume_bit_identically() -> None:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "chaos.py"), "--trials", "2", "--layouts", "pp", "--seed", "1"],
+        [sys.executable, str(ROOT / "benchmarks" / "chaos.py"), "--trials", "1", "--layouts", "pp", "--seed", "1"],
         capture_output=True,
         text=True,
         timeout=600,
         cwd=ROOT,
     )
-    assert proc.returncode == 0 and "pp: 2/2 identical" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert proc.returncode == 0 and "pp: 1/1 identical" in proc.stdout, proc.stdout + proc.stderr[-2000:]

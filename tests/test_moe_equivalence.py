@@ -66,8 +66,7 @@ LAYOUTS = {  # name: (variant, nproc, overrides)
         ["training.micro_batch=4", "parallel.ep=2", "training.activation_checkpointing=full"],
     ),
     "deepseek-ep2": ("deepseek", 2, ["training.micro_batch=4", "parallel.ep=2"]),
-    # pipelined (1F1B, 2 stages x dp 2): the dense first block leaves stage 0 with no MoE layer at all
-    "pp2": ("plain", 4, ["training.micro_batch=2", "parallel.pp=2"]),
+    # pipelined (1F1B, 2 stages x dp 2); deepseek's dense first block leaves stage 0 with no MoE layer
     "ep2-pp2": ("plain", 4, ["training.micro_batch=2", "parallel.pp=2", "parallel.ep=2"]),
     "deepseek-ep2-pp2": ("deepseek", 4, ["training.micro_batch=2", "parallel.pp=2", "parallel.ep=2"]),
 }
