@@ -86,6 +86,22 @@ def _stage_p2p(cfg: Config, stages: list[int]) -> float:
     return messages * t.grad_accum * per_message
 
 
+def _traffic_inputs(cfg: Config, act: int) -> TrafficInputs:
+    t, p, m = cfg.training, cfg.parallel, cfg.model
+    # ZeRO-3 gathers parameters in the compute dtype (FSDP's param_dtype); ZeRO-1/2 gather fp32 weights
+    gathered = StateDtypes(param=2, grad=4, master=0, optim=8) if p.zero_stage == 3 and t.dtype == "bf16" else FP32
+    return TrafficInputs(
+        t.seq_len,
+        t.grad_accum,
+        gathered,
+        act,
+        4 if p.reduce_dtype == "fp32" else 2,
+        p.bucket_mb,
+        residual_bytes=_residual_bytes(cfg),
+        aux_loss=m.load_balance == "aux_loss" and m.aux_loss_coef > 0,
+    )
+
+
 def predict_run(cfg: Config, world_size: int, rank: int = 0) -> dict[str, Any]:
     """Model-state bytes and per-step communication bytes of rank `rank` when `cfg` runs on
     `world_size` ranks.
@@ -102,19 +118,7 @@ def predict_run(cfg: Config, world_size: int, rank: int = 0) -> dict[str, Any]:
     layers, first, last, stages = _stage_share(cfg, rank)
     rp = rank_params(shape, lay, first=first, last=last, layers=layers)
     act = 2 if t.dtype == "bf16" else 4
-    # ZeRO-3 gathers parameters in the compute dtype (FSDP's param_dtype); ZeRO-1/2 gather fp32 weights
-    gathered = StateDtypes(param=2, grad=4, master=0, optim=8) if p.zero_stage == 3 and t.dtype == "bf16" else FP32
-    m = cfg.model
-    ti = TrafficInputs(
-        t.seq_len,
-        t.grad_accum,
-        gathered,
-        act,
-        4 if p.reduce_dtype == "fp32" else 2,
-        p.bucket_mb,
-        residual_bytes=_residual_bytes(cfg),
-        aux_loss=m.load_balance == "aux_loss" and m.aux_loss_coef > 0,
-    )
+    ti = _traffic_inputs(cfg, act)
     sizes = groups(lay, gpus_per_node=1)
     payload: dict[str, float] = defaultdict(float)
     wire = 0.0
