@@ -8,6 +8,8 @@
 - parts.py         a rank's model parts and their gradient buckets, shared by plain DP and ZeRO-1/2
 - comm.py          the one communication layer: every collective counted, logged for the hang
                    watchdog, and marked while the rank blocks in it
+- quantize.py      compression for communication: block-wise int8 / int4, 1-bit signs with
+                   per-block scales, error feedback (ZeRO++ and 1-bit Adam build on it)
 
 Strategy packages (data_parallel, zero, tensor_parallel, pipeline, ...) import from here and from
 the other neutral modules (config, topology, accounting, model, loss), never from each other:
