@@ -70,6 +70,29 @@ RECENT = 64  # entries kept in the log: enough to see where the ranks diverged
 
 
 @dataclass(frozen=True)
+class SlowLink:
+    """An emulated network link ([comm] emulate_*): a collective whose group it covers takes latency
+    plus its wire bytes (the ring model's share of the tensor, `wire_factor`) over the bandwidth.
+    Nodes are blocks of `node_size` consecutive global ranks; with scope "inter-node" only groups
+    that span two nodes are slowed, so that one machine can pose as several joined by a slow network."""
+
+    gbps: float
+    latency_ms: float
+    node_size: int
+    scope: str = "inter-node"
+
+    def covers(self, ranks: tuple[int, ...]) -> bool:
+        return self.scope == "all" or len({r // self.node_size for r in ranks}) > 1
+
+    def delay_s(self, kind: str, nbytes: int, ranks: tuple[int, ...]) -> float:
+        """Seconds this collective takes on the link (0 for a group it does not cover)."""
+        if len(ranks) < 2 or not self.covers(ranks):
+            return 0.0
+        wire = nbytes * wire_factor(kind, len(ranks))
+        return self.latency_ms / 1e3 + (wire * 8 / (self.gbps * 1e9) if self.gbps > 0 else 0.0)
+
+
+@dataclass(frozen=True)
 class Entry:
     seq: int
     """This rank's count of calls on the group so far, this one included."""
@@ -77,6 +100,9 @@ class Entry:
     group: str
     nbytes: int
     site: str
+    ranks: tuple[int, ...] = ()
+    issued: float = 0.0
+    """time.monotonic() at the call: an emulated link counts its delay from here."""
 
     def describe(self) -> str:
         return f"{self.kind} #{self.seq} on {self.group} ({self.nbytes:,} bytes, {self.site})"
@@ -114,14 +140,17 @@ class CollectiveLog:
     activity: str = "starting"
     """What the rank does outside collectives (a step, a checkpoint save), for the report."""
     step: int = 0
+    link: SlowLink | None = None
+    """An emulated slow link: a covered collective completes no sooner than its delay after issue."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def issue(self, kind: str, group: dist.ProcessGroup | None, nbytes: int) -> Entry:
         name = group_name(group)
         site = _call_site()
+        ranks = tuple(dist.get_process_group_ranks(group or dist.group.WORLD)) if self.link is not None else ()
         with self._lock:
             self.counts[name] = self.counts.get(name, 0) + 1
-            entry = Entry(self.counts[name], kind, name, nbytes, site)
+            entry = Entry(self.counts[name], kind, name, nbytes, site, ranks, time.monotonic())
             self.recent.append(entry)
         return entry
 
@@ -130,6 +159,10 @@ class CollectiveLog:
         self.waiting = (entry, time.monotonic())
         try:
             yield
+            if self.link is not None:  # the emulated link: done no sooner than delay after issue
+                left = entry.issued + self.link.delay_s(entry.kind, entry.nbytes, entry.ranks) - time.monotonic()
+                if left > 0:
+                    time.sleep(left)
         finally:
             self.waiting = None
 

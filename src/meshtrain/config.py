@@ -130,6 +130,8 @@ class ParallelConfig:
     """With zero_stage >= 1: keep the fp32 master shards and Adam moments on the host and step there (ZeRO-Offload)."""
     prefetch: bool = True
     """With zero_stage = 3: gather the next unit's parameters while the current one computes, in forward and backward."""
+    node_size: int = 0
+    """Ranks per node: consecutive global ranks form one (pseudo-)node, for the slow-link emulator's scope ([comm]); 0 = the local world size."""
 
     @property
     def degrees(self) -> Degrees:
@@ -260,6 +262,16 @@ class LoggingConfig:
 
 
 @dataclass
+class CommConfig:
+    emulate_gbps: float = 0.0
+    """Emulate a slow link: each collective in scope is delayed by latency + its wire bytes at this many Gbit/s; 0 = off (meshtrain.accounting.SlowLink)."""
+    emulate_latency_ms: float = 0.0
+    """The emulated link's latency per collective, in milliseconds."""
+    emulate_scope: str = "inter-node"
+    """Which collectives the emulated link slows: inter-node (groups spanning parallel.node_size blocks of ranks) or all."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -269,6 +281,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

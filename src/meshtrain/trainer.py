@@ -19,15 +19,17 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from rich.console import Console
 
 from meshtrain import checkpoint as ckpt
-from meshtrain.accounting import CommStats, human_bytes, tensor_bytes
+from meshtrain.accounting import CommStats, SlowLink, human_bytes, tensor_bytes
 from meshtrain.build import DTYPES, build_parallel
 from meshtrain.config import Config, dump_toml
 from meshtrain.core import comm
@@ -49,6 +51,15 @@ from meshtrain.topology import Topology
 from meshtrain.watchdog import Watchdog
 
 
+def slow_link(cfg: Config) -> SlowLink | None:
+    """The emulated link of [comm], if one is asked for; nodes default to the local world size."""
+    c = cfg.comm
+    if not (c.emulate_gbps or c.emulate_latency_ms):
+        return None
+    node = cfg.parallel.node_size or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or dist.get_world_size()
+    return SlowLink(c.emulate_gbps, c.emulate_latency_ms, node, c.emulate_scope)
+
+
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv) -> None:
         self.cfg, self.env = cfg, env
@@ -59,6 +70,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         self.topo = Topology.build(cfg.parallel.degrees, env.device)
         self.stats = CommStats()
+        self.stats.log.link = slow_link(cfg)
         self.parallel = build_parallel(cfg, self.topo, env.device, self.stats)
         self.engine, self.runner = self.parallel.engine, self.parallel.runner
         self.optim = AdamW(self.engine.optim_params(), cfg.optimizer, no_decay=self.engine.no_decay())

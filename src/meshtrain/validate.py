@@ -36,6 +36,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer.name": ("adamw",),
     "data.source": ("stdlib", "files", "tokens", "synthetic"),
     "checkpoint.resume": ("auto", "never"),
+    "comm.emulate_scope": ("inter-node", "all"),
 }
 
 # Degrees this build can run, and the feature that brings the rest. Widened as features land.
@@ -94,6 +95,9 @@ VALUES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
     ("model.z_loss_coef", _in(0, INF), "must not be negative"),
     ("model.bias_update_rate", _in(0, INF), "must not be negative"),
     ("data.max_tokens", _in(1, INF), "must be at least 1"),
+    ("comm.emulate_gbps", _in(0, INF), "must not be negative (0 = no emulated link)"),
+    ("comm.emulate_latency_ms", _in(0, INF), "must not be negative"),
+    ("parallel.node_size", _in(0, INF), "must not be negative (0 = the local world size)"),
     ("data.val_fraction", _in(0, 0.5, hi_open=True), "must be in [0, 0.5) (0 = no validation split)"),
     ("parallel.bucket_mb", _in(0, INF, lo_open=True), "must be > 0"),
     ("logging.peak_tflops", _in(0, INF), "must not be negative (0 detects it)"),
