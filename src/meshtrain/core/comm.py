@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from meshtrain.accounting import CollectiveLog, Entry, Recorder
+from meshtrain.core.quantize import Compressed, compress, dequantize
 
 
 class TrackedWork:
@@ -181,6 +182,25 @@ def all_to_all(
         False,
         lambda a: dist.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=a),
     )
+
+
+def all_gather_compressed(
+    inp: torch.Tensor, group: dist.ProcessGroup, stats: Recorder, *, bits: int, block: int
+) -> torch.Tensor:
+    """Every rank's `inp` (the same length on each), compressed (core.quantize: int8, int4 or 1-bit,
+    per-block fp32 scales), gathered and decoded: a flat fp32 tensor of n x inp.numel(). Counted at
+    what it puts on the wire: the gathered payload and the gathered scales, two all-gathers."""
+    n, c = dist.get_world_size(group), compress(inp, bits, block)
+    data = torch.empty(n * c.data.numel(), dtype=c.data.dtype, device=c.data.device)
+    scales = torch.empty(n * c.scales.numel(), dtype=c.scales.dtype, device=c.scales.device)
+    all_gather(data, c.data, group, stats)
+    all_gather(scales, c.scales, group, stats)
+    k, m = c.data.numel(), c.scales.numel()
+    parts = [
+        dequantize(Compressed(data[r * k : (r + 1) * k], scales[r * m : (r + 1) * m], c.numel, block, bits))
+        for r in range(n)
+    ]
+    return torch.cat(parts)
 
 
 def barrier(group: dist.ProcessGroup | None, stats: Recorder) -> None:
