@@ -225,7 +225,18 @@ def test_two_nodes_train_like_one(base: tuple, tmp_path: Path) -> None:
 
 def test_sigkilled_workers_resume_bit_identically() -> None:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "chaos.py"), "--trials", "1", "--layouts", "pp", "--seed", "1"],
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "chaos.py"),
+            "--trials",
+            "1",
+            "--layouts",
+            "pp",
+            "--seed",
+            "1",
+            "--steps",
+            "20",
+        ],
         capture_output=True,
         text=True,
         timeout=600,

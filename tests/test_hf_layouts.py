@@ -1,5 +1,5 @@
 """`model.init_from = "hf:DIR"` under every layout: a LlamaForCausalLM (and a MixtralForCausalLM)
-made by transformers, offline, trains to the same losses on one process and under DP, ZeRO-3 (which
+made by transformers, offline, trains to the same losses on one process and under ZeRO-3 (which
 imports one tensor at a time), TP, PP, CP and EP with ZeRO-1; the first step's loss is transformers' own
 loss on that batch (the oracle)."""
 
@@ -32,7 +32,6 @@ MODELS = {
 }
 BASE = ["training.steps=3", "data.source=synthetic", "checkpoint.interval=0", "training.seq_len=32"]
 LAYOUTS = {  # name: (model, nproc, overrides)
-    "dp2": ("llama", 2, ["training.micro_batch=4"]),
     "z3-dp2": ("llama", 2, ["training.micro_batch=4", "parallel.zero_stage=3"]),
     "tp2": ("llama", 2, ["training.micro_batch=8", "parallel.tp=2"]),
     "pp2": ("llama", 2, ["training.micro_batch=4", "parallel.pp=2"]),
