@@ -71,8 +71,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--run-dir", required=True, help="folder of a `meshtrain train` run with a checkpoint")
     p.add_argument(
         "--data",
-        help="evaluate on this data instead: a prepared-tokens folder (data.source=tokens) where this build "
-        "has that source, else a text file or folder (data.source=files); its validation split is used",
+        help="evaluate on this data instead: a folder written by `meshtrain prepare-data` (data.source=tokens); "
+        "its validation split is used",
     )
     p.add_argument("--batches", type=int, help="global batches to evaluate (default: the run's training.eval_batches)")
     p.set_defaults(func=run_eval)
@@ -97,18 +97,16 @@ def evaluate_checkpoint(run_dir: Path, data: str | None = None, batches: int | N
     """The validation loss of the run's newest checkpoint on this process's CPU (module docstring)."""
     import torch
 
-    from meshtrain import checkpoint as ckpt
-    from meshtrain.config import ConfigError, load_config
+    from meshtrain.config import load_config
     from meshtrain.core.runner import Batch, ModelLoss
-    from meshtrain.data import build_dataset
-    from meshtrain.generate import load_for_generation
+    from meshtrain.data import build_dataset, build_tokenizer
+    from meshtrain.generate import checkpoint_path, model_at
     from meshtrain.loss import cross_entropy_sum
     from meshtrain.preflight import check_data
 
-    model, tok, step = load_for_generation(run_dir)
-    path = ckpt.latest(run_dir / "checkpoints")
-    if path is None:  # load_for_generation found one a moment ago: it was removed since
-        raise ConfigError(f"no complete checkpoint under {run_dir / 'checkpoints'} any more")
+    path = checkpoint_path(run_dir)  # found and verified once: the model and the config come from it
+    model, trained, step = model_at(path)
+    tok = build_tokenizer(trained.data.tokenizer)
     cfg = load_config(path / "config.toml", data_overrides(data))
     check_data(cfg)
     t = cfg.training
@@ -127,10 +125,5 @@ def evaluate_checkpoint(run_dir: Path, data: str | None = None, batches: int | N
 
 
 def data_overrides(data: str | None) -> list[str]:
-    """--data as config overrides: the prepared-tokens source where this build has one, else files."""
-    if data is None:
-        return []
-    from meshtrain.validate import CHOICES
-
-    source = "tokens" if "tokens" in CHOICES["data.source"] else "files"
-    return [f"data.source={source}", f"data.path={data}"]
+    """--data as config overrides: a prepared-tokens folder (meshtrain prepare-data)."""
+    return [] if data is None else ["data.source=tokens", f"data.path={data}"]

@@ -196,6 +196,11 @@ def load_for_generation(run_dir: Path, step: int | None = None) -> tuple[Llama, 
 
 def load_checkpoint_model(run_dir: Path, step: int | None = None) -> tuple[Llama, Config, int]:
     """(one process's model, the config it was trained with, its step) from a checkpoint of any layout."""
+    return model_at(checkpoint_path(run_dir, step))
+
+
+def checkpoint_path(run_dir: Path, step: int | None = None) -> Path:
+    """The newest complete checkpoint of a run (or step `step`'s), its files verified."""
     if not run_dir.is_dir():
         raise ConfigError(f"--run-dir {run_dir} does not exist; pass the folder of a `meshtrain train` run")
     root = run_dir / "checkpoints"
@@ -208,6 +213,11 @@ def load_checkpoint_model(run_dir: Path, step: int | None = None) -> tuple[Llama
             raise ConfigError(f"--step {step}: no complete checkpoint of that step under {root}; there are {steps}")
     if path is None:
         raise ConfigError(f"no complete checkpoint under {root}; train with checkpoint.interval > 0")
+    return path
+
+
+def model_at(path: Path) -> tuple[Llama, Config, int]:
+    """One process's model from the checkpoint folder `path`, with the config it was trained with."""
     cfg = load_config(path / "config.toml")
     model = build_model(cfg.model, "cpu", seed=cfg.training.seed)
     state = {"model": dict(model.named_parameters())}
