@@ -40,8 +40,14 @@ class Topology:
         self._flat = {name: mesh[axes]._flatten(name) for name, axes in FLATTENED.items() if self.size(name) > 1}
         self._expert: dict[str, dist.ProcessGroup | None] = dict.fromkeys(("ep", *SAME_EXPERTS))
         if degrees.ep > 1:  # not mesh axes: ep borrows dp_shard x cp ranks (degrees.Degrees.expert_groups)
+            made: dict[str, list[list[int]]] = {}
             for name, enumeration in degrees.expert_groups().items():
+                twin = next((other for other, ranks in made.items() if ranks == enumeration), None)
+                if twin is not None:  # without dp_replicate, edp_shard is edp: one group serves both
+                    self._expert[name] = self._expert[twin]
+                    continue
                 self._expert[name], _ = dist.new_subgroups_by_enumeration(enumeration)
+                made[name] = enumeration
 
     @classmethod
     def build(cls, degrees: Degrees, device: torch.device) -> Topology:
