@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 
+from meshtrain.accounting import inter_node_factor
 from meshtrain.topology import AXES, Degrees
 
 pytestmark = pytest.mark.pure
@@ -38,3 +39,28 @@ def test_expert_groups_cut_dp_shard_x_cp_into_ep_runs() -> None:
     assert groups["ep"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert groups["edp_shard"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
     assert groups["edp"] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+
+
+def test_shard_groups_cut_by_node_give_places_and_peers_across_nodes() -> None:
+    """ZeRO++'s hierarchy over dp_shard x cp: the members on one node, and one rank per node at the
+    same place; tp ranks stay in their own groups."""
+    assert Degrees(dp_shard=4).shard_groups_by_node(2) == {
+        "shard_intra": [[0, 1], [2, 3]],
+        "shard_inter": [[0, 2], [1, 3]],
+    }
+    by_node = Degrees(dp_shard=2, cp=2, tp=2).shard_groups_by_node(4)  # groups {0,2,4,6} and {1,3,5,7}
+    assert by_node == {"shard_intra": [[0, 2], [4, 6], [1, 3], [5, 7]], "shard_inter": [[0, 4], [2, 6], [1, 5], [3, 7]]}
+    with pytest.raises(ValueError, match="has \\[1, 2\\] ranks on its nodes of 2"):
+        Degrees(dp_shard=3).shard_groups_by_node(2)
+
+
+def test_inter_node_bytes_follow_the_ring_and_the_all_to_all() -> None:
+    """Nodes of 2 over ranks 0-3: in the ring 0-1-2-3 only ranks 1 and 3 send off their node, each
+    (n-1)/n of the payload (twice that for an all-reduce); an all-to-all sends half of it away."""
+    ring = (0, 1, 2, 3)
+    assert [inter_node_factor("all_gather", ring, r, 2) for r in ring] == [0, 0.75, 0, 0.75]
+    assert [inter_node_factor("all_reduce", ring, r, 2) for r in ring] == [0, 1.5, 0, 1.5]
+    assert [inter_node_factor("all_to_all", ring, r, 2) for r in ring] == [0.5] * 4
+    assert inter_node_factor("all_to_all", (0, 1), 0, 2) == 0  # inside one node
+    assert inter_node_factor("p2p", (1, 2), 1, 2) == 1 and inter_node_factor("p2p", (0, 1), 0, 2) == 0
+    assert inter_node_factor("all_gather", ring, 1, 4) == 0  # one node of 4

@@ -80,3 +80,32 @@ def test_zero3_gathers_in_the_compute_dtype() -> None:
 def test_hsdp_all_reduces_the_shard_once_per_step() -> None:
     out = _predict(4, "parallel.zero_stage=3", "parallel.dp_replicate=2", "training.micro_batch=1")
     assert out["comm_all_reduce_bytes"] == 4 * PSI / 2
+
+
+ZPP = ["parallel.zero_stage=3", "parallel.zeropp_hpz=true", "parallel.node_size=2"]
+
+
+def test_zeropp_refusals_name_the_fields_and_the_fix() -> None:
+    cases = {
+        "needs parallel.zero_stage=3 \\(ZeRO\\+\\+ extends ZeRO-3\\), not 2": [
+            "parallel.zero_stage=2",
+            "parallel.zeropp_qwz=true",
+        ],
+        "with parallel.ep=2 is not supported": [*ZPP, "parallel.ep=2", "model.n_experts=4"],
+        "zeropp_block=7 must be even": ["parallel.zero_stage=3", "parallel.zeropp_qgz=true", "parallel.zeropp_block=7"],
+        "parallel.node_size=3: the dp_shard x cp group \\[0, 1, 2, 3\\] has \\[1, 3\\] ranks": [
+            *ZPP[:2],
+            "parallel.node_size=3",
+        ],
+        "needs at least 2 ranks of a dp_shard x cp group per node, but parallel.node_size=1": [
+            *ZPP[:2],
+            "parallel.node_size=1",
+        ],
+    }
+    for message, overrides in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            validate(load_config(None, overrides), 4)
+    # nodes default to the local world size: one node of 4 holds whole groups, so hpZ is allowed
+    assert validate(load_config(None, ZPP[:2]), 4).parallel.zeropp_hpz
+    with pytest.raises(ConfigError, match="parallel.node_size=1"):  # 4 ranks over 4 nodes of one
+        validate(load_config(None, ZPP[:2]), 4, local_world=1)

@@ -44,7 +44,12 @@ LAYOUTS = {  # name: (nproc, stage, micro-steps, overrides)
     "z3-dp2": (2, 3, 1, ["training.micro_batch=4"]),
     "z3-dp2-accum2": (2, 3, 2, ["training.micro_batch=2"]),
     "z3-dp4-accum2": (4, 3, 2, ["training.micro_batch=1"]),
-    "z3-dp4-recompute": (4, 3, 1, ["training.micro_batch=2", "training.activation_checkpointing=full"]),
+    "z3-dp4-recompute": (  # on 2 pseudo-nodes: the inter-node count of plain ZeRO-3 (zeropp below)
+        4,
+        3,
+        1,
+        ["training.micro_batch=2", "training.activation_checkpointing=full", "parallel.node_size=2"],
+    ),
     "z3-hsdp-2x2": (4, 3, 1, ["training.micro_batch=2", "parallel.dp_replicate=2"]),
     "z3-dp2-offload": (2, 3, 1, ["training.micro_batch=4", "parallel.offload=true"]),
     "z3-dp2-no-prefetch": (2, 3, 1, ["training.micro_batch=4", "parallel.prefetch=false"]),
@@ -85,6 +90,19 @@ PIPELINED = {  # pp2 x dp_shard2: name -> (stage, overrides); 2 or 4 microbatche
 BF16 = {
     "z3-dp2-bf16": (2, ["training.micro_batch=4"]),
     "pp2-z3-dp2-bf16": (4, ["parallel.pp=2", "training.micro_batch=2"]),
+}
+
+
+# ZeRO++ on 2 pseudo-nodes of 2 ranks. hpZ alone changes no value: the same losses as one process.
+# All three quantize (int8 weights, int4 gradients, a scale per 512 elements): close to them, not equal.
+ZPP = ["training.micro_batch=2", "parallel.node_size=2", "parallel.zeropp_block=512"]
+ZEROPP = {
+    "z3-dp4-hpz": [*ZPP, "parallel.zeropp_hpz=true"],
+    "z3-dp4-zeropp-bf16": [
+        *ZPP,
+        *("parallel.zeropp_qwz=true", "parallel.zeropp_hpz=true", "parallel.zeropp_qgz=true"),
+        *("training.dtype=bf16", "parallel.reduce_dtype=bf16"),
+    ],
 }
 
 
@@ -138,6 +156,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Run, list[
         specs[name] = Run(root / name, 4, [*BASE, f"parallel.zero_stage={stage}", *extra])
     for name, (nproc, extra) in BF16.items():
         specs[name] = Run(root / name, nproc, [*BASE, "parallel.zero_stage=3", "training.dtype=bf16", *extra])
+    for name, extra in ZEROPP.items():
+        specs[name] = Run(root / name, 4, [*BASE, "parallel.zero_stage=3", *extra])
     return train_named(specs)
 
 
@@ -230,3 +250,41 @@ def test_checkpoints_reshard_across_stages_shard_counts_and_pipelines(runs: dict
     for tail in tails:
         assert [r["step"] for r in tail] == [4, 5]
         assert_same_training(tail, runs["single"][1][3:], loss=1e-5, grad_norm=1e-5)
+
+
+def _node0_inter_node_bytes(run: Run) -> list[float]:
+    """Per step, the bytes ranks 0 and 1 (pseudo-node 0) send to the other node."""
+    pairs = zip(read_metrics(run.run_dir, 0), read_metrics(run.run_dir, 1))
+    return [a["comm_inter_node_bytes"] + b["comm_inter_node_bytes"] for a, b in pairs]
+
+
+def test_zeropp_hpz_changes_no_value_and_keeps_a_secondary_shard_per_node(runs: dict) -> None:
+    """hpZ: the same losses as one process; each rank holds 1/2 of every unit (2 ranks per node) as a
+    secondary shard in the compute dtype, on top of plain ZeRO-3's model states."""
+    assert_same_training(runs["z3-dp4-hpz"][1], runs["single"][1], loss=1e-5, grad_norm=1e-5)
+    secondary = sum(4 * padded(u, 4) // 2 for u in ZERO3_UNITS)
+    for rank in range(4):
+        plain = read_metrics(runs["z3-dp4-recompute"][0].run_dir, rank)
+        hpz = read_metrics(runs["z3-dp4-hpz"][0].run_dir, rank)
+        assert [b["mem_model_state_bytes"] - a["mem_model_state_bytes"] for a, b in zip(plain, hpz)] == [
+            secondary
+        ] * STEPS
+
+
+def test_zeropp_cuts_the_inter_node_bytes_to_the_formula_and_trains_like_zero3(runs: dict) -> None:
+    """Plain ZeRO-3 on 2 nodes x 2: of the ring 0-1-2-3, rank 1 sends node 0's share off the node,
+    3/4 of every gather and reduce-scatter: 3 x 3/4 x 4 Psi bytes in fp32. ZeRO++ in bf16: the
+    forward gather's int8 codes and scales (3/4 of them, from rank 1), no backward gather across
+    nodes (hpZ), and of qgZ only its second hop, whose int4 messages go half to the other node, from
+    both ranks. Blocks of 512 elements per rank's shard, the last one padded."""
+    assert _node0_inter_node_bytes(runs["z3-dp4-recompute"][0]) == [pytest.approx(9 * PSI, abs=2)] * STEPS
+    blocks = [math.ceil(padded(u, 4) // 4 / 512) for u in ZERO3_UNITS]
+    gather = sum(4 * (b * 512 + 4 * b) for b in blocks)  # every rank's int8 codes + scales
+    hop2 = sum(2 * (b * 512 // 2 + 4 * b) for b in blocks)  # two int4 messages of one shard each
+    zeropp = 0.75 * gather + 2 * 0.5 * hop2
+    assert _node0_inter_node_bytes(runs["z3-dp4-zeropp-bf16"][0]) == [pytest.approx(zeropp, abs=2)] * STEPS
+    zero3_bf16 = 3 * 0.75 * 2 * PSI  # the same model's plain ZeRO-3 in bf16
+    assert zero3_bf16 / zeropp > 4  # 3M -> 0.75M in the paper's limit of many ranks; 2.25M -> ~0.5M here
+    got, single = runs["z3-dp4-zeropp-bf16"][1], runs["single"][1]
+    assert all(abs(a["loss"] - b["loss"]) <= 0.02 * b["loss"] for a, b in zip(got, single))
+    assert got[-1]["loss"] != single[-1]["loss"]

@@ -7,6 +7,13 @@ Communication convention (shared with the planner, meshtrain.planner.predict_run
   (n-1)/n for reduce_scatter, all_gather and all_to_all, all of it for p2p.
 Scalar bookkeeping reductions (the logged loss, the grad norm) are not counted: they are not part of
 any strategy's theoretical volume.
+
+Inter-node bytes (comm_inter_node_bytes): of a rank's wire bytes, those it sends to a rank on another
+node, nodes being blocks of `node_size` consecutive global ranks. The ring model again decides: a
+ring collective's rank sends all its wire bytes to its successor (the next group rank), so only a
+rank whose successor sits on another node sends off-node; an all-to-all sends 1/n of its payload to
+each member; point-to-point goes to its peer. Summed over a node's ranks, that is the traffic on
+the node's link (ZeRO++'s figure of merit).
 """
 
 from __future__ import annotations
@@ -36,33 +43,52 @@ def wire_factor(kind: str, n: int) -> float:
     return 1.0
 
 
+def inter_node_factor(kind: str, ranks: tuple[int, ...], me: int, node_size: int) -> float:
+    """The share of a collective's payload that global rank `me` sends off its node (module docstring);
+    `ranks` are the group's global ranks in group order (for p2p: sender and receiver)."""
+    n = len(ranks)
+    if n < 2 or node_size < 1 or me not in ranks:
+        return 0.0
+    node = me // node_size
+    if kind == "all_to_all":
+        return sum(1 for r in ranks if r // node_size != node) / n
+    successor = ranks[(ranks.index(me) + 1) % n]
+    return wire_factor(kind, n) if successor // node_size != node else 0.0
+
+
 class Recorder(Protocol):
     """Where the communication layer counts and logs a collective: CommStats, or a tee of several."""
 
     log: CollectiveLog
 
-    def record(self, kind: str, nbytes: float, group_size: int) -> None: ...
+    def record(self, kind: str, nbytes: float, group_size: int, ranks: tuple[int, ...] = ()) -> None: ...
 
 
 class CommStats:
     """Counts the bytes this rank hands to collectives, and logs the calls (meshtrain.core.comm);
     one instance per run, passed explicitly."""
 
-    def __init__(self) -> None:
+    def __init__(self, node_size: int = 0, rank: int = 0) -> None:
         # float: HSDP's all_reduce records each rank's 1/N share of a unit, which need not be whole
         self.payload: dict[str, float] = defaultdict(int)
         self.wire = 0.0
+        self.inter_node = 0.0
+        self.node_size, self.rank = node_size, rank
+        """Ranks per node and this rank's global rank, for inter-node bytes (0: not split)."""
         self.log = CollectiveLog()
 
-    def record(self, kind: str, nbytes: float, group_size: int) -> None:
+    def record(self, kind: str, nbytes: float, group_size: int, ranks: tuple[int, ...] = ()) -> None:
         self.payload[kind] += nbytes
         self.wire += nbytes * wire_factor(kind, group_size)
+        if self.node_size and ranks:
+            self.inter_node += nbytes * inter_node_factor(kind, ranks, self.rank, self.node_size)
 
     def snapshot_and_reset(self) -> dict[str, float]:
         out: dict[str, float] = {f"comm_{k}_bytes": self.payload.get(k, 0) for k in KINDS}
         out["comm_wire_bytes"] = round(self.wire)
+        out["comm_inter_node_bytes"] = round(self.inter_node)
         self.payload.clear()
-        self.wire = 0.0
+        self.wire = self.inter_node = 0.0
         return out
 
 

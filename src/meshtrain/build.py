@@ -59,7 +59,7 @@ from meshtrain.pipeline.schedules import Kind, Layout, Schedule, build_schedule
 from meshtrain.pipeline.stage import build_stage, describe_split, split_blocks, stage_ranges
 from meshtrain.tensor_parallel import LLAMA_PLAN, TensorParallel, TensorParallelEngine, apply_tensor_parallel_parts
 from meshtrain.topology import Topology
-from meshtrain.zero import ExpertShards, ShardGroups, build_zero_engine
+from meshtrain.zero import ExpertShards, ShardGroups, ZeroPP, build_zero_engine
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -242,6 +242,7 @@ def _gradient_engine(
             prefetch=p.prefetch,
             deferred_weight_grads=deferred_weight_grads,
             experts=shards,
+            zeropp=_zeropp(cfg, topo),
         )
     # cp ranks hold the same weights and see different tokens: their gradients are summed like dp's;
     # under expert parallelism an expert's gradient is summed over the ranks that hold it
@@ -253,6 +254,22 @@ def _gradient_engine(
         reduce_dtype=DTYPES[p.reduce_dtype],
         expert_params=experts.expert_params if experts is not None else set(),
         expert_group=topo.group("edp"),
+    )
+
+
+def _zeropp(cfg: Config, topo: Topology) -> ZeroPP | None:
+    """ZeRO++'s parts; the shard group's node groups are made only when hpZ or qgZ needs them."""
+    p = cfg.parallel
+    if not (p.zeropp_qwz or p.zeropp_hpz or p.zeropp_qgz):
+        return None
+    hierarchy = p.zeropp_hpz or p.zeropp_qgz
+    return ZeroPP(
+        p.zeropp_qwz,
+        p.zeropp_hpz,
+        p.zeropp_qgz,
+        p.zeropp_block,
+        intra=topo.group("shard_intra") if hierarchy else None,
+        inter=topo.group("shard_inter") if hierarchy else None,
     )
 
 

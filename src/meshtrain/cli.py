@@ -70,7 +70,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.max_restarts < 0:
         raise ConfigError(f"--max-restarts {args.max_restarts} must not be negative")
     _check_nodes(args)
-    cfg = validate(load_config(args.config, overrides), args.nproc * args.nnodes)
+    cfg = validate(load_config(args.config, overrides), args.nproc * args.nnodes, args.nproc)
     for warning in preflight(cfg, args.nproc, overwrite=args.overwrite):
         print(f"warning: {warning}", file=sys.stderr)
     run_dir = Path(cfg.logging.run_dir)

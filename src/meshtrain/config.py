@@ -131,7 +131,15 @@ class ParallelConfig:
     prefetch: bool = True
     """With zero_stage = 3: gather the next unit's parameters while the current one computes, in forward and backward."""
     node_size: int = 0
-    """Ranks per node: consecutive global ranks form one (pseudo-)node, for the slow-link emulator's scope ([comm]); 0 = the local world size."""
+    """Ranks per node: consecutive global ranks form one (pseudo-)node, for the slow-link emulator's scope ([comm]), the inter-node byte count and ZeRO++'s hierarchy; 0 = the local world size."""
+    zeropp_qwz: bool = False
+    """With zero_stage = 3: ZeRO++ qwZ, parameters all-gathered as block-wise int8 codes (zeropp_block elements per fp32 scale), decoded on receipt."""
+    zeropp_hpz: bool = False
+    """With zero_stage = 3: ZeRO++ hpZ, each rank keeps a secondary slice of every unit within its node (1/L of it, L = its shard group's ranks per node), so backward gathers stay inside the node."""
+    zeropp_qgz: bool = False
+    """With zero_stage = 3: ZeRO++ qgZ, gradients reduced by two int4 all-to-alls (inside the node, then across nodes) summed in fp32, instead of the reduce-scatter."""
+    zeropp_block: int = 2048
+    """Elements per fp32 scale in ZeRO++'s int8 weight and int4 gradient codes (DeepSpeed uses a few thousand)."""
 
     @property
     def degrees(self) -> Degrees:

@@ -67,6 +67,34 @@ class Degrees:
                 out[name].setdefault(key(c, flat), []).append(rank)
         return {name: list(runs.values()) for name, runs in out.items()}
 
+    def shard_groups_by_node(self, node_size: int) -> dict[str, list[list[int]]]:
+        """The dp_shard x cp groups (ZeRO's shard groups) cut along nodes of `node_size` consecutive
+        global ranks, by name, each a list of global-rank lists (ZeRO++'s hierarchy):
+        `shard_intra`: the members of one shard group on one node; `shard_inter`: the members at the
+        same place of every node's share of the group (one rank per node).
+        Raises ValueError when a group has unequal shares on the nodes it spans."""
+        shard_groups: dict[tuple[int, ...], list[int]] = {}
+        for rank in range(self.world_size):
+            c = self.coords(rank)
+            shard_groups.setdefault((c["pp"], c["dp_replicate"], c["tp"]), []).append(rank)
+        intra: list[list[int]] = []
+        inter: dict[tuple[tuple[int, ...], int], list[int]] = {}
+        for key, members in shard_groups.items():
+            shares: dict[int, list[int]] = {}
+            for rank in members:
+                shares.setdefault(rank // node_size, []).append(rank)
+            sizes = {len(share) for share in shares.values()}
+            if len(sizes) > 1:
+                raise ValueError(
+                    f"the dp_shard x cp group {members} has {sorted(len(s) for s in shares.values())} ranks "
+                    f"on its nodes of {node_size}: a hierarchy needs the same number on each"
+                )
+            intra.extend(shares.values())
+            for share in shares.values():
+                for place, rank in enumerate(share):
+                    inter.setdefault((key, place), []).append(rank)
+        return {"shard_intra": intra, "shard_inter": list(inter.values())}
+
     def dp_rank(self, rank: int) -> int:
         c = self.coords(rank)
         return c["dp_replicate"] * self.dp_shard + c["dp_shard"]

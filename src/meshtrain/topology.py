@@ -5,6 +5,7 @@ explicitly. Each parallelism asks the Topology for the group of its own axis; no
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -28,13 +29,23 @@ FLATTENED: dict[str, tuple[str, ...]] = {
 # axes: 1/ep of the flattened group each is cut from, as the ep group takes ep of the dp_shard x cp ranks.
 SAME_EXPERTS: dict[str, str] = {"edp_shard": "dp_shard_cp", "edp": "dp_cp"}
 
+# ZeRO's shard group cut by node (meshtrain.degrees.Degrees.shard_groups_by_node): made on first request.
+BY_NODE = ("shard_intra", "shard_inter")
+
+
+def resolve_node_size(configured: int) -> int:
+    """Ranks per (pseudo-)node: parallel.node_size, or when 0 the local world size torchrun sets."""
+    return configured or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or dist.get_world_size()
+
 
 class Topology:
     """Degrees plus the live DeviceMesh. Each parallelism asks it for the group of its own axis."""
 
-    def __init__(self, degrees: Degrees, mesh: DeviceMesh) -> None:
+    def __init__(self, degrees: Degrees, mesh: DeviceMesh, node_size: int = 0) -> None:
         self.degrees = degrees
         self.mesh = mesh
+        self.node_size = resolve_node_size(node_size)
+        self._by_node: dict[str, dist.ProcessGroup | None] = {}
         self.rank = dist.get_rank()
         self.coords = degrees.coords(self.rank)
         self._flat = {name: mesh[axes]._flatten(name) for name, axes in FLATTENED.items() if self.size(name) > 1}
@@ -50,13 +61,15 @@ class Topology:
                 made[name] = enumeration
 
     @classmethod
-    def build(cls, degrees: Degrees, device: torch.device) -> Topology:
+    def build(cls, degrees: Degrees, device: torch.device, node_size: int = 0) -> Topology:
         if degrees.world_size != dist.get_world_size():
             raise ValueError(f"layout {degrees.shape} needs {degrees.world_size} ranks, have {dist.get_world_size()}")
         mesh = init_device_mesh(device.type, degrees.shape, mesh_dim_names=AXES)
-        return cls(degrees, mesh)
+        return cls(degrees, mesh, node_size)
 
     def size(self, axis: str) -> int:
+        if axis in BY_NODE:
+            return len(self._node_enumeration(axis)[0])
         if axis in SAME_EXPERTS:
             return self.size(SAME_EXPERTS[axis]) // self.degrees.ep
         axes = FLATTENED.get(axis, (axis,))
@@ -77,7 +90,19 @@ class Topology:
             return self._flat[axis].get_group()
         if axis in self._expert:
             return self._expert[axis]
+        if axis in BY_NODE:
+            return self._node_group(axis)
         return self.mesh.get_group(axis)
+
+    def _node_enumeration(self, axis: str) -> list[list[int]]:
+        return self.degrees.shard_groups_by_node(self.node_size)[axis]
+
+    def _node_group(self, axis: str) -> dist.ProcessGroup | None:
+        # Made on first request, not at start-up: only ZeRO++ asks, and every rank asks in the same
+        # order because every rank runs the same build path.
+        if axis not in self._by_node:
+            self._by_node[axis], _ = dist.new_subgroups_by_enumeration(self._node_enumeration(axis))
+        return self._by_node[axis]
 
     def describe(self) -> str:
         live = [f"{a}={getattr(self.degrees, a)}" for a in AXES if getattr(self.degrees, a) > 1]

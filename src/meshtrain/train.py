@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     world = int(os.environ.get("WORLD_SIZE", 1))
     try:
         cfg = load_config(args.config, args.overrides + ([f"logging.run_dir={args.run_dir}"] if args.run_dir else []))
-        cfg = validate(cfg, world)
+        cfg = validate(cfg, world, int(os.environ.get("LOCAL_WORLD_SIZE", 0)))
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0:
             # an external launcher skips `meshtrain train`'s checks; a restart continues its own run
             preflight(cfg, world, overwrite=False)

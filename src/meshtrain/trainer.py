@@ -19,13 +19,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from rich.console import Console
 
 from meshtrain import checkpoint as ckpt
@@ -47,7 +45,7 @@ from meshtrain.model import count_params
 from meshtrain.model.math import flops_per_token
 from meshtrain.optim import AdamW, lr_at
 from meshtrain.resilience import StepGuard, Stragglers
-from meshtrain.topology import Topology
+from meshtrain.topology import Topology, resolve_node_size
 from meshtrain.watchdog import Watchdog
 
 
@@ -56,8 +54,7 @@ def slow_link(cfg: Config) -> SlowLink | None:
     c = cfg.comm
     if not (c.emulate_gbps or c.emulate_latency_ms):
         return None
-    node = cfg.parallel.node_size or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or dist.get_world_size()
-    return SlowLink(c.emulate_gbps, c.emulate_latency_ms, node, c.emulate_scope)
+    return SlowLink(c.emulate_gbps, c.emulate_latency_ms, resolve_node_size(cfg.parallel.node_size), c.emulate_scope)
 
 
 class Trainer:
@@ -68,8 +65,8 @@ class Trainer:
         self.log = get_logger(env.rank, env.world_size, self.console if env.rank == 0 else None)
         if cfg.training.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.topo = Topology.build(cfg.parallel.degrees, env.device)
-        self.stats = CommStats()
+        self.topo = Topology.build(cfg.parallel.degrees, env.device, cfg.parallel.node_size)
+        self.stats = CommStats(self.topo.node_size, env.rank)
         self.stats.log.link = slow_link(cfg)
         self.parallel = build_parallel(cfg, self.topo, env.device, self.stats)
         self.engine, self.runner = self.parallel.engine, self.parallel.runner

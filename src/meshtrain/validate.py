@@ -98,6 +98,7 @@ VALUES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
     ("comm.emulate_gbps", _in(0, INF), "must not be negative (0 = no emulated link)"),
     ("comm.emulate_latency_ms", _in(0, INF), "must not be negative"),
     ("parallel.node_size", _in(0, INF), "must not be negative (0 = the local world size)"),
+    ("parallel.zeropp_block", _in(2, INF), "must be at least 2 elements per scale"),
     ("data.val_fraction", _in(0, 0.5, hi_open=True), "must be in [0, 0.5) (0 = no validation split)"),
     ("parallel.bucket_mb", _in(0, INF, lo_open=True), "must be > 0"),
     ("logging.peak_tflops", _in(0, INF), "must not be negative (0 detects it)"),
@@ -407,6 +408,37 @@ def _check_zero(cfg: Config) -> None:
         )
 
 
+def _check_zeropp(cfg: Config, local_world: int) -> None:
+    p = cfg.parallel
+    on = [f"parallel.zeropp_{x}=true" for x in ("qwz", "hpz", "qgz") if getattr(p, f"zeropp_{x}")]
+    if not on:
+        return
+    if p.zero_stage != 3:
+        raise ConfigError(f"{', '.join(on)} needs parallel.zero_stage=3 (ZeRO++ extends ZeRO-3), not {p.zero_stage}")
+    if p.ep > 1:
+        raise ConfigError(
+            f"{', '.join(on)} with parallel.ep={p.ep} is not supported: experts shard over their own group, "
+            f"which ZeRO++'s node hierarchy does not cut; set ep=1 or turn ZeRO++ off"
+        )
+    if p.zeropp_qgz and p.zeropp_block % 2:
+        raise ConfigError(f"parallel.zeropp_block={p.zeropp_block} must be even: qgZ packs two int4 codes per byte")
+    if not (p.zeropp_hpz or p.zeropp_qgz):
+        return
+    node = p.node_size or local_world
+    try:
+        places = p.degrees.shard_groups_by_node(node)["shard_intra"]
+    except ValueError as e:
+        raise ConfigError(
+            f"parallel.node_size={node}: {e}; choose a node size that splits dp_shard x cp evenly"
+        ) from None
+    if p.zeropp_hpz and len(places[0]) < 2:
+        raise ConfigError(
+            f"parallel.zeropp_hpz=true needs at least 2 ranks of a dp_shard x cp group per node, but "
+            f"parallel.node_size={node} leaves {len(places[0])}: hpZ's secondary shard would be the whole unit; "
+            f"raise node_size or turn hpz off"
+        )
+
+
 def resolve_dp_shard(cfg: Config, world_size: int) -> int:
     p = cfg.parallel
     other = p.dp_replicate * p.cp * p.tp * p.pp
@@ -487,8 +519,9 @@ def _from_hf(cfg: Config) -> None:
         )
 
 
-def validate(cfg: Config, world_size: int) -> Config:
-    """Return a copy with dp_shard resolved; raise ConfigError on the first problem found."""
+def validate(cfg: Config, world_size: int, local_world: int = 0) -> Config:
+    """Return a copy with dp_shard resolved; raise ConfigError on the first problem found.
+    `local_world`: ranks per node when launched on several (0: world_size, one node)."""
     cfg = copy.deepcopy(cfg)
     if world_size < 1:
         raise ConfigError(f"--nproc {world_size} must be at least 1")
@@ -503,4 +536,5 @@ def validate(cfg: Config, world_size: int) -> Config:
     _check_experts(cfg)
     _check_pipeline(cfg)
     _check_zero(cfg)
+    _check_zeropp(cfg, local_world or world_size)
     return cfg

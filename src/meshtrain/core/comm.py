@@ -38,6 +38,19 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+# The group is kept beside its ranks so that its id cannot be reused by a later group while cached.
+_RANKS: dict[int, tuple[object, tuple[int, ...]]] = {}
+
+
+def group_ranks(group: dist.ProcessGroup | None) -> tuple[int, ...]:
+    """The group's global ranks in group order, looked up once per group (every call counts with them)."""
+    g = group if group is not None else dist.group.WORLD
+    cached = _RANKS.get(id(g))
+    if cached is None or cached[0] is not g:
+        cached = _RANKS[id(g)] = (g, tuple(dist.get_process_group_ranks(g)))
+    return cached[1]
+
+
 def _run(
     stats: Recorder,
     kind: str,
@@ -49,7 +62,8 @@ def _run(
 ) -> TrackedWork:
     """Count (`counted` None: bookkeeping, not counted), log, issue, and block unless async."""
     if counted is not None:
-        stats.record(kind, counted, dist.get_world_size(group))
+        ranks = group_ranks(group)
+        stats.record(kind, counted, len(ranks), ranks)
     entry = stats.log.issue(kind, group, nbytes)
     if async_op:
         return TrackedWork(call(True), entry, stats.log)
@@ -149,8 +163,9 @@ def exchange(
 ) -> TrackedBatch:
     """Post point-to-point sends and receives (peers are ranks within `group`) as one batch and, unless
     `async_op`, wait for all. Counted: what is sent."""
-    for t, _ in sends:
-        stats.record("p2p", _nbytes(t), 2)
+    me = dist.get_rank()
+    for t, peer in sends:
+        stats.record("p2p", _nbytes(t), 2, (me, dist.get_global_rank(group, peer)))
     entry = stats.log.issue("p2p", group, sum(_nbytes(t) for t, _ in sends + recvs))
     ops = [dist.P2POp(dist.isend, t, group=group, group_peer=peer) for t, peer in sends]
     ops += [dist.P2POp(dist.irecv, t, group=group, group_peer=peer) for t, peer in recvs]
@@ -184,23 +199,73 @@ def all_to_all(
     )
 
 
+class CompressedGather:
+    """A compressed all-gather in flight (`start_all_gather_compressed`); wait() decodes it."""
+
+    def __init__(
+        self, works: list[TrackedWork], data: torch.Tensor, scales: torch.Tensor, n: int, like: Compressed
+    ) -> None:
+        self.works, self.data, self.scales, self.n, self.like = works, data, scales, n, like
+
+    def wait(self) -> torch.Tensor:
+        """Every rank's tensor as decoded: a flat fp32 tensor of n x the input's length."""
+        for work in self.works:
+            work.wait()
+        c, k, m = self.like, self.like.data.numel(), self.like.scales.numel()
+        return torch.cat(
+            [
+                dequantize(
+                    Compressed(
+                        self.data[r * k : (r + 1) * k], self.scales[r * m : (r + 1) * m], c.numel, c.block, c.bits
+                    )
+                )
+                for r in range(self.n)
+            ]
+        )
+
+
+def start_all_gather_compressed(
+    inp: torch.Tensor, group: dist.ProcessGroup, stats: Recorder, *, bits: int, block: int
+) -> CompressedGather:
+    """Launch the compressed all-gather of `all_gather_compressed` asynchronously."""
+    n, c = dist.get_world_size(group), compress(inp, bits, block)
+    data = torch.empty(n * c.data.numel(), dtype=c.data.dtype, device=c.data.device)
+    scales = torch.empty(n * c.scales.numel(), dtype=c.scales.dtype, device=c.scales.device)
+    works = [
+        all_gather(data, c.data, group, stats, async_op=True),
+        all_gather(scales, c.scales, group, stats, async_op=True),
+    ]
+    return CompressedGather(works, data, scales, n, c)
+
+
 def all_gather_compressed(
     inp: torch.Tensor, group: dist.ProcessGroup, stats: Recorder, *, bits: int, block: int
 ) -> torch.Tensor:
     """Every rank's `inp` (the same length on each), compressed (core.quantize: int8, int4 or 1-bit,
     per-block fp32 scales), gathered and decoded: a flat fp32 tensor of n x inp.numel(). Counted at
     what it puts on the wire: the gathered payload and the gathered scales, two all-gathers."""
-    n, c = dist.get_world_size(group), compress(inp, bits, block)
-    data = torch.empty(n * c.data.numel(), dtype=c.data.dtype, device=c.data.device)
-    scales = torch.empty(n * c.scales.numel(), dtype=c.scales.dtype, device=c.scales.device)
-    all_gather(data, c.data, group, stats)
-    all_gather(scales, c.scales, group, stats)
-    k, m = c.data.numel(), c.scales.numel()
-    parts = [
-        dequantize(Compressed(data[r * k : (r + 1) * k], scales[r * m : (r + 1) * m], c.numel, block, bits))
-        for r in range(n)
-    ]
-    return torch.cat(parts)
+    return start_all_gather_compressed(inp, group, stats, bits=bits, block=block).wait()
+
+
+def all_to_all_compressed(
+    chunks: torch.Tensor, group: dist.ProcessGroup, stats: Recorder, *, bits: int, block: int
+) -> torch.Tensor:
+    """Row i of `chunks` (group size x m) goes to group rank i, each row compressed on its own;
+    returns the rows received, decoded (group size x m, fp32). Counted at the compressed payload and
+    scales this rank sends, two all-to-alls."""
+    rows = [compress(row, bits, block) for row in chunks]
+    data, scales = torch.cat([c.data for c in rows]), torch.cat([c.scales for c in rows])
+    got_data, got_scales = torch.empty_like(data), torch.empty_like(scales)
+    all_to_all(got_data, data, group, stats)
+    all_to_all(got_scales, scales, group, stats)
+    k, m = rows[0].data.numel(), rows[0].scales.numel()
+    width = chunks.shape[1]
+    return torch.stack(
+        [
+            dequantize(Compressed(got_data[i * k : (i + 1) * k], got_scales[i * m : (i + 1) * m], width, block, bits))
+            for i in range(len(rows))
+        ]
+    )
 
 
 def barrier(group: dist.ProcessGroup | None, stats: Recorder) -> None:

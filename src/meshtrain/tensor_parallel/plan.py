@@ -81,9 +81,9 @@ class _Tee:
         self.sinks = sinks
         self.log = sinks[0].log  # the run's log: one per rank, whatever the scope
 
-    def record(self, kind: str, nbytes: float, group_size: int) -> None:
+    def record(self, kind: str, nbytes: float, group_size: int, ranks: tuple[int, ...] = ()) -> None:
         for sink in self.sinks:
-            sink.record(kind, nbytes, group_size)
+            sink.record(kind, nbytes, group_size, ranks)
 
 
 @dataclass

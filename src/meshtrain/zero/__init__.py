@@ -2,8 +2,9 @@
 
 - base.py     flat padded units, fp32 master and gradient shards, their reduction, checkpoint views
 - stage12.py  ZeRO-1 and ZeRO-2: whole parameters, sharded optimizer state (and gradients)
-- stage3.py   ZeRO-3: parameters gathered per unit just before use, prefetched, freed after
-- comm.py     the counted collectives (reduce-scatter, all-gather, the replicas' all-reduce)
+- stage3.py   ZeRO-3: parameters gathered per unit just before use, prefetched, freed after; ZeRO++
+              (quantized weight gathers, node-local secondary shards, hierarchical int4 gradients)
+- comm.py     the counted collectives (reduce-scatter, all-gather, the replicas' all-reduce, ZeRO++'s)
 
 The engine takes whatever parts this rank holds once the earlier steps of the build path have run
 (meshtrain.build): with tensor parallelism their tp-local parameters (the dp_shard group is the
@@ -19,10 +20,10 @@ from torch import nn
 
 from meshtrain.accounting import CommStats
 from meshtrain.zero.base import ExpertShards, FlatUnit, ShardGroups, ZeroBase
-from meshtrain.zero.stage3 import Zero3
+from meshtrain.zero.stage3 import Zero3, ZeroPP
 from meshtrain.zero.stage12 import Zero12
 
-__all__ = ["ExpertShards", "FlatUnit", "ShardGroups", "Zero3", "Zero12", "ZeroBase", "build_zero_engine"]
+__all__ = ["ExpertShards", "FlatUnit", "ShardGroups", "Zero3", "Zero12", "ZeroBase", "ZeroPP", "build_zero_engine"]
 
 
 def build_zero_engine(
@@ -38,11 +39,13 @@ def build_zero_engine(
     prefetch: bool,
     deferred_weight_grads: bool,
     experts: ExpertShards | None = None,
+    zeropp: ZeroPP | None = None,
 ) -> Zero3 | Zero12:
     """The engine for ZeRO `stage` (1-3). `param_dtype` is what ZeRO-3 gathers and computes in.
     `deferred_weight_grads`: some weight gradients are accumulated outside autograd, after backward
     (a zero-bubble pipeline's W), where no hook sees them, so ZeRO-2 must reduce once, in finish().
-    `experts`: expert parallelism's parameters and the groups they shard over."""
+    `experts`: expert parallelism's parameters and the groups they shard over. `zeropp`: ZeRO++'s
+    parts on ZeRO-3."""
     if stage == 3:
         return Zero3(
             parts,
@@ -53,6 +56,7 @@ def build_zero_engine(
             offload=offload,
             prefetch=prefetch,
             experts=experts,
+            zeropp=zeropp,
         )
     return Zero12(
         parts,

@@ -27,6 +27,16 @@ produces the linear weights' gradients outside autograd, after the unit was alre
 
 Mixed precision: with bf16 compute the shards stay fp32 (they are the master weights) and the
 gather moves bf16, as FSDP2's param_dtype does; gradients are reduced in parallel.reduce_dtype.
+
+ZeRO++ (`ZeroPP`, each part on its own flag; docs/compression.md):
+- qwZ: the parameter gathers carry block-wise int8 codes of the fp32 shards and their scales, decoded
+  on receipt; every rank decodes the same values, so all compute with the same (quantized) weights.
+- hpZ: each forward gather also keeps this rank's 1/L slice of the gathered unit (L = the shard
+  group's ranks on this node) as a secondary shard; backward gathers from those, inside the node.
+  The secondary is rewritten by every forward gather, so it always holds the weights the forward
+  used: it cannot go stale across an optimizer step or a checkpoint load (DeepSpeed #7606).
+- qgZ: the gradient reduce-scatter becomes two int4 all-to-alls, inside the node then across nodes,
+  summed in fp32 (zero/comm.py's hierarchical_reduce_scatter); it runs synchronously.
 """
 
 from __future__ import annotations
@@ -37,14 +47,34 @@ from functools import partial
 from typing import Any, cast
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from meshtrain.accounting import CommStats, human_bytes
-from meshtrain.core.comm import TrackedWork
+from meshtrain.core.comm import CompressedGather, TrackedWork
 from meshtrain.core.parts import as_parts
 from meshtrain.model import Llama
 from meshtrain.zero.base import ExpertShards, FlatUnit, ShardGroups, Unit, ZeroBase, named_unique
-from meshtrain.zero.comm import all_gather
+from meshtrain.zero.comm import all_gather, hierarchical_reduce_scatter, quantized_gather
+
+
+@dataclass(frozen=True)
+class ZeroPP:
+    """ZeRO++'s three parts (module docstring) and the shard group cut by node that hpZ and qgZ use."""
+
+    qwz: bool = False
+    hpz: bool = False
+    qgz: bool = False
+    block: int = 2048
+    """Elements per fp32 scale, for qwZ's int8 and qgZ's int4."""
+    intra: dist.ProcessGroup | None = None
+    """The shard group's ranks on this node."""
+    inter: dist.ProcessGroup | None = None
+    """The shard group's ranks at this rank's place on every node."""
+
+    def describe(self) -> str:
+        parts = [name for name, on in (("qwZ", self.qwz), ("hpZ", self.hpz), ("qgZ", self.qgz)) if on]
+        return f"ZeRO++ {'+'.join(parts)}" if parts else ""
 
 
 @dataclass(eq=False, kw_only=True)
@@ -54,8 +84,12 @@ class GatherUnit(Unit):
     """fp32 shard on the device: the source of every gather (and the master, unless offloaded)."""
     state: str = "free"
     """free (storage size 0), inflight (gather launched) or ready."""
-    work: TrackedWork | None = None
+    work: TrackedWork | CompressedGather | None = None
     source: torch.Tensor | None = field(default=None, repr=False)
+    secondary: torch.Tensor | None = None
+    """hpZ: this rank's slice of the unit as the last forward gathered it, in the compute dtype."""
+    refresh: bool = False
+    """hpZ: the gather in flight is a primary one, so its result rewrites the secondary."""
 
 
 @dataclass(frozen=True)
@@ -119,10 +153,12 @@ class Zero3(ZeroBase[GatherUnit]):
         offload: bool = False,
         prefetch: bool = True,
         experts: ExpertShards | None = None,
+        zeropp: ZeroPP | None = None,
     ) -> None:
         parts = as_parts(model)
         super().__init__(groups, stats, reduce_dtype, offload, next(parts[0].parameters()).device, experts)
         self.param_dtype, self.prefetch = param_dtype, prefetch
+        self.zpp = zeropp or ZeroPP()
         self.live_bytes = self.peak_bytes = 0
         self.next_fwd: dict[int, int] = {}
         self.next_bwd: dict[int, int] = {}
@@ -157,6 +193,10 @@ class Zero3(ZeroBase[GatherUnit]):
         compute.untyped_storage().resize_(0)
         grad = torch.zeros(lay.shard_size, dtype=torch.float32, device=self.device)
         master = self.host_copy(shard) if self.offload else shard
+        places = dist.get_world_size(self.zpp.intra) if self.zpp.intra is not None else 1
+        secondary = None
+        if self.zpp.hpz and groups.shard is not None:
+            secondary = torch.zeros(lay.padded // places, dtype=self.param_dtype, device=self.device)
         return GatherUnit(
             lay,
             master,
@@ -165,10 +205,11 @@ class Zero3(ZeroBase[GatherUnit]):
             groups=groups,
             shard=shard,
             index=index,
+            secondary=secondary,
         )
 
     # ---- gather / free ----------------------------------------------------------------------------
-    def _start_gather(self, i: int) -> None:
+    def _start_gather(self, i: int, backward: bool = False) -> None:
         unit = self.units[i]
         if unit.state != "free":
             return
@@ -176,25 +217,36 @@ class Zero3(ZeroBase[GatherUnit]):
         unit.full.untyped_storage().resize_(nbytes)
         self.live_bytes += nbytes
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
-        source = unit.shard if unit.shard.dtype == self.param_dtype else unit.shard.to(self.param_dtype)
         unit.state = "inflight"
+        real = unit.layout.real_bytes(unit.full.element_size())
+        if backward and unit.secondary is not None and self.zpp.intra is not None:  # hpZ: inside the node
+            unit.work, unit.refresh = all_gather(unit.full, unit.secondary, self.zpp.intra, self.stats, real), False
+            return
+        unit.refresh = unit.secondary is not None
+        if self.zpp.qwz and unit.groups.shard is not None:
+            unit.work = quantized_gather(unit.shard, unit.groups.shard, self.stats, self.zpp.block)
+            return
+        source = unit.shard if unit.shard.dtype == self.param_dtype else unit.shard.to(self.param_dtype)
         if unit.groups.shard is None:
             unit.full.copy_(source)
             return
         # Writing into storage that autograd's saved views share trips no version check: `p.data = view`
         # left each parameter its own version counter, which is the one its saved views carry.
-        unit.work = all_gather(
-            unit.full, source, unit.groups.shard, self.stats, unit.layout.real_bytes(unit.full.element_size())
-        )
+        unit.work = all_gather(unit.full, source, unit.groups.shard, self.stats, real)
         unit.source = source
 
-    def _unshard(self, i: int) -> None:
+    def _unshard(self, i: int, backward: bool = False) -> None:
         unit = self.units[i]
-        self._start_gather(i)
+        self._start_gather(i, backward)
         if unit.state == "inflight":
-            if unit.work is not None:
+            if isinstance(unit.work, CompressedGather):
+                unit.full.copy_(unit.work.wait())  # the decoded fp32 codes, cast to the compute dtype
+            elif unit.work is not None:
                 unit.work.wait()
-            unit.work, unit.source, unit.state = None, None, "ready"
+            if unit.refresh and unit.secondary is not None:
+                place = dist.get_rank(self.zpp.intra) if self.zpp.intra is not None else 0
+                unit.secondary.copy_(unit.full.view(-1, unit.secondary.numel())[place])
+            unit.work, unit.source, unit.state, unit.refresh = None, None, "ready", False
 
     def _free(self, i: int) -> None:
         unit = self.units[i]
@@ -205,9 +257,9 @@ class Zero3(ZeroBase[GatherUnit]):
         self.live_bytes -= unit.layout.padded * unit.full.element_size()
         unit.state = "free"
 
-    def _prefetch(self, after: dict[int, int], i: int) -> None:
+    def _prefetch(self, after: dict[int, int], i: int, backward: bool = False) -> None:
         if self.prefetch and i in after:
-            self._start_gather(after[i])
+            self._start_gather(after[i], backward)
 
     # ---- hooks ------------------------------------------------------------------------------------
     def _pre_forward(self, i: int, module: nn.Module, args: Any) -> None:
@@ -220,8 +272,8 @@ class Zero3(ZeroBase[GatherUnit]):
         self._free(i)
 
     def _pre_backward(self, i: int, grad: torch.Tensor) -> None:
-        self._unshard(i)
-        self._prefetch(self.next_bwd, i)
+        self._unshard(i, backward=True)
+        self._prefetch(self.next_bwd, i, backward=True)
 
     def counting(self) -> bool:
         return True  # every micro-step's gradients are reduced (see the module docstring)
@@ -232,6 +284,10 @@ class Zero3(ZeroBase[GatherUnit]):
         flat = lay.flatten([p.grad for p in lay.params], self.reduce_dtype, self.device)
         for p in lay.params:
             p.grad = None
+        if self.zpp.qgz and unit.groups.shard is not None:
+            mine = hierarchical_reduce_scatter(flat, self.zpp.intra, self.zpp.inter, self.stats, self.zpp.block)
+            unit.grad_shard().add_(mine.to(unit.grad_shard().device))
+            return
         self.reduce(unit, flat, unit.grad_shard(), "add")
 
     # ---- the GradEngine contract ------------------------------------------------------------------
@@ -265,15 +321,17 @@ class Zero3(ZeroBase[GatherUnit]):
             "params": [u.shard for u in self.units] + [u.full for u in self.units],
             "grads": [u.grad for u in self.units],
             "host master": [u.master for u in self.units] if self.offload else [],
+            "hpZ secondary": [u.secondary for u in self.units],
         }
 
     def traffic(self) -> str:
-        psi = self.num_params()
-        gathered = human_bytes(psi * self.units[0].full.element_size())
-        return (
-            f"per micro-step all-gather {gathered} in forward and again in backward, reduce-scatter "
-            f"{human_bytes(psi * self.reduce_dtype.itemsize)}"
-        )
+        psi, z = self.num_params(), self.zpp
+        gathered = human_bytes(psi * (1 if z.qwz else self.units[0].full.element_size()))
+        backward = "within the node (hpZ)" if z.hpz else "again in backward"
+        reduced = human_bytes(psi * (0.5 if z.qgz else self.reduce_dtype.itemsize))
+        how = "int4 all-to-all in the node, then across nodes (qgZ)" if z.qgz else "reduce-scatter"
+        codes = f" ({z.describe()}: codes plus one fp32 scale per {z.block} elements)" if z.qwz or z.qgz else ""
+        return f"per micro-step all-gather {gathered} in forward and {backward}, {how} {reduced}{codes}"
 
     def step_metrics(self) -> dict[str, float]:
         """Peak bytes of gathered parameters during the step, next to the largest unit's size."""
