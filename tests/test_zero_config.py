@@ -109,3 +109,8 @@ def test_zeropp_refusals_name_the_fields_and_the_fix() -> None:
     assert validate(load_config(None, ZPP[:2]), 4).parallel.zeropp_hpz
     with pytest.raises(ConfigError, match="parallel.node_size=1"):  # 4 ranks over 4 nodes of one
         validate(load_config(None, ZPP[:2]), 4, local_world=1)
+
+
+def test_the_planner_refuses_zeropp_rather_than_predict_plain_zero3() -> None:
+    with pytest.raises(ConfigError, match="the planner does not model ZeRO\\+\\+ \\(parallel.zeropp_qwz=true\\)"):
+        _predict(4, "parallel.zero_stage=3", "parallel.zeropp_qwz=true")

@@ -18,14 +18,13 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from meshtrain.config import Config
+from meshtrain.config import Config, ConfigError
 from meshtrain.model.math import from_model_config, param_count, shape_flops_per_token
 from meshtrain.pipeline.stage import split_blocks
 from meshtrain.planner.comm import wire_bytes
 from meshtrain.planner.layout import Layout, groups, rank_params
 from meshtrain.planner.memory import FP32, MemoryInputs, StateDtypes, model_state_bytes, rank_memory
 from meshtrain.planner.traffic import TrafficInputs, step_collectives
-from meshtrain.validate import validate
 
 COMM_KINDS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "p2p")
 
@@ -109,9 +108,15 @@ def predict_run(cfg: Config, world_size: int, rank: int = 0) -> dict[str, Any]:
     comm_*_bytes follow the payload convention of traffic.py (all-reduce: the tensor reduced;
     reduce-scatter: the full input; all-gather: the full output); comm_wire_bytes is what the
     rank sends under the ring model. Loss and grad-norm scalar reductions are not counted.
-    Raises ConfigError for a config that `validate` rejects.
+    Raises ConfigError for a config that `validate` rejects, and for ZeRO++, which is not modelled.
     """
     cfg = validate(cfg, world_size)
+    zeropp = [f"parallel.zeropp_{x}=true" for x in ("qwz", "hpz", "qgz") if getattr(cfg.parallel, f"zeropp_{x}")]
+    if zeropp:  # its codes, node groups and secondary shards: wrong figures would be worse than none
+        raise ConfigError(
+            f"the planner does not model ZeRO++ ({', '.join(zeropp)}); plan the plain ZeRO-3 layout, and see "
+            f"docs/compression.md for ZeRO++'s bytes"
+        )
     t, p = cfg.training, cfg.parallel
     shape = from_model_config(cfg.model, t.seq_len)
     lay = config_layout(cfg)
