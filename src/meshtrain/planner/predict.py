@@ -25,6 +25,7 @@ from meshtrain.planner.comm import wire_bytes
 from meshtrain.planner.layout import Layout, groups, rank_params
 from meshtrain.planner.memory import FP32, MemoryInputs, StateDtypes, model_state_bytes, rank_memory
 from meshtrain.planner.traffic import TrafficInputs, step_collectives
+from meshtrain.validate import validate
 
 COMM_KINDS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "p2p")
 
