@@ -22,6 +22,10 @@ from meshtrain.model import int8 as q8
 pytestmark = pytest.mark.pure
 SMALL = ModelConfig(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=64)
 SEQ = 32
+PROJECTIONS = [f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.{p}_proj" for p in ("gate", "up", "down")]
+"""One block's linear layers, in the model's order: what quantize_model converts."""
+OUTLIERS = (3, 20, 41)
+"""The features made outliers in the model test."""
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -182,9 +186,6 @@ def test_outlier_features_in_the_model_hurt_absmax_but_not_llm_int8(trained: tup
     assert err["absmax"] > 2 * err["int8"], err
 
 
-OUTLIERS = (3, 20, 41)
-
-
 def test_quantize_model_swaps_the_linears_and_counts_their_bytes() -> None:
     cfg = ModelConfig(**{**SMALL.__dict__, "tie_embeddings": True})
     model = build_model(cfg, seed=0)
@@ -199,17 +200,6 @@ def test_quantize_model_swaps_the_linears_and_counts_their_bytes() -> None:
     other = cfg.vocab_size * d + 2 * 2 * d + d  # the tied embedding, four block norms, the final norm
     assert report.fp32_bytes == 4 * (linear_params + other) and report.bf16_bytes == report.fp32_bytes // 2
     assert report.quantized_bytes == linear_params + 2 * 4 * sum(o for o, _ in shapes) + 4 * other
-
-
-PROJECTIONS = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-]
 
 
 def test_a_moe_model_keeps_its_routed_experts_and_still_runs() -> None:
