@@ -133,7 +133,7 @@ def test_tensorboard_holds_the_metrics_records(runs: dict) -> None:
 @pytest.mark.dist
 def test_eval_and_plot_commands_read_the_run(runs: dict, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """`meshtrain eval` on the checkpoint gives training's last val_loss (MoE's balancing biases
-    loaded: they route); `meshtrain plot` draws four PNGs."""
+    loaded: they route), and within 1% of it with --quantize int8; `meshtrain plot` draws four PNGs."""
     from meshtrain.cli import main
 
     for name in ("single", "moe-single"):
@@ -141,6 +141,11 @@ def test_eval_and_plot_commands_read_the_run(runs: dict, capsys: pytest.CaptureF
         assert main(["eval", "--run-dir", str(run.run_dir)]) == 0
         printed = capsys.readouterr().out.split()
         assert printed[0] == "val_loss" and float(printed[1]) == pytest.approx(records[-1]["val_loss"], abs=2e-6)
+    # LLM.int8 (meshtrain.model.int8): within 1% of the fp32 loss, and it says which matmul ran
+    assert main(["eval", "--run-dir", str(runs["single"][0].run_dir), "--quantize", "int8"]) == 0
+    loss_line, int8_line = capsys.readouterr().out.splitlines()
+    assert float(loss_line.split()[1]) == pytest.approx(runs["single"][1][-1]["val_loss"], rel=0.01)
+    assert int8_line.startswith("LLM.int8 (threshold 6)") and "matmul: torch._int_mm" in int8_line
     assert main(["plot", "--run-dir", str(runs["pp2-1f1b"][0].run_dir), "--out", str(tmp_path)]) == 0
     for name in ("loss", "throughput", "memory", "comm"):
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000, name

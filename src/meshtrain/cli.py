@@ -139,14 +139,28 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         help="recompute the whole window for every token instead of reusing the cached keys and values "
         "(slower; for comparison)",
     )
+    add_quantize_argument(p)
     p.set_defaults(func=run_generate)
+
+
+def add_quantize_argument(p: argparse.ArgumentParser) -> None:
+    """--quantize, shared by generate and eval (meshtrain.model.int8)."""
+    p.add_argument(
+        "--quantize",
+        choices=("none", "int8", "absmax"),
+        default="none",
+        help="run the linear layers in int8: int8 = LLM.int8() (input columns with any |x| >= 6 in fp32), "
+        "absmax = plain per-row x per-channel int8; the lm_head stays fp32 (default none)",
+    )
 
 
 def run_generate(args: argparse.Namespace) -> int:
     from meshtrain.generate import Sampling, generate, load_for_generation
+    from meshtrain.model.int8 import apply_quantize, describe
 
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     model, tok, step = load_for_generation(Path(args.run_dir))
+    report = apply_quantize(model, args.quantize)  # None for --quantize none
     kv_cache = not args.no_kv_cache
     out = generate(
         model, tok, args.prompt, args.max_new_tokens, model.rope_cos.device, sampling, args.stop, kv_cache=kv_cache
@@ -158,6 +172,8 @@ def run_generate(args: argparse.Namespace) -> int:
         f"({'kv cache' if kv_cache else 'no kv cache'}; ended by {out.stopped})",
         file=sys.stderr,
     )
+    if report is not None:
+        print(f"# {describe(report, model)}", file=sys.stderr)
     print(out.text)
     return 0
 

@@ -75,6 +75,9 @@ def add_parser(subparsers: Any) -> None:
         "its validation split is used",
     )
     p.add_argument("--batches", type=int, help="global batches to evaluate (default: the run's training.eval_batches)")
+    from meshtrain.cli import add_quantize_argument
+
+    add_quantize_argument(p)
     p.set_defaults(func=run_eval)
 
 
@@ -83,18 +86,23 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.batches is not None and args.batches < 1:
         raise ConfigError(f"--batches {args.batches} must be at least 1")
-    result = evaluate_checkpoint(Path(args.run_dir), args.data, args.batches)
+    result = evaluate_checkpoint(Path(args.run_dir), args.data, args.batches, args.quantize)
     print(
         f"# {args.run_dir} @ step {result['step']}: {result['batches']} global batches x "
         f"{result['tokens'] // result['batches']:,} tokens of the validation split",
         file=sys.stderr,
     )
     print(f"val_loss {result['val_loss']:.6f}  val_ppl {result['val_ppl']:.4f}")
+    if "quantized" in result:
+        print(result["quantized"])
     return 0
 
 
-def evaluate_checkpoint(run_dir: Path, data: str | None = None, batches: int | None = None) -> dict[str, Any]:
-    """The validation loss of the run's newest checkpoint on this process's CPU (module docstring)."""
+def evaluate_checkpoint(
+    run_dir: Path, data: str | None = None, batches: int | None = None, quantize: str = "none"
+) -> dict[str, Any]:
+    """The validation loss of the run's newest checkpoint on this process's CPU (module docstring),
+    its linear layers in int8 under quantize = "int8" (LLM.int8) or "absmax" (meshtrain.model.int8)."""
     import torch
 
     from meshtrain.config import load_config
@@ -102,10 +110,12 @@ def evaluate_checkpoint(run_dir: Path, data: str | None = None, batches: int | N
     from meshtrain.data import build_dataset, build_tokenizer
     from meshtrain.generate import checkpoint_path, model_at
     from meshtrain.loss import cross_entropy_sum
+    from meshtrain.model.int8 import apply_quantize, describe
     from meshtrain.preflight import check_data
 
     path = checkpoint_path(run_dir)  # found and verified once: the model and the config come from it
     model, trained, step = model_at(path)
+    report = apply_quantize(model, quantize)
     tok = build_tokenizer(trained.data.tokenizer)
     cfg = load_config(path / "config.toml", data_overrides(data))
     check_data(cfg)
@@ -121,7 +131,16 @@ def evaluate_checkpoint(run_dir: Path, data: str | None = None, batches: int | N
     )
     tokens = n * t.global_batch * t.seq_len
     mean = float(total) / tokens
-    return {"step": step, "batches": n, "tokens": tokens, "val_loss": mean, "val_ppl": perplexity(mean)}
+    result: dict[str, Any] = {
+        "step": step,
+        "batches": n,
+        "tokens": tokens,
+        "val_loss": mean,
+        "val_ppl": perplexity(mean),
+    }
+    if report is not None:  # after the forwards: the line says which matmul path they took
+        result["quantized"] = describe(report, model)
+    return result
 
 
 def data_overrides(data: str | None) -> list[str]:
