@@ -35,10 +35,12 @@ matmul reads the experts' weights directly; shared experts are ordinary linears 
 The int8 product runs through torch._int_mm where it accepts the operands (CPU: any 2-D int8
 pair we tried; CUDA: rows > 16, K and N multiples of 8), else through a float matmul of the int8
 values: exact in fp32 while K x 127^2 < 2^24 (K <= 1040), in float64 beyond. Each layer counts the
-path its matmuls took (`matmul_paths`), so a caller can say which one ran. On the CPU
-torch._int_mm is correct but slow (torch 2.13, one thread: the default model's forward of 4 x 128
-tokens took 978 ms, against 82 ms through the float matmul and 35 ms in fp32); `int_mm=False`
-takes the float path, with the same result. Inference only: no gradients.
+path its matmuls took (`matmul_paths`), so a caller can say which one ran. By default
+(`int_mm=None`) torch._int_mm is taken on CUDA and on CPUs with AVX-512 (bitsandbytes' own rule on
+the CPU), the float path elsewhere: without AVX-512 torch._int_mm is correct but slow (torch 2.13 on
+the AVX2 development machine, one thread: the default model's forward of 4 x 128 tokens took 978 ms,
+against 82 ms through the float matmul and 35 ms in fp32), with the same result either way.
+Inference only: no gradients.
 """
 
 from __future__ import annotations
@@ -69,6 +71,13 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.zeros_like(x, dtype=torch.int8), torch.zeros(0, device=x.device)
     packed = quantize(x, 8, block=width)
     return packed.data.view(rows, width), packed.scales
+
+
+def fast_int_mm(device: torch.device) -> bool:
+    """Is torch._int_mm the faster path here? CUDA, or a CPU with AVX-512 (module docstring)."""
+    return device.type == "cuda" or (
+        device.type == "cpu" and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    )
 
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor, int_mm: bool = True) -> tuple[torch.Tensor, str]:
@@ -170,17 +179,20 @@ def quantize_model(
     mode: str = "int8",
     threshold: float = DEFAULT_THRESHOLD,
     skip: tuple[str, ...] = SKIP,
-    int_mm: bool = True,
+    int_mm: bool | None = None,
 ) -> QuantizeReport:
     """Replace, in place, every nn.Linear of `model` but those in `skip` and the routed experts by an
     Int8Linear (mode "int8": LLM.int8 with `threshold`; "absmax": threshold 0). Copy the model
-    first (copy.deepcopy) to keep the floating-point one."""
+    first (copy.deepcopy) to keep the floating-point one. `int_mm`: take torch._int_mm where it runs
+    (None: where it is the faster path, `fast_int_mm`)."""
     if mode not in MODES:
         raise ConfigError(f"quantization mode {mode!r}: one of {', '.join(MODES)}")
     if mode == "int8" and not threshold > 0:
         raise ConfigError(f"LLM.int8's outlier threshold {threshold} must be > 0 (mode 'absmax' has none)")
     fp32 = sum(p.numel() for p in model.parameters()) * 4  # parameters() yields a tied weight once
     level = threshold if mode == "int8" else 0.0
+    if int_mm is None:
+        int_mm = fast_int_mm(next(model.parameters()).device)
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     converted, kept = [], []
     for name, linear in linears:
