@@ -1,0 +1,9 @@
+"""Compressed communication strategies built on core.quantize's codecs.
+
+- comm.py         1-bit Adam's compressed all-reduce (sign compression, two-stage error feedback)
+- onebit_adam.py  the 1-bit Adam optimizer and the engine decorator that keeps gradients local after the freeze
+"""
+
+from meshtrain.compression.onebit_adam import OneBitAdam, OneBitAdamEngine
+
+__all__ = ["OneBitAdam", "OneBitAdamEngine"]
