@@ -36,7 +36,7 @@ from torch import nn
 
 from meshtrain.accounting import CommStats
 from meshtrain.activation_checkpoint import apply_activation_checkpointing
-from meshtrain.compression import OneBitAdamEngine
+from meshtrain.compression.onebit_adam import OneBitAdamEngine
 from meshtrain.config import Config
 from meshtrain.context_parallel import ContextParallel, apply_context_parallel
 from meshtrain.core.engine import DisjointParts, GradEngine

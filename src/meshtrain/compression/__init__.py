@@ -2,8 +2,7 @@
 
 - comm.py         1-bit Adam's compressed all-reduce (sign compression, two-stage error feedback)
 - onebit_adam.py  the 1-bit Adam optimizer and the engine decorator that keeps gradients local after the freeze
+
+Nothing is imported here, so that the compressed all-reduce loads without the engine contract
+(which pulls in torch.distributed.checkpoint): import the modules themselves.
 """
-
-from meshtrain.compression.onebit_adam import OneBitAdam, OneBitAdamEngine
-
-__all__ = ["OneBitAdam", "OneBitAdamEngine"]
