@@ -121,6 +121,7 @@ def build_parallel(cfg: Config, topo: Topology, device: torch.device, stats: Com
     engine = _gradient_engine(
         parts, topo, cfg, stats, deferred_weight_grads=pipe is not None and pipe.splits_backward, experts=ep
     )
+    # 1-bit Adam's decorator sits on the data-parallel engine itself: the decorators below extend its norm
     onebit = _onebit_adam(engine, topo, cfg, stats)
     engine = onebit if onebit is not None else engine
     if ep is not None:  # experts differ across the ep group: their part of the norm is summed over it
