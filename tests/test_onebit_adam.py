@@ -32,6 +32,7 @@ from meshtrain.optim import AdamW
 N, B = 1001, 64  # padded to 1024 on 2 ranks: a chunk of 8 blocks each
 ROUNDS = 3
 STEPS, FREEZE = 8, 3
+SHORT = 6  # the 4-rank layouts: three compressed steps are enough, and each costs twice a 2-rank one
 # Psi = 105210 (as in test_zero_equivalence.py): padded on 2 ranks (to 106496), and per stage under pp
 TRAIN_BLOCK = 2048  # compression.comm.BLOCK
 MODEL = ["model.dim=42", "model.n_heads=3", "model.n_kv_heads=1", "model.n_layers=4"]
@@ -122,13 +123,14 @@ def test_compressed_allreduce_equals_the_simulation_bit_for_bit_and_counts_its_b
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Run, list[dict]]]:
     tmp = tmp_path_factory.mktemp("onebit")
-    dp2 = ["training.micro_batch=4"]
+    dp2, short = ["training.micro_batch=4"], [f"training.steps={SHORT}"]
     resumed = tmp / "resumed"
     specs = {
         "adamw": Run(tmp / "adamw", 2, [*BASE, *dp2, f"checkpoint.interval={STEPS}"]),
         "dp2": Run(tmp / "dp2", 2, [*BASE, *dp2, *ONEBIT]),
-        "pp2-dp2": Run(tmp / "pp2", 4, [*BASE, *ONEBIT, "parallel.pp=2", "training.micro_batch=2"]),
-        "cp2-dp2": Run(tmp / "cp2", 4, [*BASE, *ONEBIT, "parallel.cp=2", "training.micro_batch=2"]),  # 2 micro-steps
+        # both with 2 micro-steps per step
+        "pp2-dp2": Run(tmp / "pp2", 4, [*BASE, *ONEBIT, "parallel.pp=2", "training.micro_batch=2", *short]),
+        "cp2-dp2": Run(tmp / "cp2", 4, [*BASE, *ONEBIT, "parallel.cp=2", "training.micro_batch=2", *short]),
         # stops after step 5 (past the freeze) with a checkpoint, then goes on to step 8 from it
         "first-half": Run(resumed, 2, [*BASE, *dp2, *ONEBIT, "training.steps=5", "checkpoint.interval=5"]),
         "resumed": Run(resumed, 2, [*BASE, *dp2, *ONEBIT]),
@@ -150,10 +152,11 @@ def test_adamw_until_the_freeze_then_learning_on_every_layout(runs: dict[str, tu
     assert dp2[: FREEZE + 1] == adamw[: FREEZE + 1]
     for name in ("dp2", "pp2-dp2", "cp2-dp2"):
         got = _losses(runs[name][1])
-        assert len(got) == STEPS
+        assert len(got) == (STEPS if name == "dp2" else SHORT)
         assert got[: FREEZE + 1] == pytest.approx(adamw[: FREEZE + 1], rel=1e-5), name
-        assert got[-1] < got[FREEZE] - 0.05, (name, got)  # still learning after the freeze
-        assert abs(got[-1] - adamw[-1]) < 0.02 * adamw[-1], (name, got[-1], adamw[-1])
+        assert got[-1] < got[FREEZE] - 0.03, (name, got)  # still learning after the freeze
+        last = adamw[len(got) - 1]
+        assert abs(got[-1] - last) < 0.02 * last, (name, got[-1], last)
         # every rank took the same decisions on the same norm
         norms = {
             tuple(r["grad_norm"] for r in read_metrics(runs[name][0].run_dir, k)) for k in range(runs[name][0].nproc)
@@ -181,7 +184,7 @@ def test_bytes_after_the_freeze_follow_the_formula(runs: dict[str, tuple[Run, li
         fp32_wire = 2 * (world - 1) / world * 4 * n
         ratio = (want["wire"]) / fp32_wire  # 1/32, plus the scales (1/64 of that) and the padding
         assert ratio == pytest.approx(p / n * (1 / 32 + 1 / TRAIN_BLOCK)) and ratio < 1 / 30
-        seen, after = counted(run, rank), STEPS - FREEZE
+        seen, after = counted(run, rank), len(records) - FREEZE
         assert seen.get("all_reduce", 0) == recorded(run, rank, "comm_all_reduce_bytes") == FREEZE * 4 * n
         for kind in ("all_to_all", "all_gather"):
             assert seen[kind] == recorded(run, rank, f"comm_{kind}_bytes") == after * want[kind], (rank, kind)
