@@ -146,6 +146,12 @@ CASES: list[tuple[str, list[str], Setup, str]] = [  # id, arguments, setup, frag
     ("negative restarts", ["--max-restarts", "-1"], _none, "--max-restarts -1 must not be negative"),
     ("no processes", ["--nproc", "0"], _none, "must be at least 1"),
     ("node rank", ["--nnodes", "2", "--node-rank", "2"], _none, "--node-rank 2 must be in 0 .. --nnodes-1 = 1"),
+    (
+        "1-bit Adam with ZeRO",
+        ["--nproc", "2", *_set("optimizer.name=onebit_adam", "optimizer.freeze_step=2", "parallel.zero_stage=1")],
+        _none,
+        "optimizer.name=onebit_adam with parallel.zero_stage=1 is not supported",
+    ),
 ]
 
 

@@ -14,6 +14,8 @@ nowhere else, in this order (torchtitan's, with the pipeline first):
   6. data parallelism / ZeRO   owns the parameters and gradients the steps above produced
   7. B/W split                 zero-bubble schedules: layers defer their weight gradients to W
   8. the step runner           the plain micro-step loop, or the pipeline executor
+  9. the optimizer             AdamW, or 1-bit Adam, whose engine decorator wraps the data-parallel
+                               engine in step 6 (it turns the gradient all-reduce off after the freeze)
 
 Every strategy gets plain decisions (groups, dtypes, flags) from here, never the Config, and never
 another strategy's code: what one step changes comes back as a value (TensorParallel's loss
@@ -34,6 +36,7 @@ from torch import nn
 
 from meshtrain.accounting import CommStats
 from meshtrain.activation_checkpoint import apply_activation_checkpointing
+from meshtrain.compression.onebit_adam import OneBitAdamEngine
 from meshtrain.config import Config
 from meshtrain.context_parallel import ContextParallel, apply_context_parallel
 from meshtrain.core.engine import DisjointParts, GradEngine
@@ -54,6 +57,7 @@ from meshtrain.expert_parallel import ExpertParallel, ExpertParallelEngine, appl
 from meshtrain.loss import cross_entropy_sum
 from meshtrain.model import Llama, build_model
 from meshtrain.model.moe import LossScale, moe_layers
+from meshtrain.optim import AdamW
 from meshtrain.pipeline.executor import PipelineExecutor
 from meshtrain.pipeline.schedules import Kind, Layout, Schedule, build_schedule
 from meshtrain.pipeline.stage import build_stage, describe_split, split_blocks, stage_ranges
@@ -75,6 +79,8 @@ class ParallelModel:
     reduce_loss: LossReduction
     sampler: Llama | None
     """The whole model, to sample from on this rank; None when it is cut into pipeline stages."""
+    optimizer: AdamW
+    """Steps `engine.optim_params()` with `engine.optim_grads()`: AdamW, or a subclass (1-bit Adam)."""
     hooks: list[StepHook] = field(default_factory=list)
     """Once-a-step work of model features (MoE's expert balance), run by the trainer before the optimizer."""
 
@@ -115,6 +121,9 @@ def build_parallel(cfg: Config, topo: Topology, device: torch.device, stats: Com
     engine = _gradient_engine(
         parts, topo, cfg, stats, deferred_weight_grads=pipe is not None and pipe.splits_backward, experts=ep
     )
+    # 1-bit Adam's decorator sits on the data-parallel engine itself: the decorators below extend its norm
+    onebit = _onebit_adam(engine, topo, cfg, stats)
+    engine = onebit if onebit is not None else engine
     if ep is not None:  # experts differ across the ep group: their part of the norm is summed over it
         engine = ExpertParallelEngine(engine, ep.expert_params, ep.group, stats)
     if tp is not None:
@@ -143,8 +152,23 @@ def build_parallel(cfg: Config, topo: Topology, device: torch.device, stats: Com
         LossReduction(counts=topo.local_rank("tp") == 0, stats=stats),
         # a cut model, or one whose attention spans the cp ranks, samples through `meshtrain generate`
         sampler=cast(Llama, parts[0]) if pipe is None and cp is None else None,
+        optimizer=_optimizer(engine, cfg, onebit),
         hooks=hooks,
     )
+
+
+def _onebit_adam(engine: GradEngine, topo: Topology, cfg: Config, stats: CommStats) -> OneBitAdamEngine | None:
+    """1-bit Adam's momentum is averaged over the ranks the gradients were summed over (dp x cp)."""
+    if cfg.optimizer.name != "onebit_adam":
+        return None
+    return OneBitAdamEngine(engine, _axis_group(topo, "dp_cp"), stats, cfg.optimizer.freeze_step)
+
+
+def _optimizer(engine: GradEngine, cfg: Config, onebit: OneBitAdamEngine | None) -> AdamW:
+    """9. the optimizer, over what the fully decorated engine exposes."""
+    if onebit is not None:
+        return onebit.optimizer(engine.optim_params(), cfg.optimizer, engine.no_decay())
+    return AdamW(engine.optim_params(), cfg.optimizer, no_decay=engine.no_decay())
 
 
 def _expert_balance(

@@ -194,7 +194,9 @@ class TrainingConfig:
 @dataclass
 class OptimizerConfig:
     name: str = "adamw"
-    """Optimizer; adamw is the only one in this build."""
+    """Optimizer: adamw, or onebit_adam (1-bit Adam: AdamW until freeze_step, then a frozen variance and a sign-compressed momentum all-reduce instead of the gradient all-reduce; docs/compression.md)."""
+    freeze_step: int = 0
+    """With name = onebit_adam: the optimizer steps of plain AdamW before the variance freezes and compression starts (1 <= freeze_step < training.steps; 15-25% of the run is the usual choice). Must be 0 with adamw."""
     beta1: float = 0.9
     """Adam beta1."""
     beta2: float = 0.95

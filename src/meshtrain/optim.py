@@ -32,14 +32,23 @@ class AdamW:
     def step(self, grads: list[torch.Tensor], lr: float) -> None:
         c = self.cfg
         self.steps += 1
-        decayed = [p for p, d in zip(self.params, self.decay_mask) if d]
-        if decayed and c.weight_decay:
-            torch._foreach_mul_(decayed, 1 - lr * c.weight_decay)
+        self._decay(lr)
         torch._foreach_lerp_(self.exp_avg, grads, 1 - c.beta1)
         torch._foreach_mul_(self.exp_avg_sq, c.beta2)
         torch._foreach_addcmul_(self.exp_avg_sq, grads, grads, 1 - c.beta2)
-        bc1 = 1 - c.beta1**self.steps
-        bc2 = 1 - c.beta2**self.steps
+        self._update(lr, self.steps, self.steps)
+
+    def _decay(self, lr: float) -> None:
+        """Decoupled weight decay of the matrices, before the moments' update."""
+        decayed = [p for p, d in zip(self.params, self.decay_mask) if d]
+        if decayed and self.cfg.weight_decay:
+            torch._foreach_mul_(decayed, 1 - lr * self.cfg.weight_decay)
+
+    def _update(self, lr: float, mean_steps: int, variance_steps: int) -> None:
+        """params -= lr * m_hat / (sqrt(v_hat) + eps), each moment bias-corrected for the steps it has seen."""
+        c = self.cfg
+        bc1 = 1 - c.beta1**mean_steps
+        bc2 = 1 - c.beta2**variance_steps
         denom = torch._foreach_sqrt(self.exp_avg_sq)
         torch._foreach_div_(denom, math.sqrt(bc2))
         torch._foreach_add_(denom, c.eps)

@@ -43,7 +43,7 @@ from meshtrain.logs import get_logger
 from meshtrain.metrics import MetricsWriter, ProgressBar, TensorBoardWriter, detect_peak_tflops, peak_rss_bytes
 from meshtrain.model import count_params
 from meshtrain.model.math import flops_per_token
-from meshtrain.optim import AdamW, lr_at
+from meshtrain.optim import lr_at
 from meshtrain.resilience import StepGuard, Stragglers
 from meshtrain.topology import Topology, resolve_node_size
 from meshtrain.watchdog import Watchdog
@@ -70,7 +70,7 @@ class Trainer:
         self.stats.log.link = slow_link(cfg)
         self.parallel = build_parallel(cfg, self.topo, env.device, self.stats)
         self.engine, self.runner = self.parallel.engine, self.parallel.runner
-        self.optim = AdamW(self.engine.optim_params(), cfg.optimizer, no_decay=self.engine.no_decay())
+        self.optim = self.parallel.optimizer
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         self.dataset = build_dataset(cfg.data, self.tokenizer, cfg.training.seq_len, cfg.training.seed)
         self.sampler = BatchSampler(

@@ -33,7 +33,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.cp_balance": ("zigzag", "contiguous"),
     "model.router_score": ("softmax", "sigmoid"),
     "model.load_balance": ("aux_loss", "bias", "none"),
-    "optimizer.name": ("adamw",),
+    "optimizer.name": ("adamw", "onebit_adam"),
     "data.source": ("stdlib", "files", "tokens", "synthetic"),
     "checkpoint.resume": ("auto", "never"),
     "comm.emulate_scope": ("inter-node", "all"),
@@ -439,6 +439,51 @@ def _check_zeropp(cfg: Config, local_world: int) -> None:
         )
 
 
+# What 1-bit Adam does not compose with, and why (docs/compression.md has the table).
+ONEBIT_REFUSED: tuple[tuple[str, int, str], ...] = (  # (parallel field, the value it must keep, why)
+    (
+        "zero_stage",
+        0,
+        "ZeRO shards the optimizer state and reduce-scatters the gradients, while 1-bit Adam compresses "
+        "every rank's whole momentum (DeepSpeed's does not compose with ZeRO either)",
+    ),
+    (
+        "tp",
+        1,
+        "tensor parallelism computes the gradient norm from the gradients itself, and after the freeze those "
+        "differ across data-parallel ranks",
+    ),
+    ("ep", 1, "experts' gradients are summed over other ranks than the dense ones'"),
+)
+
+
+def _check_onebit_adam(cfg: Config) -> None:
+    o, p, t = cfg.optimizer, cfg.parallel, cfg.training
+    if o.name != "onebit_adam":
+        if o.freeze_step:
+            raise ConfigError(
+                f"optimizer.freeze_step={o.freeze_step} has no effect with optimizer.name={o.name!r}; set "
+                "optimizer.name=onebit_adam or leave freeze_step at 0"
+            )
+        return
+    if not 1 <= o.freeze_step < t.steps:
+        raise ConfigError(
+            f"optimizer.freeze_step={o.freeze_step} must be in 1 .. training.steps-1 = {t.steps - 1} with "
+            f"optimizer.name=onebit_adam (AdamW's warm-up steps; 15-25% of the run, e.g. {max(1, t.steps // 5)})"
+        )
+    for key, keep, why in ONEBIT_REFUSED:
+        if getattr(p, key) != keep:
+            raise ConfigError(
+                f"optimizer.name=onebit_adam with parallel.{key}={getattr(p, key)} is not supported: {why}; set "
+                f"parallel.{key}={keep} or optimizer.name=adamw"
+            )
+    if p.degrees.dp * p.cp == 1:
+        raise ConfigError(
+            "optimizer.name=onebit_adam needs data parallelism (dp x cp > 1): it compresses the momentum's "
+            "all-reduce over those ranks, and there is none; raise the dp degree or set optimizer.name=adamw"
+        )
+
+
 def resolve_dp_shard(cfg: Config, world_size: int) -> int:
     p = cfg.parallel
     other = p.dp_replicate * p.cp * p.tp * p.pp
@@ -537,4 +582,5 @@ def validate(cfg: Config, world_size: int, local_world: int = 0) -> Config:
     _check_pipeline(cfg)
     _check_zero(cfg)
     _check_zeropp(cfg, local_world or world_size)
+    _check_onebit_adam(cfg)
     return cfg
