@@ -100,6 +100,7 @@ ZEROPP = {
     "z3-dp4-hpz": [*ZPP, "parallel.zeropp_hpz=true"],
     "z3-dp4-zeropp-bf16": [
         *ZPP,
+        "checkpoint.interval=3",
         *("parallel.zeropp_qwz=true", "parallel.zeropp_hpz=true", "parallel.zeropp_qgz=true"),
         *("training.dtype=bf16", "parallel.reduce_dtype=bf16"),
     ],
@@ -229,12 +230,14 @@ def _copy_checkpoint(source: Path, step: int, target: Path) -> None:
 
 def test_checkpoints_reshard_across_stages_shard_counts_and_pipelines(runs: dict, tmp_path: Path) -> None:
     """pp2 x v2 x ZeRO-3's step-3 checkpoint continues as plain ZeRO-1 on 2 ranks; the one-process
-    step-3 checkpoint continues as ZeRO-3 on 4 shards and as HSDP ZeRO-2."""
+    step-3 checkpoint continues as ZeRO-3 on 4 shards and as HSDP ZeRO-2. ZeRO++'s continues as
+    itself bit for bit: hpZ's secondary shards are rebuilt by the first forward, never stale."""
     single = Run(tmp_path / "single", 1, [*BASE, "training.micro_batch=8", "checkpoint.interval=3", "training.steps=3"])
     train_runs([single])
     _copy_checkpoint(runs["pp2v2-z3-interleaved"][0].run_dir, 3, tmp_path / "to-z1")
     _copy_checkpoint(single.run_dir, 3, tmp_path / "to-z3")
     _copy_checkpoint(single.run_dir, 3, tmp_path / "to-hsdp")
+    _copy_checkpoint(runs["z3-dp4-zeropp-bf16"][0].run_dir, 3, tmp_path / "zeropp")
     resume = "checkpoint.resume=auto"
     tails = train_runs(
         [
@@ -245,11 +248,14 @@ def test_checkpoints_reshard_across_stages_shard_counts_and_pipelines(runs: dict
                 4,
                 [*BASE, "parallel.zero_stage=2", "parallel.dp_replicate=2", "training.micro_batch=2", resume],
             ),
+            Run(tmp_path / "zeropp", 4, [*BASE, "parallel.zero_stage=3", *ZEROPP["z3-dp4-zeropp-bf16"], resume]),
         ]
     )
-    for tail in tails:
+    for tail in tails[:3]:
         assert [r["step"] for r in tail] == [4, 5]
         assert_same_training(tail, runs["single"][1][3:], loss=1e-5, grad_norm=1e-5)
+    uninterrupted = runs["z3-dp4-zeropp-bf16"][1][3:]
+    assert [(r["loss"], r["grad_norm"]) for r in tails[3]] == [(r["loss"], r["grad_norm"]) for r in uninterrupted]
 
 
 def _node0_inter_node_bytes(run: Run) -> list[float]:
