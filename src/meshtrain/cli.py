@@ -207,6 +207,10 @@ LAZY = {
         "meshtrain.tools.prepare_data",
         "tokenize a corpus into memory-mapped token shards (data.source=tokens)",
     ),
+    "bench-comm": (
+        "meshtrain.tools.bench_comm",
+        "time collectives over local ranks: time, algbw and busbw per op and size",
+    ),
 }
 
 

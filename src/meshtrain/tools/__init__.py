@@ -13,4 +13,5 @@
 - metrics_plot.py    `meshtrain plot`: a run's loss, throughput, memory and traffic as PNGs
 - tokenizer_cli.py   `meshtrain tokenizer train`: a byte-level BPE tokenizer.json from a corpus
 - prepare_data.py    `meshtrain prepare-data`: a corpus tokenized into memory-mapped token shards
+- bench_comm.py      `meshtrain bench-comm`: time, algbw and busbw of each collective, nccl-tests style
 """

@@ -1,0 +1,267 @@
+"""`meshtrain bench-comm`: collective bandwidth on this machine's backend, nccl-tests style.
+
+For every op and size: the time of one call (min and median of --iters after warm-up, a barrier
+before each), the algorithm bandwidth (bytes / time) and the bus bandwidth, which scales algbw by
+what a ring moves per rank so that every op reads against the link's speed (nccl-tests' factors):
+all-reduce 2(n-1)/n; all-gather, reduce-scatter and all-to-all (n-1)/n; broadcast and send/recv 1.
+Sizes follow nccl-tests too: all-gather's is the gathered output, reduce-scatter's the full input,
+all-to-all's what each rank holds. Every result is checked against the values it must hold.
+
+The calls go straight to torch.distributed (the backend is what is measured), apart from
+`all_gather_int8`: core.comm's compressed all-gather (int8 codes and a scale per 2,048 elements),
+timed on the fp32 bytes it stands for, so its bandwidth reads against the plain all-gather's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "send_recv", "all_gather_int8")
+UNITS = {"K": 2**10, "M": 2**20, "G": 2**30}
+DTYPES = ("fp32", "bf16")
+
+_DESCRIPTION = """\
+Time collectives over N local ranks for sizes in powers of two, and print time, algbw and busbw
+(nccl-tests' convention) per op and size, each result checked. --json prints the rows as JSON;
+--out draws busbw against size per op.
+"""
+_EXAMPLES = """\
+examples:
+  meshtrain bench-comm --nproc 4
+  meshtrain bench-comm --nproc 2 --ops all_reduce,all_to_all --sizes 1K:16M --json
+  meshtrain bench-comm --nproc 4 --out busbw.png
+"""
+
+
+def bus_factor(op: str, n: int) -> float:
+    """busbw / algbw for `op` on n ranks (module docstring)."""
+    if op == "all_reduce":
+        return 2 * (n - 1) / n
+    if op in ("broadcast", "send_recv"):
+        return 1.0
+    return (n - 1) / n
+
+
+def parse_sizes(text: str) -> list[int]:
+    """ "1K:256M" -> every power of two from 1 KiB to 256 MiB, in bytes; "4K" -> [4096]."""
+
+    def one(part: str) -> int:
+        part = part.strip().upper()
+        scale = UNITS.get(part[-1:], 1)
+        number = part[:-1] if part[-1:] in UNITS else part
+        if not number.isdigit() or int(number) < 1:
+            raise ValueError(f"--sizes {text!r}: {part!r} is not a size such as 512, 4K, 16M or 1G")
+        return int(number) * scale
+
+    lo, _, hi = text.partition(":")
+    first, last = one(lo), one(hi or lo)
+    if last < first:
+        raise ValueError(f"--sizes {text!r}: the range runs backwards")
+    sizes, size = [], first
+    while size <= last:
+        sizes.append(size)
+        size *= 2
+    return sizes
+
+
+def _call(op: str, nbytes: int, n: int, rank: int, dtype: Any) -> tuple[Callable[[], None], Callable[[], bool]]:
+    """(run the op once, check its result) for a message of `nbytes` in `dtype`."""
+    import torch
+    import torch.distributed as dist
+
+    from meshtrain.accounting import CommStats
+    from meshtrain.core.comm import all_gather_compressed
+
+    size = torch.tensor([], dtype=dtype).element_size()
+    count = max(n, nbytes // size // n * n)  # whole elements, divisible by n for the sharded ops
+    mine = torch.full((count,), float(rank + 1), dtype=dtype)
+    out = torch.empty(count, dtype=dtype)
+    share = count // n
+    total = float(n * (n + 1) // 2)
+    if op == "all_reduce":
+        return lambda: dist.all_reduce(mine.fill_(rank + 1)), lambda: bool((mine == total).all())
+    if op == "all_gather":
+        piece = mine[:share]
+        expected = torch.arange(1, n + 1, dtype=dtype).repeat_interleave(share)
+        return lambda: dist.all_gather_single(out[: n * share], piece), lambda: torch.equal(out[: n * share], expected)
+    if op == "reduce_scatter":
+        return lambda: dist.reduce_scatter_single(out[:share], mine), lambda: bool((out[:share] == total).all())
+    if op == "all_to_all":
+        expected = torch.arange(1, n + 1, dtype=dtype).repeat_interleave(share)
+        return lambda: dist.all_to_all_single(out, mine), lambda: torch.equal(out, expected)
+    if op == "broadcast":
+        return lambda: dist.broadcast(mine.fill_(rank + 1), 0), lambda: bool((mine == 1).all())
+    if op == "send_recv":  # rank r sends to r+1 and receives from r-1, around the ring
+
+        def exchange() -> None:
+            ops = [dist.P2POp(dist.isend, mine, (rank + 1) % n), dist.P2POp(dist.irecv, out, (rank - 1) % n)]
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+
+        return exchange, lambda: bool((out == float((rank - 1) % n + 1)).all())
+    stats, piece = CommStats(), mine[:share].float()
+    got: list[Any] = []
+
+    def gather_int8() -> None:
+        got[:] = [all_gather_compressed(piece, cast(dist.ProcessGroup, dist.group.WORLD), stats, bits=8, block=2048)]
+
+    # constant blocks quantize exactly: every code is 127, every scale (r + 1) / 127
+    expected = torch.arange(1, n + 1, dtype=torch.float32).repeat_interleave(share)
+    return gather_int8, lambda: torch.allclose(got[0], expected, rtol=1e-6)
+
+
+def _measure(op: str, nbytes: int, n: int, rank: int, dtype: Any, iters: int) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    run, check = _call(op, nbytes, n, rank, dtype)
+    for _ in range(2):
+        run()
+    times = []
+    for _ in range(iters):
+        dist.barrier()
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    ok = bool(check())
+    median = statistics.median(times)
+    algbw = nbytes / median / 1e9
+    return {
+        "op": op,
+        "bytes": nbytes,
+        "time_us": median * 1e6,
+        "min_us": min(times) * 1e6,
+        "algbw": algbw,
+        "busbw": algbw * bus_factor(op, n),
+        "ok": ok,
+        "ranks": n,
+    }
+
+
+def _worker(rank: int, n: int, store: str, plan: dict[str, Any], out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(plan["backend"], store=dist.FileStore(store, n), rank=rank, world_size=n)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[plan["dtype"]]
+    # the slowest rank's time is the collective's: take every rank's and keep the maximum
+    rows = [_measure(op, size, n, rank, dtype, plan["iters"]) for op in plan["ops"] for size in plan["sizes"]]
+    times = torch.tensor([r["time_us"] for r in rows], dtype=torch.float64)
+    dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    flags = torch.tensor([float(r["ok"]) for r in rows], dtype=torch.float64)
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    if rank == 0:
+        for row, t, ok in zip(rows, times.tolist(), flags.tolist()):
+            row["algbw"] = row["bytes"] / t / 1e3
+            row["busbw"] = row["algbw"] * bus_factor(row["op"], n)
+            row["time_us"], row["ok"] = t, ok == 1.0
+        Path(out).write_text(json.dumps(rows))
+    dist.destroy_process_group()
+    os._exit(0)  # gloo can abort in interpreter teardown; the work is written
+
+
+def run_bench(nproc: int, ops: list[str], sizes: list[int], dtype: str, backend: str, iters: int) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    plan = {"ops": ops, "sizes": sizes, "dtype": dtype, "backend": backend, "iters": iters}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rows.json")
+        mp.spawn(_worker, args=(nproc, os.path.join(tmp, "store"), plan, out), nprocs=nproc, join=True)
+        return list(json.loads(Path(out).read_text()))
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register the `bench-comm` subcommand (meshtrain.cli's LAZY table)."""
+    p = subparsers.add_parser(
+        "bench-comm",
+        help="time collectives over local ranks: time, algbw and busbw per op and size",
+        description=_DESCRIPTION,
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--nproc", type=int, default=2, help="local ranks (default 2)")
+    p.add_argument(
+        "--ops", default=",".join(OPS[:6]), help=f"comma-separated, of: {', '.join(OPS)} (default: all but int8)"
+    )
+    p.add_argument(
+        "--sizes", default="1K:16M", help="bytes per message, a power-of-two range such as 1K:256M (default 1K:16M)"
+    )
+    p.add_argument("--dtype", default="fp32", choices=DTYPES, help="element type (default fp32)")
+    p.add_argument(
+        "--backend", default="gloo", choices=("gloo", "nccl"), help="torch.distributed backend (default gloo)"
+    )
+    p.add_argument(
+        "--iters", type=int, default=10, help="timed calls per op and size, after 2 warm-up calls (default 10)"
+    )
+    p.add_argument("--json", action="store_true", help="print the rows as a JSON list instead of a table")
+    p.add_argument("--out", help="draw busbw against size, one line per op, into this PNG")
+    p.set_defaults(func=run_cli)
+
+
+def _checked(args: argparse.Namespace) -> tuple[list[str], list[int]]:
+    from meshtrain.config import ConfigError
+
+    ops = [op.strip() for op in args.ops.split(",") if op.strip()]
+    unknown = [op for op in ops if op not in OPS]
+    if unknown or not ops:
+        raise ConfigError(f"--ops {args.ops!r}: unknown {unknown or 'none given'}; choose from {', '.join(OPS)}")
+    if args.nproc < 2 or args.iters < 1:
+        raise ConfigError(f"--nproc {args.nproc} must be at least 2 and --iters {args.iters} at least 1")
+    if args.backend == "nccl":
+        import torch
+
+        if torch.cuda.device_count() < args.nproc:
+            raise ConfigError(f"--backend nccl needs {args.nproc} GPUs, this machine has {torch.cuda.device_count()}")
+    try:
+        return ops, parse_sizes(args.sizes)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    ops, sizes = _checked(args)
+    rows = run_bench(args.nproc, ops, sizes, args.dtype, args.backend, args.iters)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(f"# {args.nproc} ranks, {args.backend}, {args.dtype}; time: median of {args.iters} calls (min)")
+        print(f"{'op':>16} {'bytes':>12} {'time us':>11} {'min us':>11} {'algbw GB/s':>11} {'busbw GB/s':>11}  ok")
+        for r in rows:
+            print(
+                f"{r['op']:>16} {r['bytes']:>12,} {r['time_us']:>11.1f} {r['min_us']:>11.1f} "
+                f"{r['algbw']:>11.3f} {r['busbw']:>11.3f}  {'yes' if r['ok'] else 'NO'}"
+            )
+    if args.out:
+        _plot(rows, Path(args.out), args.nproc, args.backend)
+        print(f"# busbw plot: {args.out}", file=sys.stderr)
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+def _plot(rows: list[dict], path: Path, n: int, backend: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for op in dict.fromkeys(r["op"] for r in rows):
+        mine = [r for r in rows if r["op"] == op]
+        ax.plot([r["bytes"] for r in mine], [r["busbw"] for r in mine], marker="o", label=op)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("message size (bytes)")
+    ax.set_ylabel("bus bandwidth (GB/s)")
+    ax.set_title(f"meshtrain bench-comm: {n} ranks, {backend}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
