@@ -7,6 +7,7 @@ import pytest
 
 from meshtrain.accounting import SlowLink
 from meshtrain.config import ConfigError, load_config
+from meshtrain.topology import resolve_node_size
 from meshtrain.trainer import slow_link
 from meshtrain.validate import validate
 
@@ -28,11 +29,12 @@ def test_an_emulated_link_delays_what_crosses_nodes_by_latency_plus_bytes_over_b
 
 
 def test_the_link_is_configured_and_checked_before_spawning() -> None:
-    assert slow_link(validate(load_config(None, []), 1)) is None  # off by default
+    assert slow_link(validate(load_config(None, []), 1), 1) is None  # off by default
     cfg = validate(
         load_config(None, ["comm.emulate_gbps=0.1", "comm.emulate_latency_ms=50", "parallel.node_size=2"]), 4
     )
-    assert slow_link(cfg) == SlowLink(0.1, 50.0, 2, "inter-node")
+    # the trainer passes the topology's node size, resolve_node_size of parallel.node_size
+    assert slow_link(cfg, resolve_node_size(cfg.parallel.node_size)) == SlowLink(0.1, 50.0, 2, "inter-node")
     with pytest.raises(ConfigError, match="comm.emulate_gbps=-1.0 must not be negative"):
         validate(load_config(None, ["comm.emulate_gbps=-1"]), 1)
     with pytest.raises(ConfigError, match="comm.emulate_scope"):

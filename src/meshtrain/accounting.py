@@ -134,6 +134,19 @@ class Entry:
         return f"{self.kind} #{self.seq} on {self.group} ({self.nbytes:,} bytes, {self.site})"
 
 
+# The group is kept beside its ranks so that its id cannot be reused by a later group while cached.
+_RANKS: dict[int, tuple[object, tuple[int, ...]]] = {}
+
+
+def group_ranks(group: dist.ProcessGroup | None) -> tuple[int, ...]:
+    """The group's global ranks in group order, looked up once per group (every counted call needs them)."""
+    g = group if group is not None else dist.group.WORLD
+    cached = _RANKS.get(id(g))
+    if cached is None or cached[0] is not g:
+        cached = _RANKS[id(g)] = (g, tuple(dist.get_process_group_ranks(g)))
+    return cached[1]
+
+
 def _call_site() -> str:
     """file:line of the code that asked for the collective: the first frame outside the comm modules."""
     frame = sys._getframe(2)
@@ -173,7 +186,7 @@ class CollectiveLog:
     def issue(self, kind: str, group: dist.ProcessGroup | None, nbytes: int) -> Entry:
         name = group_name(group)
         site = _call_site()
-        ranks = tuple(dist.get_process_group_ranks(group or dist.group.WORLD)) if self.link is not None else ()
+        ranks = group_ranks(group) if self.link is not None else ()
         with self._lock:
             self.counts[name] = self.counts.get(name, 0) + 1
             entry = Entry(self.counts[name], kind, name, nbytes, site, ranks, time.monotonic())

@@ -45,16 +45,16 @@ from meshtrain.model import count_params
 from meshtrain.model.math import flops_per_token
 from meshtrain.optim import lr_at
 from meshtrain.resilience import StepGuard, Stragglers
-from meshtrain.topology import Topology, resolve_node_size
+from meshtrain.topology import Topology
 from meshtrain.watchdog import Watchdog
 
 
-def slow_link(cfg: Config) -> SlowLink | None:
-    """The emulated link of [comm], if one is asked for; nodes default to the local world size."""
+def slow_link(cfg: Config, node_size: int) -> SlowLink | None:
+    """The emulated link of [comm], if one is asked for, over nodes of `node_size` ranks."""
     c = cfg.comm
     if not (c.emulate_gbps or c.emulate_latency_ms):
         return None
-    return SlowLink(c.emulate_gbps, c.emulate_latency_ms, resolve_node_size(cfg.parallel.node_size), c.emulate_scope)
+    return SlowLink(c.emulate_gbps, c.emulate_latency_ms, node_size, c.emulate_scope)
 
 
 class Trainer:
@@ -67,7 +67,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         self.topo = Topology.build(cfg.parallel.degrees, env.device, cfg.parallel.node_size)
         self.stats = CommStats(self.topo.node_size, env.rank)
-        self.stats.log.link = slow_link(cfg)
+        self.stats.log.link = slow_link(cfg, self.topo.node_size)
         self.parallel = build_parallel(cfg, self.topo, env.device, self.stats)
         self.engine, self.runner = self.parallel.engine, self.parallel.runner
         self.optim = self.parallel.optimizer

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from meshtrain.accounting import CollectiveLog, Entry, Recorder
+from meshtrain.accounting import CollectiveLog, Entry, Recorder, group_ranks
 from meshtrain.core.quantize import Compressed, compress, dequantize
 
 
@@ -36,19 +36,6 @@ class TrackedWork:
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-# The group is kept beside its ranks so that its id cannot be reused by a later group while cached.
-_RANKS: dict[int, tuple[object, tuple[int, ...]]] = {}
-
-
-def group_ranks(group: dist.ProcessGroup | None) -> tuple[int, ...]:
-    """The group's global ranks in group order, looked up once per group (every call counts with them)."""
-    g = group if group is not None else dist.group.WORLD
-    cached = _RANKS.get(id(g))
-    if cached is None or cached[0] is not g:
-        cached = _RANKS[id(g)] = (g, tuple(dist.get_process_group_ranks(g)))
-    return cached[1]
 
 
 def _run(
