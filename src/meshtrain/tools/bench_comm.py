@@ -119,7 +119,8 @@ def _call(op: str, nbytes: int, n: int, rank: int, dtype: Any) -> tuple[Callable
     return gather_int8, lambda: torch.allclose(got[0], expected, rtol=1e-6)
 
 
-def _measure(op: str, nbytes: int, n: int, rank: int, dtype: Any, iters: int) -> dict[str, Any]:
+def _measure(op: str, nbytes: int, n: int, rank: int, dtype: Any, iters: int) -> tuple[float, float, bool]:
+    """(median, min) seconds of one call on this rank, and whether the result was right."""
     import torch.distributed as dist
 
     run, check = _call(op, nbytes, n, rank, dtype)
@@ -131,19 +132,7 @@ def _measure(op: str, nbytes: int, n: int, rank: int, dtype: Any, iters: int) ->
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    ok = bool(check())
-    median = statistics.median(times)
-    algbw = nbytes / median / 1e9
-    return {
-        "op": op,
-        "bytes": nbytes,
-        "time_us": median * 1e6,
-        "min_us": min(times) * 1e6,
-        "algbw": algbw,
-        "busbw": algbw * bus_factor(op, n),
-        "ok": ok,
-        "ranks": n,
-    }
+    return statistics.median(times), min(times), bool(check())
 
 
 def _worker(rank: int, n: int, store: str, plan: dict[str, Any], out: str) -> None:
@@ -153,17 +142,28 @@ def _worker(rank: int, n: int, store: str, plan: dict[str, Any], out: str) -> No
     torch.set_num_threads(1)
     dist.init_process_group(plan["backend"], store=dist.FileStore(store, n), rank=rank, world_size=n)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[plan["dtype"]]
-    # the slowest rank's time is the collective's: take every rank's and keep the maximum
-    rows = [_measure(op, size, n, rank, dtype, plan["iters"]) for op in plan["ops"] for size in plan["sizes"]]
-    times = torch.tensor([r["time_us"] for r in rows], dtype=torch.float64)
+    cases = [(op, size) for op in plan["ops"] for size in plan["sizes"]]
+    got = torch.tensor([_measure(op, size, n, rank, dtype, plan["iters"]) for op, size in cases], dtype=torch.float64)
+    # a collective takes as long as its slowest rank, and is right only if it is right everywhere
+    times, ok = got[:, :2].contiguous(), got[:, 2].contiguous()
     dist.all_reduce(times, op=dist.ReduceOp.MAX)
-    flags = torch.tensor([float(r["ok"]) for r in rows], dtype=torch.float64)
-    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     if rank == 0:
-        for row, t, ok in zip(rows, times.tolist(), flags.tolist()):
-            row["algbw"] = row["bytes"] / t / 1e3
-            row["busbw"] = row["algbw"] * bus_factor(row["op"], n)
-            row["time_us"], row["ok"] = t, ok == 1.0
+        rows = []
+        for (op, size), (median, fastest), right in zip(cases, times.tolist(), ok.tolist()):
+            algbw = size / median / 1e9
+            rows.append(
+                {
+                    "op": op,
+                    "bytes": size,
+                    "time_us": median * 1e6,
+                    "min_us": fastest * 1e6,
+                    "algbw": algbw,
+                    "busbw": algbw * bus_factor(op, n),
+                    "ok": right == 1.0,
+                    "ranks": n,
+                }
+            )
         Path(out).write_text(json.dumps(rows))
     dist.destroy_process_group()
     os._exit(0)  # gloo can abort in interpreter teardown; the work is written
