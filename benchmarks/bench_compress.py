@@ -21,32 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import train_default
+
 ZEROPP = ["parallel.zeropp_qwz=true", "parallel.zeropp_hpz=true", "parallel.zeropp_qgz=true"]
-
-
-def _train(run_dir: Path, overrides: list[str]) -> list[list[dict]]:
-    """Per-rank metrics records of one 4-rank run of the default config."""
-    args = [sys.executable, "-m", "meshtrain", "train", "--config", str(ROOT / "configs" / "default.toml")]
-    args += ["--nproc", "4", "--run-dir", str(run_dir), "--overwrite"]
-    for item in ["checkpoint.interval=0", "logging.sample_prompt=", "logging.progress=false", *overrides]:
-        args += ["--set", item]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"training failed:\n{proc.stderr[-3000:]}")
-    return [
-        [json.loads(line) for line in (run_dir / f"metrics.rank{r}.jsonl").read_text().splitlines() if line.strip()]
-        for r in range(4)
-    ]
 
 
 def _tokens_per_s(records: list[dict]) -> float:
@@ -68,7 +50,7 @@ def _compare(root: Path, contenders: dict[str, list[str]], args: argparse.Namesp
         order = list(contenders)
         rng.shuffle(order)
         for name in order:
-            last[name] = _train(root / f"{name}-{r}", [*link, *contenders[name]])
+            last[name] = train_default(root / f"{name}-{r}", 4, [*link, *contenders[name]])
             speed[name].append(_tokens_per_s(last[name][0]))
     peer, ours = list(contenders)
     ratios = [a / b for a, b in zip(speed[ours], speed[peer])]

@@ -18,34 +18,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import train_default
+
 MOE = ["model.n_experts=8", "model.top_k=2", "model.expert_ffn_dim=256"]
 
 
 def _train(run_dir: Path, nproc: int, overrides: list[str]) -> list[dict]:
-    args = [sys.executable, "-m", "meshtrain", "train", "--config", str(ROOT / "configs" / "default.toml")]
-    args += ["--nproc", str(nproc), "--run-dir", str(run_dir), "--overwrite"]
-    for item in [
-        "checkpoint.interval=0",
-        "logging.sample_prompt=",
-        "logging.progress=false",
-        "training.warmup_steps=5",
-        *overrides,
-    ]:
-        args += ["--set", item]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"training failed:\n{proc.stderr[-3000:]}")
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    """Rank 0's records of a default-config run, warm-up cut to 5 steps."""
+    return train_default(run_dir, nproc, ["training.warmup_steps=5", *overrides])[0]
 
 
 def _tokens_per_s(records: list[dict]) -> float:

@@ -15,6 +15,7 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +38,23 @@ ROOT = Path(__file__).resolve().parents[1]
 def bench_model_config() -> ModelConfig:
     """The README run's model (configs/default.toml), so benchmark figures describe real use."""
     return load_config(ROOT / "configs" / "default.toml").model
+
+
+def train_default(run_dir: Path, nproc: int, overrides: list[str]) -> list[list[dict]]:
+    """Train configs/default.toml through `meshtrain train` on `nproc` ranks (no checkpoints, no
+    sample, no progress bar, then `overrides`); every rank's metrics records, rank 0's first."""
+    args = [sys.executable, "-m", "meshtrain", "train", "--config", str(ROOT / "configs" / "default.toml")]
+    args += ["--nproc", str(nproc), "--run-dir", str(run_dir), "--overwrite"]
+    for item in ["checkpoint.interval=0", "logging.sample_prompt=", "logging.progress=false", *overrides]:
+        args += ["--set", item]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training failed:\n{proc.stderr[-3000:]}")
+    return [
+        [json.loads(line) for line in (run_dir / f"metrics.rank{r}.jsonl").read_text().splitlines() if line.strip()]
+        for r in range(nproc)
+    ]
 
 
 def _entry(rank: int, fn: Callable[..., Any], world: int, store: str, args: tuple[Any, ...]) -> None:
