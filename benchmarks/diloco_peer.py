@@ -202,6 +202,7 @@ def run_peer(overrides: list[str], inner_steps: int, workdir: Path) -> dict[str,
     stores = [
         dist.TCPStore("localhost", 0, GROUP_SIZE + 1, is_master=True, wait_for_workers=False) for _ in range(GROUPS)
     ]
+    workdir.mkdir(parents=True, exist_ok=True)
     out = str(workdir / "peer")
     try:
         mp.spawn(
