@@ -277,6 +277,8 @@ class Trainer:
 
     def fit(self) -> list[dict[str, Any]]:
         self.maybe_resume()
+        for hook in self.parallel.hooks:
+            self.step = hook.start_step(self.step)
         is_root = self.env.rank == 0
         own = self.run_dir / f"metrics.rank{self.env.rank}.jsonl"
         # records after the checkpoint resumed from are replayed, so they go (none at all at step 0)

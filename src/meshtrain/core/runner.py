@@ -48,6 +48,11 @@ class StepHook(Protocol):
     """Work a model feature does once per optimizer step, outside the passes (MoE: sum the expert
     load over the ranks, move the balancing bias); the trainer calls every hook the build returns."""
 
+    def start_step(self, step: int) -> int:
+        """Before the first step, after any resume: the step training continues from (an island joining a
+        live DiLoCo run adopts that run's); `step` unless the hook knows better."""
+        ...
+
     def before_step(self, applied: bool) -> None:
         """Before the optimizer step; `applied` is False when the step is skipped (NaN, spike)."""
         ...
