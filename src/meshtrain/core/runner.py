@@ -48,8 +48,18 @@ class StepHook(Protocol):
     """Work a model feature does once per optimizer step, outside the passes (MoE: sum the expert
     load over the ranks, move the balancing bias); the trainer calls every hook the build returns."""
 
+    def start_step(self, step: int) -> int:
+        """Before the first step, after any resume: the step training continues from (an island joining a
+        live DiLoCo run adopts that run's); `step` unless the hook knows better."""
+        ...
+
     def before_step(self, applied: bool) -> None:
         """Before the optimizer step; `applied` is False when the step is skipped (NaN, spike)."""
+        ...
+
+    def after_optimizer(self, step: int) -> bool:
+        """After inner step `step`'s optimizer (applied or skipped), before the engine propagates it to the
+        model: True when the hook changed the optimizer's parameters itself (DiLoCo's outer step)."""
         ...
 
     def metrics(self) -> dict[str, Any]:
@@ -177,9 +187,13 @@ class LossReduction:
 
     counts: bool
     stats: Recorder
+    group: dist.ProcessGroup | None = None
+    """The ranks whose losses add up: the world (None), or this DiLoCo island (islands train apart)."""
+    size: int = 0
+    """How many ranks that is (0: the world's size)."""
 
     def __call__(self, loss_sum: torch.Tensor) -> float:
         total = loss_sum.clone() if self.counts else torch.zeros_like(loss_sum)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            comm.all_reduce(total, None, self.stats, counted=False)
+        if dist.is_initialized() and (self.size or dist.get_world_size()) > 1:
+            comm.all_reduce(total, self.group, self.stats, counted=False)
         return float(total)
