@@ -21,14 +21,14 @@ the same data with the same hyperparameters (benchmarks/diloco_peer.py says how 
    (the sum of rank 0's step times) and compute utilization of DP, DiLoCo, streaming DiLoCo
    (diloco.fragments=2) and overlapped DiLoCo (diloco.overlap=true), all at H = --util-h. Utilization:
    DiLoCo's own compute_utilization (the last record's, cumulative: 1 - outer wait / wall), and for
-   every contender alike the step time without the link (part 1's DP median) over the step time with
-   it (median).
+   every contender alike the time the steps take without the link (steps x part 1's DP median step
+   time) over the wall time with it.
 
 Contenders run in an order shuffled afresh per round (part 1: one round, since every run from one
 seed trains the same steps -- repeats would repeat the figures; part 2: --util-rounds rounds, the
 spread min - max reported). Output: a table, --json, and with --plot a figure of loss vs step.
 
-    python benchmarks/bench_diloco.py [--steps 200] [--inner-steps 10,50] [--util-steps 60] [--plot docs/img/diloco_loss.png]
+    python benchmarks/bench_diloco.py [--steps 200] [--inner-steps 10,50] [--util-steps 40] [--plot docs/img/diloco_loss.png]
 """
 
 from __future__ import annotations
@@ -71,7 +71,12 @@ def loss_at_equal_tokens(root: Path, args: argparse.Namespace, rng: random.Rando
     eval_seqs = 128  # the same validation sequences for every contender
     ours: dict[str, tuple[int, list[str]]] = {"DP": (4, [f"training.eval_batches={eval_seqs // gb}"])}
     for h in args.inner_steps:
-        diloco = [f"parallel.diloco={ISLANDS}", f"diloco.inner_steps={h}", f"training.eval_batches={eval_seqs // gb}"]
+        # an island evaluates batches of its share of the global batch (gb / K): twice the batches, the same sequences
+        diloco = [
+            f"parallel.diloco={ISLANDS}",
+            f"diloco.inner_steps={h}",
+            f"training.eval_batches={eval_seqs * ISLANDS // gb}",
+        ]
         ours[f"DiLoCo H={h}"] = (4, diloco)
         if h == args.inner_steps[0]:
             ours[f"DiLoCo H={h} int8"] = (4, [*diloco, "diloco.pseudo_grad_dtype=int8"])
@@ -188,8 +193,8 @@ def report(p1: dict[str, Any], p2: dict[str, Any], args: argparse.Namespace) -> 
         f"Loss at equal tokens: {args.steps} steps x 16 sequences x 128 tokens, 4 ranks (one island: 2 ranks, "
         "8 sequences a step); validation loss after the last step on the same 128 held-out sequences.",
         "",
-        "| run | final val loss | vs DP | bytes between the halves | DP bytes / these | syncs |",
-        "|---|---|---|---|---|---|",
+        "| run | final val loss | vs DP | bytes between the halves | DP bytes / these | syncs | training s |",
+        "|---|---|---|---|---|---|---|",
     ]
     dp_bytes = dp["inter_node_bytes"]
     for name, run in runs.items():
@@ -197,7 +202,8 @@ def report(p1: dict[str, Any], p2: dict[str, Any], args: argparse.Namespace) -> 
         nbytes = dp_bytes if name == "DP" else run["outer_bytes"] if "one island" not in name else 0
         ratio = f"{dp_bytes / nbytes:.1f}x" if nbytes and name != "DP" else "-"
         lines.append(
-            f"| {name} | {run['final_loss']:.4f} | {vs:+.2%} | {nbytes:,.0f} | {ratio} | {run.get('syncs', '-')} |"
+            f"| {name} | {run['final_loss']:.4f} | {vs:+.2%} | {nbytes:,.0f} | {ratio} | {run.get('syncs', '-')} | "
+            f"{run['wall_s']:.0f} |"
         )
     lines.append("")
     one = runs["one island"]["final_loss"]
@@ -207,12 +213,12 @@ def report(p1: dict[str, Any], p2: dict[str, Any], args: argparse.Namespace) -> 
             continue
         run = runs[name]
         vs = (run["final_loss"] - dp["final_loss"]) / dp["final_loss"]
-        ratio = dp_bytes / run["outer_bytes"] if run["outer_bytes"] else float("nan")
+        less = dp_bytes / run["outer_bytes"] if run["outer_bytes"] else float("nan")
         lines.append(
             f"- {name}: {vs:+.2%} vs DP (target within 3%: {'met' if abs(vs) <= 0.03 else 'missed'}), "
             f"{'better' if run['final_loss'] < one else 'worse'} than one island alone ({one:.4f}); "
-            f"DP sends {ratio:.1f}x its bytes (ring-model expectation 1.5 H = {1.5 * h:g}x; per all-reduced byte "
-            f"{ratio / 1.5:.1f}x vs H = {h})"
+            f"DP sends {less:.1f}x its bytes (ring-model expectation 1.5 H = {1.5 * h:g}x; per all-reduced byte "
+            f"{less / 1.5:.1f}x vs H = {h})"
         )
         peer = runs.get(f"torchft H={h}")
         if peer:
@@ -220,7 +226,8 @@ def report(p1: dict[str, Any], p2: dict[str, Any], args: argparse.Namespace) -> 
             lines.append(
                 f"  - vs torchft's DiLoCo at H={h}: loss {run['final_loss']:.4f} vs {peer['final_loss']:.4f} "
                 f"({pvs:+.2%}); bytes ours / torchft {run['outer_bytes'] / peer['outer_bytes']:.3f} "
-                f"(torchft all-reduces the whole model from each of the group's 2 ranks)"
+                f"(torchft all-reduces the whole model from each of the group's 2 ranks); training time torchft / ours "
+                f"{peer['wall_s'] / run['wall_s']:.2f}x"
             )
         int8 = runs.get(f"{name} int8")
         if int8 and int8["outer_bytes"]:
@@ -234,7 +241,8 @@ def report(p1: dict[str, Any], p2: dict[str, Any], args: argparse.Namespace) -> 
         "",
         f"Over a slow link ({args.gbps:g} Gbit/s + {args.latency_ms:g} ms between the two pseudo-nodes, "
         f"{args.util_steps} steps, H = {args.util_h}, {args.util_rounds} round(s)): "
-        f"utilization = step time without the link ({base:.3f} s, part 1's DP) / step time with it.",
+        f"utilization = the steps' time without the link ({args.util_steps} x {base:.3f} s, part 1's DP median step) "
+        "/ the wall time with it (the sum of rank 0's step times, outer waits included).",
         "",
         "| run | wall s | median step s | compute_utilization (records) | utilization vs no link | DP wall / this |",
         "|---|---|---|---|---|---|",
@@ -243,7 +251,7 @@ def report(p1: dict[str, Any], p2: dict[str, Any], args: argparse.Namespace) -> 
     for name, rounds in p2["runs"].items():
         walls = [x["wall_s"] for x in rounds]
         cu = [x["compute_utilization"] for x in rounds] if name != "DP" else []
-        util = [base / x["step_time_s"] for x in rounds]
+        util = [base * args.util_steps / x["wall_s"] for x in rounds]
         lines.append(
             f"| {name} | {_spread(walls, '.1f')} | {_spread([x['step_time_s'] for x in rounds], '.3f')} | "
             f"{_spread(cu, '.1%') if cu else '-'} | {_spread(util, '.1%')} | {dp_wall / statistics.median(walls):.2f}x |"
@@ -257,7 +265,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=20, help="training.warmup_steps of part 1")
     p.add_argument("--inner-steps", default="10,50", help="H values of part 1 (the first also runs int8)")
     p.add_argument("--peer-h", default="10,50", help="H values torchft's DiLoCo runs at (empty: no peer)")
-    p.add_argument("--util-steps", type=int, default=60, help="training steps of part 2")
+    p.add_argument("--util-steps", type=int, default=40, help="training steps of part 2")
     p.add_argument("--util-h", type=int, default=10, help="H of part 2")
     p.add_argument("--util-rounds", type=int, default=1, help="runs of each part 2 contender, in shuffled order")
     p.add_argument("--gbps", type=float, default=0.1, help="the emulated inter-node bandwidth, Gbit/s")

@@ -151,7 +151,7 @@ def _worker(
         sent["wire"] += nbytes * 2 * (k - 1) / k
         return allreduce(tensor, *args, **kwargs)
 
-    manager.allreduce = counted  # type: ignore[method-assign]
+    manager.allreduce = counted  # every tensor torchft's DiLoCo all-reduces passes here
 
     records: list[dict[str, Any]] = []
     start = time.perf_counter()
