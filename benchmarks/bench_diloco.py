@@ -274,6 +274,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="extra config overrides for every run")
     p.add_argument("--plot", help="write the loss-vs-step figure here (PNG)")
     p.add_argument("--json", help="append the figures to this file")
+    p.add_argument("--raw", help="write the measured figures here (JSON) before the report")
     args = p.parse_args()
     args.inner_steps = [int(h) for h in args.inner_steps.split(",") if h]
     args.peer_h = [int(h) for h in args.peer_h.split(",") if h]
@@ -284,6 +285,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         p1 = loss_at_equal_tokens(Path(tmp), args, rng)
         p2 = utilization(Path(tmp), args, rng)
+    if args.raw:  # the figures before any rendering, so that a report can be redone from them
+        Path(args.raw).write_text(json.dumps({"loss": p1, "utilization": p2}))
     lines = report(p1, p2, args)
     print("\n".join(lines))
     if args.plot:
