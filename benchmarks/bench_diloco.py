@@ -114,18 +114,21 @@ def loss_at_equal_tokens(root: Path, args: argparse.Namespace, rng: random.Rando
     return out
 
 
+NO_LINK = "DP, no link"
+
+
 def utilization(root: Path, args: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
+    steps = [f"training.steps={args.util_steps}", "training.warmup_steps=5", "parallel.node_size=2"]
     link = [
-        "parallel.node_size=2",
+        *steps,
         f"comm.emulate_gbps={args.gbps}",
         f"comm.emulate_latency_ms={args.latency_ms}",
         "comm.emulate_scope=inter-node",
-        f"training.steps={args.util_steps}",
-        "training.warmup_steps=5",
     ]
-    diloco = [f"parallel.diloco={ISLANDS}", f"diloco.inner_steps={args.util_h}"]
+    diloco = [*link, f"parallel.diloco={ISLANDS}", f"diloco.inner_steps={args.util_h}"]
     contenders = {
-        "DP": [],
+        NO_LINK: steps,  # the baseline: the same steps' compute and in-node traffic, measured in the same round
+        "DP": link,
         "DiLoCo": diloco,
         "streaming DiLoCo (F=2)": [*diloco, "diloco.fragments=2"],
         "overlapped DiLoCo": [*diloco, "diloco.overlap=true"],
@@ -136,7 +139,8 @@ def utilization(root: Path, args: argparse.Namespace, rng: random.Random) -> dic
         rng.shuffle(order)
         for name in order:
             print(f"  part 2, round {r + 1}: {name}", flush=True)
-            recs = train_default(root / f"util-{r}-{name.split()[0]}", 4, [*link, *contenders[name], *args.set])
+            run_dir = root / f"util-{r}-{name.replace(' ', '_').replace(',', '')}"
+            recs = train_default(run_dir, 4, [*contenders[name], *args.set])
             rank0 = recs[0]
             wall = sum(x["step_time_s"] for x in rank0)
             wait = sum(x.get("outer_wait_s", 0.0) for x in rank0)
@@ -159,6 +163,16 @@ def _spread(values: list[float], fmt: str) -> str:
     return f"{format(med, fmt)} ({format(min(values), fmt)} - {format(max(values), fmt)})"
 
 
+def _display(runs: dict[str, Any]) -> dict[str, Any]:
+    """The runs in a fixed order (they ran shuffled): DP, ours by H, one island, torchft by H."""
+
+    def key(name: str) -> tuple[int, int, str]:
+        h = int(name.split("H=")[1].split()[0]) if "H=" in name else 0
+        return ({"DP": 0, "DiLoCo": 1, "one": 2, "torchft": 3}[name.split()[0]], h, name)
+
+    return {name: runs[name] for name in sorted(runs, key=key)}
+
+
 def plot(path: Path, runs: dict[str, Any], steps: int) -> None:
     os.environ.setdefault("MPLCONFIGDIR", tempfile.mkdtemp(prefix="mpl-"))
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -170,11 +184,14 @@ def plot(path: Path, runs: dict[str, Any], steps: int) -> None:
     fig = Figure(figsize=(8, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for name, run in runs.items():
+    colors = {"DP": "black", "one island": "gray"}
+    for name, run in _display(runs).items():
         if "int8" in name:
             continue
+        h = name.split("H=")[1] if "H=" in name else ""
+        color = colors.get(name) or colors.setdefault(f"H={h}", f"C{len(colors) - 2}")
         style = "--" if name.startswith("torchft") else "-"
-        ax.plot(range(1, len(run["losses"]) + 1), smooth(run["losses"]), style, label=name, linewidth=1.2)
+        ax.plot(range(1, len(run["losses"]) + 1), smooth(run["losses"]), style, color=color, label=name, lw=1.2)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (island 0's for DiLoCo; mean of 10 steps)")
     ax.set_title(f"DiLoCo vs DP, configs/default.toml, {steps} steps")
@@ -187,7 +204,7 @@ def plot(path: Path, runs: dict[str, Any], steps: int) -> None:
 
 def report(p1: dict[str, Any], p2: dict[str, Any], args: argparse.Namespace) -> list[str]:
     """The figures as markdown lines (printed, and pasted into benchmarks/results.md)."""
-    runs = p1["runs"]
+    runs = _display(p1["runs"])
     dp = runs["DP"]
     lines = [
         f"Loss at equal tokens: {args.steps} steps x 16 sequences x 128 tokens, 4 ranks (one island: 2 ranks, "
@@ -236,22 +253,22 @@ def report(p1: dict[str, Any], p2: dict[str, Any], args: argparse.Namespace) -> 
                 f"  - int8 pseudo-gradients: {run['outer_bytes'] / int8['outer_bytes']:.2f}x fewer bytes than fp32 "
                 f"(expect ~4x less the per-block scales), loss {int8['final_loss']:.4f} ({ivs:+.2%} vs fp32)"
             )
-    base = dp["step_time_s"]
     lines += [
         "",
         f"Over a slow link ({args.gbps:g} Gbit/s + {args.latency_ms:g} ms between the two pseudo-nodes, "
-        f"{args.util_steps} steps, H = {args.util_h}, {args.util_rounds} round(s)): "
-        f"utilization = the steps' time without the link ({args.util_steps} x {base:.3f} s, part 1's DP median step) "
-        "/ the wall time with it (the sum of rank 0's step times, outer waits included).",
+        f"{args.util_steps} steps, H = {args.util_h}, {args.util_rounds} round(s), median (min - max)): wall = the sum "
+        "of rank 0's step times (outer waits included); utilization vs no link = the wall time of the same steps of DP "
+        "without the link, in the same round, over this wall time.",
         "",
         "| run | wall s | median step s | compute_utilization (records) | utilization vs no link | DP wall / this |",
         "|---|---|---|---|---|---|",
     ]
     dp_wall = statistics.median(x["wall_s"] for x in p2["runs"]["DP"])
+    free = [x["wall_s"] for x in p2["runs"][NO_LINK]]
     for name, rounds in p2["runs"].items():
         walls = [x["wall_s"] for x in rounds]
-        cu = [x["compute_utilization"] for x in rounds] if name != "DP" else []
-        util = [base * args.util_steps / x["wall_s"] for x in rounds]
+        cu = [x["compute_utilization"] for x in rounds] if "DiLoCo" in name else []
+        util = [f / x["wall_s"] for f, x in zip(free, rounds)]
         lines.append(
             f"| {name} | {_spread(walls, '.1f')} | {_spread([x['step_time_s'] for x in rounds], '.3f')} | "
             f"{_spread(cu, '.1%') if cu else '-'} | {_spread(util, '.1%')} | {dp_wall / statistics.median(walls):.2f}x |"
@@ -267,7 +284,7 @@ def main() -> None:
     p.add_argument("--peer-h", default="10,50", help="H values torchft's DiLoCo runs at (empty: no peer)")
     p.add_argument("--util-steps", type=int, default=40, help="training steps of part 2")
     p.add_argument("--util-h", type=int, default=10, help="H of part 2")
-    p.add_argument("--util-rounds", type=int, default=1, help="runs of each part 2 contender, in shuffled order")
+    p.add_argument("--util-rounds", type=int, default=2, help="runs of each part 2 contender, in shuffled order")
     p.add_argument("--gbps", type=float, default=0.1, help="the emulated inter-node bandwidth, Gbit/s")
     p.add_argument("--latency-ms", type=float, default=50.0, help="the emulated link's latency per collective")
     p.add_argument("--seed", type=int, default=0, help="shuffles the order of the contenders")
@@ -275,6 +292,7 @@ def main() -> None:
     p.add_argument("--plot", help="write the loss-vs-step figure here (PNG)")
     p.add_argument("--json", help="append the figures to this file")
     p.add_argument("--raw", help="write the measured figures here (JSON) before the report")
+    p.add_argument("--loss-from", help="take part 1's figures from this --raw file instead of measuring them")
     args = p.parse_args()
     args.inner_steps = [int(h) for h in args.inner_steps.split(",") if h]
     args.peer_h = [int(h) for h in args.peer_h.split(",") if h]
@@ -283,7 +301,11 @@ def main() -> None:
             raise SystemExit(f"H={h} must divide --steps {args.steps} (the runs end on a sync)")
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        p1 = loss_at_equal_tokens(Path(tmp), args, rng)
+        if args.loss_from:  # part 1's figures from an earlier --raw file: rerun part 2 alone
+            p1 = json.loads(Path(args.loss_from).read_text())["loss"]
+            rng.shuffle(list(p1["runs"]))  # the same part 2 order as a full run with this seed
+        else:
+            p1 = loss_at_equal_tokens(Path(tmp), args, rng)
         p2 = utilization(Path(tmp), args, rng)
     if args.raw:  # the figures before any rendering, so that a report can be redone from them
         Path(args.raw).write_text(json.dumps({"loss": p1, "utilization": p2}))
