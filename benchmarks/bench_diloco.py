@@ -19,16 +19,20 @@ the same data with the same hyperparameters (benchmarks/diloco_peer.py says how 
 2. Utilization over a slow link (--util-steps steps, [comm] emulate_gbps=--gbps, emulate_latency_ms
    =--latency-ms, emulate_scope=inter-node, node_size=2: the islands are two pseudo-nodes): wall time
    (the sum of rank 0's step times) and compute utilization of DP, DiLoCo, streaming DiLoCo
-   (diloco.fragments=2) and overlapped DiLoCo (diloco.overlap=true), all at H = --util-h. Utilization:
-   DiLoCo's own compute_utilization (the last record's, cumulative: 1 - outer wait / wall), and for
-   every contender alike the time the steps take without the link (steps x part 1's DP median step
-   time) over the wall time with it.
+   (diloco.fragments=2) and overlapped DiLoCo (diloco.overlap=true), all at H = --util-h, beside DP
+   without the link. Utilization: DiLoCo's own compute_utilization (the last record's, cumulative:
+   1 - outer wait / wall, the wait including one island's for the other), and for every contender
+   alike the wall time of DP without the link in the same round over this contender's.
 
 Contenders run in an order shuffled afresh per round (part 1: one round, since every run from one
 seed trains the same steps -- repeats would repeat the figures; part 2: --util-rounds rounds, the
-spread min - max reported). Output: a table, --json, and with --plot a figure of loss vs step.
+spread min - max reported). Output: a table, --json, --raw (the measured figures, which --loss-from
+takes back to rerun part 2 alone), and with --plot a figure of loss vs step.
 
     python benchmarks/bench_diloco.py [--steps 200] [--inner-steps 10,50] [--util-steps 40] [--plot docs/img/diloco_loss.png]
+
+On 2 shared cores the defaults take 25 - 30 minutes (17 runs of `meshtrain train` or the peer, each
+~35 s of start-up); 200 steps and H <= 50 are far shorter than the DiLoCo paper's runs (H = 500).
 """
 
 from __future__ import annotations
