@@ -21,7 +21,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from diloco_reference import Diloco, OuterState, Reference, fragment_of, simulate
+from diloco_reference import Diloco, OuterState, Reference, fragment_of, island_sequences, simulate
 from dist_utils import TINY, Run, read_metrics, train_runs
 from meshtrain.config import load_config
 from meshtrain.model import build_model
@@ -183,6 +183,19 @@ def test_fragments_by_layer_and_the_sync_schedule() -> None:
     assert sizes == [PSI - BLOCK, BLOCK]
     assert [Diloco(2, 4, fragments=2).fragment_at(t) for t in range(1, 9)] == [-1, 0, -1, 1, -1, 0, -1, 1]
     assert [Diloco(2, 3).fragment_at(t) for t in range(1, 8)] == [-1, -1, 0, -1, -1, 0, -1]
+
+
+@pytest.mark.pure
+def test_an_islands_batch_is_its_share_of_the_global_batch() -> None:
+    """The union of an island's data ranks is the same sequences whatever dp is inside the island;
+    the islands' batches are disjoint and make up the global batch of the step."""
+    cfg = load_config(TINY, [*BASE, "training.micro_batch=1"])
+    n, gb = 6249, cfg.training.global_batch
+    for step in (0, 5):
+        batches = [island_sequences(cfg, Diloco(2, 1), 2, n, k, step) for k in range(2)]
+        assert batches == [island_sequences(cfg, Diloco(2, 1), 1, n, k, step) for k in range(2)]
+        assert all(len(b) == gb // 2 for b in batches)
+        assert sorted(batches[0] + batches[1]) == sorted(island_sequences(cfg, Diloco(1, 1), 1, n, 0, step))
 
 
 # ---- the distributed runs against it ----------------------------------------------------------------
