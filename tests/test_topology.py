@@ -13,13 +13,27 @@ from meshtrain.topology import AXES, Degrees
 pytestmark = pytest.mark.pure
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 4, 1, 1), (2, 1, 2, 1, 2), (2, 2, 1, 2, 1), (1, 2, 2, 1, 2)])
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 1, 4, 1, 1), (1, 2, 1, 2, 1, 2), (1, 2, 2, 1, 2, 1), (1, 1, 2, 2, 1, 2), (2, 2, 1, 2, 1, 1)]
+)
 def test_coords_follow_device_mesh_row_major_order(shape: tuple[int, ...]) -> None:
-    d = Degrees(*shape)
+    """shape: the mesh in AXES order, DiLoCo's islands outermost."""
+    d = Degrees(*shape[1:], diloco=shape[0])
     mesh = torch.arange(d.world_size).view(shape)  # the rank layout DeviceMesh builds
     for index in itertools.product(*(range(s) for s in shape)):
         rank = int(mesh[index])
         assert tuple(d.coords(rank)[a] for a in AXES) == index
+
+
+def test_islands_are_blocks_of_consecutive_ranks_and_inner_groups_stay_inside() -> None:
+    """parallel.diloco = 2 islands of dp_shard 2 x tp 2: island k is ranks 4k .. 4k+3, and every
+    expert and node-cut shard group lies inside one island."""
+    d = Degrees(dp_shard=2, tp=2, ep=2, diloco=2)
+    assert d.world_size == 8 and d.island_size == 4
+    assert [d.coords(r)["diloco"] for r in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
+    groups = list(d.expert_groups().values()) + list(d.shard_groups_by_node(2).values())
+    for group in itertools.chain.from_iterable(groups):
+        assert len({r // 4 for r in group}) == 1, group
 
 
 def test_dp_rank_spans_replicate_and_shard() -> None:

@@ -16,6 +16,8 @@ nowhere else, in this order (torchtitan's, with the pipeline first):
   8. the step runner           the plain micro-step loop, or the pipeline executor
   9. the optimizer             AdamW, or 1-bit Adam, whose engine decorator wraps the data-parallel
                                engine in step 6 (it turns the gradient all-reduce off after the freeze)
+ 10. DiLoCo's outer loop       a step hook over what the optimizer updates: every few steps it averages
+                               the islands' pseudo-gradients across the outer group (parallel.diloco)
 
 Every strategy gets plain decisions (groups, dtypes, flags) from here, never the Config, and never
 another strategy's code: what one step changes comes back as a value (TensorParallel's loss
@@ -52,6 +54,7 @@ from meshtrain.core.runner import (
 )
 from meshtrain.core.weight_grads import WeightGradQueue, split_weight_grads
 from meshtrain.data_parallel import DataParallel
+from meshtrain.diloco import DiLoCo, FixedIslands, OuterGroup, OuterSettings
 from meshtrain.expert_balance import ExpertBalance
 from meshtrain.expert_parallel import ExpertParallel, ExpertParallelEngine, apply_expert_parallel
 from meshtrain.loss import cross_entropy_sum
@@ -103,8 +106,11 @@ def autocast_for(dtype: str, device: torch.device) -> Autocast:
     return contextlib.nullcontext
 
 
-def build_parallel(cfg: Config, topo: Topology, device: torch.device, stats: CommStats) -> ParallelModel:
-    """Build this rank's model parts, gradient engine and step runner, in the order of the module docstring."""
+def build_parallel(
+    cfg: Config, topo: Topology, device: torch.device, stats: CommStats, islands: OuterGroup | None = None
+) -> ParallelModel:
+    """Build this rank's model parts, gradient engine and step runner, in the order of the module docstring.
+    `islands`: DiLoCo's outer group when each island is its own launch (diloco.join); else the mesh's axis."""
     t, p = cfg.training, cfg.parallel
     # 1. pipeline split
     pipe = _pipeline_plan(cfg) if p.pp > 1 else None
@@ -112,7 +118,8 @@ def build_parallel(cfg: Config, topo: Topology, device: torch.device, stats: Com
     # 2. tensor and expert parallelism, 3. context parallelism
     tp, cp = _tensor_parallel(parts, topo, cfg, stats, pipe), _context_parallel(parts, topo, cfg, stats)
     ep = apply_expert_parallel(parts, _axis_group(topo, "ep"), stats) if p.ep > 1 else None
-    scale = 1.0 / (t.global_batch * t.seq_len)  # what one token's loss weighs in the step's objective
+    # what one token's loss weighs in the step's objective: each DiLoCo island steps on its own share
+    scale = 1.0 / (t.global_batch // p.diloco * t.seq_len)
     hooks: list[StepHook] = _expert_balance(parts, topo, cfg, stats, scale, cp)
     # 4. activation checkpointing
     for part in parts:  # every part is a Llama (the whole model or a stage), with tp's layers swapped in
@@ -144,16 +151,51 @@ def build_parallel(cfg: Config, topo: Topology, device: torch.device, stats: Com
         runner: StepRunner = MicroStepRunner(parts[0], engine, loss_fn, scale, device, autocast, prepare)
     else:
         runner = _pipeline_executor(cfg, topo, pipe, parts, engine, loss_fn, queue, stats, device, autocast, prepare)
+    optimizer = _optimizer(engine, cfg, onebit)
+    # 10. DiLoCo's outer loop
+    if p.diloco > 1:
+        hooks.append(_diloco(engine, topo, cfg, stats, islands))
     # Tensor-parallel peers hold the same (vocab-parallel) loss: count it once, from tp rank 0.
     return ParallelModel(
         parts,
         engine,
         runner,
-        LossReduction(counts=topo.local_rank("tp") == 0, stats=stats),
+        LossReduction(topo.local_rank("tp") == 0, stats, topo.group("island"), topo.degrees.island_size),
         # a cut model, or one whose attention spans the cp ranks, samples through `meshtrain generate`
         sampler=cast(Llama, parts[0]) if pipe is None and cp is None else None,
-        optimizer=_optimizer(engine, cfg, onebit),
+        optimizer=optimizer,
         hooks=hooks,
+    )
+
+
+def _diloco(engine: GradEngine, topo: Topology, cfg: Config, stats: CommStats, islands: OuterGroup | None) -> DiLoCo:
+    """The outer step works on the optimizer's tensors; the ranks holding the same ones inside an
+    island (DP's dp x cp replicas, ZeRO's dp_replicate) split each fragment between them."""
+    d, t = cfg.diloco, cfg.training
+    outer_stats = CommStats(topo.node_size, topo.rank)
+    outer_stats.log.link = stats.log.link
+    if not d.overlap:  # the main thread blocks in the outer step: let the watchdog see it there
+        outer_stats.log = stats.log
+    settings = OuterSettings(
+        d.inner_steps,
+        d.outer_lr,
+        d.outer_momentum,
+        d.pseudo_grad_dtype,
+        d.int8_block,
+        d.fragments,
+        d.overlap,
+        island=d.island if d.join else topo.coords["diloco"],
+        total_steps=t.steps,
+    )
+    replicas = topo.group("dp_replicate" if cfg.parallel.zero_stage else "dp_cp")
+    return DiLoCo(
+        engine.optim_params(),
+        settings,
+        islands if islands is not None else FixedIslands(topo.group("diloco")),
+        replicas,
+        topo.local_rank("island"),
+        stats,
+        outer_stats,
     )
 
 
@@ -335,7 +377,7 @@ def _pipeline_executor(
         # ZeRO-3 computes with weights gathered in the compute dtype, the embedding's output included
         act_dtype=DTYPES[t.dtype] if p.zero_stage == 3 else torch.float32,
         autocast=autocast,
-        scale=1.0 / (t.global_batch * t.seq_len),
+        scale=1.0 / (t.global_batch // p.diloco * t.seq_len),
         engine=engine,
         queue=queue,
         trace_path=trace_path,

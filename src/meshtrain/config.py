@@ -140,13 +140,15 @@ class ParallelConfig:
     """With zero_stage = 3: ZeRO++ qgZ, gradients reduced by two int4 all-to-alls (inside the node, then across nodes) summed in fp32, instead of the reduce-scatter."""
     zeropp_block: int = 2048
     """Elements per fp32 scale in ZeRO++'s int8 weight and int4 gradient codes (DeepSpeed uses a few thousand)."""
+    diloco: int = 1
+    """DiLoCo islands (the outermost axis): the world is this many copies of the layout above, which sync only through the outer step of [diloco]; 1 = off."""
 
     @property
     def degrees(self) -> Degrees:
         """The layout's degrees (dp_shard must be resolved: meshtrain.validate.validate does it)."""
         if self.dp_shard < 1:
             raise ValueError("resolve parallel.dp_shard (meshtrain.validate.validate) before asking for the degrees")
-        return Degrees(self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp, self.ep)
+        return Degrees(self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp, self.ep, self.diloco)
 
 
 @dataclass
@@ -282,6 +284,38 @@ class CommConfig:
 
 
 @dataclass
+class DilocoConfig:
+    """DiLoCo's outer loop over the islands of parallel.diloco (meshtrain.diloco; docs/diloco.md)."""
+
+    inner_steps: int = 20
+    """H: inner optimizer steps each island takes between two outer steps of the same fragment."""
+    outer_lr: float = 0.7
+    """The outer optimizer's learning rate (Nesterov SGD on the averaged pseudo-gradients; DiLoCo uses 0.7)."""
+    outer_momentum: float = 0.9
+    """The outer optimizer's Nesterov momentum."""
+    pseudo_grad_dtype: str = "fp32"
+    """How pseudo-gradients travel between islands: fp32, bf16 or int8 (block absmax codes, summed in fp32)."""
+    int8_block: int = 2048
+    """With pseudo_grad_dtype = int8: elements per fp32 scale."""
+    fragments: int = 1
+    """Streaming DiLoCo: the model is cut into this many fragments (layer i in fragment i mod F) that sync at staggered steps, every inner_steps / fragments steps one of them; must divide inner_steps."""
+    overlap: bool = False
+    """Delay-1 outer step: a fragment's outer all-reduce runs during the next round's inner steps, and its result is applied at that fragment's next sync."""
+    join: str = ""
+    """HOST:PORT of the outer rendezvous store (`meshtrain lighthouse`): this launch is one island (diloco.island) of an elastic run whose islands may leave and rejoin; empty = all islands in this launch."""
+    island: int = 0
+    """With diloco.join: this launch's island, 0 .. parallel.diloco - 1."""
+    timeout_s: float = 30.0
+    """With diloco.join: seconds an outer step waits for an island before it carries on without it."""
+
+
+def launch_degrees(cfg: Config) -> Degrees:
+    """The degrees of this launch's ranks: every island, or one island when each is its own launch (diloco.join)."""
+    d = cfg.parallel.degrees
+    return dataclasses.replace(d, diloco=1) if cfg.diloco.join else d
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -292,6 +326,7 @@ class Config:
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     comm: CommConfig = field(default_factory=CommConfig)
+    diloco: DilocoConfig = field(default_factory=DilocoConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

@@ -1,8 +1,10 @@
 """The parallel degrees of a layout and their arithmetic: the one place that knows the axes.
 
-Axes, outermost first: pp, dp_replicate, dp_shard, cp, tp. Tensor parallelism is innermost so its
-chatty collectives stay among neighbouring ranks (one node); pipeline stages are outermost because
-they only exchange point-to-point activations. Expert parallelism adds no ranks: it borrows the
+Axes, outermost first: diloco, pp, dp_replicate, dp_shard, cp, tp. Tensor parallelism is innermost
+so its chatty collectives stay among neighbouring ranks (one node); pipeline stages come next to the
+outside because they only exchange point-to-point activations. Outermost of all are DiLoCo's islands:
+each is a complete layout of the other axes, and only the outer step, every few hundred steps,
+crosses between them (meshtrain.diloco). Expert parallelism adds no ranks: it borrows the
 dp_shard x cp ranks, as in torchtitan.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-AXES: tuple[str, ...] = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+AXES: tuple[str, ...] = ("diloco", "pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,8 @@ class Degrees:
     cp: int = 1
     tp: int = 1
     ep: int = 1
+    diloco: int = 1
+    """Islands (the outermost axis); the other degrees describe one island."""
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -33,6 +37,10 @@ class Degrees:
     @property
     def world_size(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def island_size(self) -> int:
+        return self.world_size // self.diloco
 
     @property
     def dp(self) -> int:
@@ -55,9 +63,9 @@ class Degrees:
         state over it, as it shards the dense state over dp_shard x cp), and with dp_replicate too an
         `edp` group (the experts' gradients are summed over it)."""
         keys = {
-            "ep": lambda c, flat: (c["pp"], c["tp"], c["dp_replicate"], flat // self.ep),
-            "edp_shard": lambda c, flat: (c["pp"], c["tp"], c["dp_replicate"], flat % self.ep),
-            "edp": lambda c, flat: (c["pp"], c["tp"], flat % self.ep),
+            "ep": lambda c, flat: (c["diloco"], c["pp"], c["tp"], c["dp_replicate"], flat // self.ep),
+            "edp_shard": lambda c, flat: (c["diloco"], c["pp"], c["tp"], c["dp_replicate"], flat % self.ep),
+            "edp": lambda c, flat: (c["diloco"], c["pp"], c["tp"], flat % self.ep),
         }
         out: dict[str, dict[tuple[int, ...], list[int]]] = {name: {} for name in keys}
         for rank in range(self.world_size):
@@ -76,7 +84,7 @@ class Degrees:
         shard_groups: dict[tuple[int, ...], list[int]] = {}
         for rank in range(self.world_size):
             c = self.coords(rank)
-            shard_groups.setdefault((c["pp"], c["dp_replicate"], c["tp"]), []).append(rank)
+            shard_groups.setdefault((c["diloco"], c["pp"], c["dp_replicate"], c["tp"]), []).append(rank)
         intra: list[list[int]] = []
         inter: dict[tuple[tuple[int, ...], int], list[int]] = {}
         for key, members in shard_groups.items():

@@ -81,6 +81,9 @@ class ExpertBalance:
     def _device(self) -> torch.device:
         return next(iter(self.layers.values())).gate.weight.device
 
+    def after_optimizer(self, step: int) -> bool:
+        return False  # the biases moved in before_step; the optimizer's parameters are not the hook's
+
     def metrics(self) -> dict[str, Any]:
         return dict(self.figures)
 

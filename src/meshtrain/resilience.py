@@ -21,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from meshtrain.accounting import Recorder
 from meshtrain.core import comm
@@ -78,15 +79,17 @@ class Stragglers:
     factor: float
     steps: int
     stats: Recorder
+    group: dist.ProcessGroup | None = None
+    """The ranks compared: the world, or one DiLoCo island (islands do not meet every step)."""
     streak: dict[int, int] = field(default_factory=dict)
 
     def gather(self, seconds: float) -> list[float]:
-        """Every rank's step time (a collective: call on every rank)."""
+        """Every rank's step time (a collective: call on every rank of the group)."""
         mine = torch.tensor([seconds], dtype=torch.float64)
         if self.world == 1:
             return [seconds]
         out = torch.empty(self.world, dtype=torch.float64)
-        comm.all_gather(out, mine, None, self.stats, counted=False)
+        comm.all_gather(out, mine, self.group, self.stats, counted=False)
         return out.tolist()
 
     def figures(self, times: list[float]) -> tuple[dict[str, float], str | None]:

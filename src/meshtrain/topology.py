@@ -18,11 +18,13 @@ __all__ = ["AXES", "Degrees", "Topology"]
 
 # Groups spanning several axes, flattened from the mesh: the batch is split over dp; gradients are
 # summed over dp x cp (cp ranks hold the same weights); ZeRO shards over dp_shard x cp (torchtitan's
-# dp_shard_cp: CP is folded into the parameter sharding even without data parallelism).
+# dp_shard_cp: CP is folded into the parameter sharding even without data parallelism). None of them
+# includes the diloco axis, so every inner group stays inside one island; `island` is all of one.
 FLATTENED: dict[str, tuple[str, ...]] = {
     "dp": ("dp_replicate", "dp_shard"),
     "dp_cp": ("dp_replicate", "dp_shard", "cp"),
     "dp_shard_cp": ("dp_shard", "cp"),
+    "island": AXES[1:],
 }
 
 # The groups of ranks that hold the same experts (meshtrain.degrees.Degrees.expert_groups), not mesh
@@ -48,7 +50,11 @@ class Topology:
         self._by_node: dict[str, dist.ProcessGroup | None] = {}
         self.rank = dist.get_rank()
         self.coords = degrees.coords(self.rank)
-        self._flat = {name: mesh[axes]._flatten(name) for name, axes in FLATTENED.items() if self.size(name) > 1}
+        self._flat = {
+            name: mesh[axes]._flatten(name)
+            for name, axes in FLATTENED.items()
+            if self.size(name) > 1 and not (name == "island" and degrees.diloco == 1)
+        }
         self._expert: dict[str, dist.ProcessGroup | None] = dict.fromkeys(("ep", *SAME_EXPERTS))
         if degrees.ep > 1:  # not mesh axes: ep borrows dp_shard x cp ranks (degrees.Degrees.expert_groups)
             made: dict[str, list[list[int]]] = {}
@@ -84,8 +90,8 @@ class Topology:
 
     def group(self, axis: str) -> dist.ProcessGroup | None:
         """The process group along `axis` (or a FLATTENED name), or None when that size is 1."""
-        if self.size(axis) == 1:
-            return None
+        if self.size(axis) == 1 or (axis == "island" and self.degrees.diloco == 1):
+            return None  # one island is the world: the default group serves
         if axis in FLATTENED:
             return self._flat[axis].get_group()
         if axis in self._expert:
@@ -103,6 +109,10 @@ class Topology:
         if axis not in self._by_node:
             self._by_node[axis], _ = dist.new_subgroups_by_enumeration(self._node_enumeration(axis))
         return self._by_node[axis]
+
+    def data_rank(self) -> tuple[int, int]:
+        """(index, count) of this rank's share of the global batch: its island's dp ranks, island after island."""
+        return self.coords["diloco"] * self.size("dp") + self.local_rank("dp"), self.degrees.diloco * self.size("dp")
 
     def describe(self) -> str:
         live = [f"{a}={getattr(self.degrees, a)}" for a in AXES if getattr(self.degrees, a) > 1]

@@ -29,7 +29,7 @@ from rich.console import Console
 from meshtrain import checkpoint as ckpt
 from meshtrain.accounting import CommStats, SlowLink, human_bytes, tensor_bytes
 from meshtrain.build import DTYPES, build_parallel
-from meshtrain.config import Config, dump_toml
+from meshtrain.config import Config, dump_toml, launch_degrees
 from meshtrain.core import comm
 from meshtrain.core.runner import Batch
 from meshtrain.data import BatchSampler, build_dataset, build_tokenizer
@@ -65,7 +65,7 @@ class Trainer:
         self.log = get_logger(env.rank, env.world_size, self.console if env.rank == 0 else None)
         if cfg.training.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.topo = Topology.build(cfg.parallel.degrees, env.device, cfg.parallel.node_size)
+        self.topo = Topology.build(launch_degrees(cfg), env.device, cfg.parallel.node_size)
         self.stats = CommStats(self.topo.node_size, env.rank)
         self.stats.log.link = slow_link(cfg, self.topo.node_size)
         self.parallel = build_parallel(cfg, self.topo, env.device, self.stats)
@@ -73,24 +73,28 @@ class Trainer:
         self.optim = self.parallel.optimizer
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         self.dataset = build_dataset(cfg.data, self.tokenizer, cfg.training.seq_len, cfg.training.seed)
+        # the global batch spans every DiLoCo island: island k takes data ranks k*dp .. k*dp + dp - 1
+        index, count = self.topo.data_rank()
+        if cfg.diloco.join:
+            index, count = cfg.diloco.island * self.topo.size("dp") + index, cfg.parallel.diloco * count
         self.sampler = BatchSampler(
-            len(self.dataset),
-            cfg.training.global_batch,
-            cfg.training.micro_batch,
-            self.topo.local_rank("dp"),
-            self.topo.size("dp"),
-            cfg.training.seed,
+            len(self.dataset), cfg.training.global_batch, cfg.training.micro_batch, index, count, cfg.training.seed
         )
         self.val_sampler, self.val_dataset = self._validation()
         self.step = 0
         self.ckpt_root = self.run_dir / "checkpoints"
         self.global_tokens = cfg.training.global_batch * cfg.training.seq_len
+        # what one step's (and one evaluation batch's) loss is averaged over: this island's share
+        self.island_tokens = self.global_tokens // cfg.parallel.diloco
         dtype = DTYPES[cfg.training.dtype]
         self.peak_flops = 1e12 * (cfg.logging.peak_tflops or detect_peak_tflops(env.device, dtype))
         self.flops_per_token = flops_per_token(cfg.model, cfg.training.seq_len)
         r = cfg.resilience
         self.guard = StepGuard(r.max_skipped_steps, r.spike_sigma, r.spike_window)
-        self.stragglers = Stragglers(env.world_size, r.straggler_factor, r.straggler_steps, self.stats)
+        island = self.topo.group("island")
+        self.stragglers = Stragglers(
+            self.topo.degrees.island_size, r.straggler_factor, r.straggler_steps, self.stats, island
+        )
         self.run_id = env.launch_id
         self.saver: ckpt.Saver | None = None
 
@@ -99,21 +103,24 @@ class Trainer:
         if not t.eval_interval:
             return None, None
         val = build_dataset(self.cfg.data, self.tokenizer, t.seq_len, t.seed, split="val")
-        sampler = ValSampler(
-            len(val), t.global_batch, t.micro_batch, self.topo.local_rank("dp"), self.topo.size("dp"), t.seed
-        )
+        # every island evaluates its own parameters on the same batches, its share of the global batch each
+        share = t.global_batch // self.cfg.parallel.diloco
+        sampler = ValSampler(len(val), share, t.micro_batch, self.topo.local_rank("dp"), self.topo.size("dp"), t.seed)
         if sampler.wraps(t.eval_batches) and self.env.rank == 0:
             self.log.warning(
-                f"the validation split holds {len(val)} sequences, fewer than training.eval_batches x global_batch "
-                f"= {t.eval_batches * t.global_batch}: evaluation wraps around and counts some twice"
+                f"the validation split holds {len(val)} sequences, fewer than training.eval_batches x {share} "
+                f"= {t.eval_batches * share}: evaluation wraps around and counts some twice"
             )
         return sampler, val
 
     # ---- state -------------------------------------------------------------------------------
     def app_state(self) -> dict[str, Any]:
+        # DiLoCo islands hold different weights between outer steps: island k > 0 keeps its own copy
+        island = self.topo.coords["diloco"]
+        suffix = f"@island{island}" if island else ""
         state: dict[str, Any] = {
-            "model": self.engine.model_state_dict(),
-            "optim": self.engine.optim_state_dict(self.optim.state_dict()),
+            f"model{suffix}": self.engine.model_state_dict(),
+            f"optim{suffix}": self.engine.optim_state_dict(self.optim.state_dict()),
             "train": {"step": torch.tensor(self.step)},
         }
         hooks = {k: v for hook in self.parallel.hooks for k, v in hook.state_dict().items()}
@@ -133,7 +140,7 @@ class Trainer:
         state = self.app_state()
         with self.stats.log.doing(f"loading {path.name}"):
             meta = ckpt.load(path, state)
-        self.optim.load_state_dict(state["optim"])
+        self.optim.load_state_dict(next(v for k, v in state.items() if k.split("@")[0] == "optim"))
         self.step = int(state["train"]["step"])
         self.run_id = meta.get("run_id", self.run_id)  # resuming continues that run: its checkpoints stay ours
         self.log.info(
@@ -188,7 +195,7 @@ class Trainer:
             self.runner.scale = scale
         self.engine.finish()
         grad_norm = float(self.engine.grad_norm())
-        loss_mean = self.parallel.reduce_loss(loss_sum) / self.global_tokens
+        loss_mean = self.parallel.reduce_loss(loss_sum) / self.island_tokens
         lr = lr_at(self.step, t)
         # Both figures come out of collectives, so every rank takes the same decision.
         applied = self.guard.check(self.step + 1, loss_mean, grad_norm)
@@ -198,9 +205,12 @@ class Trainer:
             if t.grad_clip and grad_norm > t.grad_clip:
                 self.engine.scale_grads(t.grad_clip / (grad_norm + 1e-6))
             self.optim.step(self.engine.optim_grads(), lr)
-            self.engine.after_step()
         else:
             self.log.warning(f"step {self.step + 1} skipped: {self.guard.last_reason}")
+        # every hook runs (a list, not a short-circuiting any()): an outer step may change parameters too
+        changed = [hook.after_optimizer(self.step + 1) for hook in self.parallel.hooks]
+        if applied or any(changed):
+            self.engine.after_step()
         self.engine.zero_grad()
         elapsed = time.perf_counter() - start
         self.step += 1
@@ -219,7 +229,7 @@ class Trainer:
             for b in range(n):
                 batches = [Batch(*self.val_dataset.batch(idx)) for idx in self.val_sampler.rank_indices(b)]
                 loss_sum += self.runner.evaluate(batches)
-        loss = self.parallel.reduce_loss(loss_sum) / (n * self.global_tokens)
+        loss = self.parallel.reduce_loss(loss_sum) / (n * self.island_tokens)
         comm = {f"val_{key}": value for key, value in self.stats.snapshot_and_reset().items()}
         return {"val_loss": loss, "val_ppl": perplexity(loss), "val_time_s": time.perf_counter() - start, **comm}
 

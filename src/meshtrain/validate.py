@@ -14,13 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from meshtrain.config import SECTIONS, Config, ConfigError, ParallelConfig
+from meshtrain.config import SECTIONS, Config, ConfigError, ParallelConfig, launch_degrees
 from meshtrain.data.shards import has_val_split, read_meta
 from meshtrain.hf.config import hf_dir, read_hf_config
 from meshtrain.hf.files import expected_params, header_shapes, missing_or_misshaped
 from meshtrain.pipeline.schedules import SCHEDULES, ScheduleError, build_schedule, is_custom, splits_backward
 from meshtrain.preflight import tokenizer_vocab
 from meshtrain.tools.schedule_check import validate_schedule
+from meshtrain.validate_comm import check_diloco, check_onebit_adam, check_zeropp, resolve_islands
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "training.dtype": ("fp32", "bf16"),
@@ -37,6 +38,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("stdlib", "files", "tokens", "synthetic"),
     "checkpoint.resume": ("auto", "never"),
     "comm.emulate_scope": ("inter-node", "all"),
+    "diloco.pseudo_grad_dtype": ("fp32", "bf16", "int8"),
 }
 
 # Degrees this build can run, and the feature that brings the rest. Widened as features land.
@@ -62,6 +64,9 @@ POSITIVE = (
     "parallel.pp_chunks",
     "parallel.cp",
     "parallel.ep",
+    "parallel.diloco",
+    "diloco.inner_steps",
+    "diloco.fragments",
     "checkpoint.keep",
     "logging.log_interval",
 )
@@ -99,6 +104,10 @@ VALUES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
     ("comm.emulate_latency_ms", _in(0, INF), "must not be negative"),
     ("parallel.node_size", _in(0, INF), "must not be negative (0 = the local world size)"),
     ("parallel.zeropp_block", _in(2, INF), "must be at least 2 elements per scale"),
+    ("diloco.int8_block", _in(2, INF), "must be at least 2 elements per scale"),
+    ("diloco.outer_lr", _in(0, INF, lo_open=True), "must be > 0 (DiLoCo uses 0.7)"),
+    ("diloco.outer_momentum", _in(0, 1, hi_open=True), "must be in [0, 1) (DiLoCo uses 0.9)"),
+    ("diloco.timeout_s", _in(0, INF, lo_open=True), "must be > 0"),
     ("data.val_fraction", _in(0, 0.5, hi_open=True), "must be in [0, 0.5) (0 = no validation split)"),
     ("parallel.bucket_mb", _in(0, INF, lo_open=True), "must be > 0"),
     ("logging.peak_tflops", _in(0, INF), "must not be negative (0 detects it)"),
@@ -408,102 +417,29 @@ def _check_zero(cfg: Config) -> None:
         )
 
 
-def _check_zeropp(cfg: Config, local_world: int) -> None:
-    p = cfg.parallel
-    on = [f"parallel.zeropp_{x}=true" for x in ("qwz", "hpz", "qgz") if getattr(p, f"zeropp_{x}")]
-    if not on:
-        return
-    if p.zero_stage != 3:
-        raise ConfigError(f"{', '.join(on)} needs parallel.zero_stage=3 (ZeRO++ extends ZeRO-3), not {p.zero_stage}")
-    if p.ep > 1:
-        raise ConfigError(
-            f"{', '.join(on)} with parallel.ep={p.ep} is not supported: experts shard over their own group, "
-            f"which ZeRO++'s node hierarchy does not cut; set ep=1 or turn ZeRO++ off"
-        )
-    if p.zeropp_qgz and p.zeropp_block % 2:
-        raise ConfigError(f"parallel.zeropp_block={p.zeropp_block} must be even: qgZ packs two int4 codes per byte")
-    if not (p.zeropp_hpz or p.zeropp_qgz):
-        return
-    node = p.node_size or local_world
-    try:
-        places = p.degrees.shard_groups_by_node(node)["shard_intra"]
-    except ValueError as e:
-        raise ConfigError(
-            f"parallel.node_size={node}: {e}; choose a node size that splits dp_shard x cp evenly"
-        ) from None
-    if p.zeropp_hpz and len(places[0]) < 2:
-        raise ConfigError(
-            f"parallel.zeropp_hpz=true needs at least 2 ranks of a dp_shard x cp group per node, but "
-            f"parallel.node_size={node} leaves {len(places[0])}: hpZ's secondary shard would be the whole unit; "
-            f"raise node_size or turn hpz off"
-        )
-
-
-# What 1-bit Adam does not compose with, and why (docs/compression.md has the table).
-ONEBIT_REFUSED: tuple[tuple[str, int, str], ...] = (  # (parallel field, the value it must keep, why)
-    (
-        "zero_stage",
-        0,
-        "ZeRO shards the optimizer state and reduce-scatters the gradients, while 1-bit Adam compresses "
-        "every rank's whole momentum (DeepSpeed's does not compose with ZeRO either)",
-    ),
-    (
-        "tp",
-        1,
-        "tensor parallelism computes the gradient norm from the gradients itself, and after the freeze those "
-        "differ across data-parallel ranks",
-    ),
-    ("ep", 1, "experts' gradients are summed over other ranks than the dense ones'"),
-)
-
-
-def _check_onebit_adam(cfg: Config) -> None:
-    o, p, t = cfg.optimizer, cfg.parallel, cfg.training
-    if o.name != "onebit_adam":
-        if o.freeze_step:
-            raise ConfigError(
-                f"optimizer.freeze_step={o.freeze_step} has no effect with optimizer.name={o.name!r}; set "
-                "optimizer.name=onebit_adam or leave freeze_step at 0"
-            )
-        return
-    if not 1 <= o.freeze_step < t.steps:
-        raise ConfigError(
-            f"optimizer.freeze_step={o.freeze_step} must be in 1 .. training.steps-1 = {t.steps - 1} with "
-            f"optimizer.name=onebit_adam (AdamW's warm-up steps; 15-25% of the run, e.g. {max(1, t.steps // 5)})"
-        )
-    for key, keep, why in ONEBIT_REFUSED:
-        if getattr(p, key) != keep:
-            raise ConfigError(
-                f"optimizer.name=onebit_adam with parallel.{key}={getattr(p, key)} is not supported: {why}; set "
-                f"parallel.{key}={keep} or optimizer.name=adamw"
-            )
-    if p.degrees.dp * p.cp == 1:
-        raise ConfigError(
-            "optimizer.name=onebit_adam needs data parallelism (dp x cp > 1): it compresses the momentum's "
-            "all-reduce over those ranks, and there is none; raise the dp degree or set optimizer.name=adamw"
-        )
-
-
 def resolve_dp_shard(cfg: Config, world_size: int) -> int:
     p = cfg.parallel
     other = p.dp_replicate * p.cp * p.tp * p.pp
     if p.dp_shard != -1:
         return p.dp_shard
-    if world_size % other:
+    island = resolve_islands(cfg, world_size)
+    if island % other:
         raise ConfigError(
-            f"world size {world_size} is not divisible by dp_replicate*cp*tp*pp = {p.dp_replicate}*{p.cp}*{p.tp}*{p.pp} = {other}; "
-            f"change --nproc or the parallel degrees"
+            f"world size {world_size} is not divisible by dp_replicate*cp*tp*pp = {p.dp_replicate}*{p.cp}*{p.tp}*{p.pp} = {other}"
+            + (f" per island (parallel.diloco={p.diloco} islands of {island})" if island != world_size else "")
+            + "; change --nproc or the parallel degrees"
         )
-    return world_size // other
+    return island // other
 
 
 def _check_layout(cfg: Config, world_size: int) -> None:
     p, t = cfg.parallel, cfg.training
-    product = p.degrees.world_size
+    product = launch_degrees(cfg).world_size
     if product != world_size:
+        islands = f"{p.diloco}*" if product != p.degrees.island_size else ""
         raise ConfigError(
-            f"parallel.dp_replicate*dp_shard*cp*tp*pp = {p.dp_replicate}*{p.dp_shard}*{p.cp}*{p.tp}*{p.pp} = {product} "
-            f"but the world size is {world_size}; set --nproc {product} or parallel.dp_shard=-1"
+            f"parallel.{'diloco*' if islands else ''}dp_replicate*dp_shard*cp*tp*pp = {islands}{p.dp_replicate}*{p.dp_shard}*"
+            f"{p.cp}*{p.tp}*{p.pp} = {product} but the world size is {world_size}; set --nproc {product} or parallel.dp_shard=-1"
         )
     if (p.dp_shard * p.cp) % p.ep:
         raise ConfigError(
@@ -518,7 +454,7 @@ def _check_layout(cfg: Config, world_size: int) -> None:
         raise ConfigError(
             "parallel.sequence_parallel=true needs parallel.tp > 1; set sequence_parallel=false or raise tp"
         )
-    dp = p.degrees.dp
+    dp = p.degrees.dp * p.diloco  # the global batch counts the sequences of every island
     if t.grad_accum == -1:
         if t.global_batch % (t.micro_batch * dp):
             raise ConfigError(
@@ -581,6 +517,7 @@ def validate(cfg: Config, world_size: int, local_world: int = 0) -> Config:
     _check_experts(cfg)
     _check_pipeline(cfg)
     _check_zero(cfg)
-    _check_zeropp(cfg, local_world or world_size)
-    _check_onebit_adam(cfg)
+    check_zeropp(cfg, local_world or world_size)
+    check_onebit_adam(cfg)
+    check_diloco(cfg, world_size)
     return cfg

@@ -52,6 +52,11 @@ class StepHook(Protocol):
         """Before the optimizer step; `applied` is False when the step is skipped (NaN, spike)."""
         ...
 
+    def after_optimizer(self, step: int) -> bool:
+        """After inner step `step`'s optimizer (applied or skipped), before the engine propagates it to the
+        model: True when the hook changed the optimizer's parameters itself (DiLoCo's outer step)."""
+        ...
+
     def metrics(self) -> dict[str, Any]:
         """Figures for this step's metrics record."""
         ...
@@ -177,9 +182,13 @@ class LossReduction:
 
     counts: bool
     stats: Recorder
+    group: dist.ProcessGroup | None = None
+    """The ranks whose losses add up: the world (None), or this DiLoCo island (islands train apart)."""
+    size: int = 0
+    """How many ranks that is (0: the world's size)."""
 
     def __call__(self, loss_sum: torch.Tensor) -> float:
         total = loss_sum.clone() if self.counts else torch.zeros_like(loss_sum)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            comm.all_reduce(total, None, self.stats, counted=False)
+        if dist.is_initialized() and (self.size or dist.get_world_size()) > 1:
+            comm.all_reduce(total, self.group, self.stats, counted=False)
         return float(total)

@@ -1,0 +1,250 @@
+"""DiLoCo's outer loop: every H inner steps the islands average how far they moved and take one
+Nesterov step together (Douillard et al. 2023), optionally fragment by fragment (Streaming DiLoCo)
+and one round late (the overlapped, delay-1 variant). docs/diloco.md has the timeline.
+
+Per rank it works on what this rank's inner optimizer updates (`engine.optim_params()`: whole
+parameters under plain DP, fp32 master shards under ZeRO), so it composes with every inner layout:
+the rank at the same place of every island holds the same slice of the model, and the outer group
+joins exactly those ranks. Ranks that hold the same slice inside an island (data-parallel replicas)
+split it further, so each element crosses between islands once per sync, not once per replica.
+
+Per fragment f, in host memory: g (the global parameters: the last outer result) and m (the outer
+momentum). At f's sync, with θ the island's current parameters of f:
+    Δ = g − θ;  Δ̄ = mean over islands (meshtrain.diloco.comm);  m ← μm + Δ̄;  g ← g − lr(Δ̄ + μm);  θ ← g
+With overlap, Δ̄ is launched and the step applies the previous sync's Δ̄ instead (none at the first).
+The inner optimizer's state stays local and untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from meshtrain.accounting import KINDS, CommStats, Recorder
+from meshtrain.core import comm
+from meshtrain.diloco.comm import mean_over_islands
+
+LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class OuterSettings:
+    inner_steps: int
+    lr: float
+    momentum: float
+    codec: str
+    block: int
+    fragments: int
+    overlap: bool
+    island: int
+    total_steps: int
+    """The run's last step: a mean still in flight then is waited for, so no thread outlives the run."""
+
+    @property
+    def every(self) -> int:
+        """Steps between two syncs (of consecutive fragments)."""
+        return self.inner_steps // self.fragments
+
+    def fragment_at(self, step: int) -> int | None:
+        """The fragment that syncs after inner step `step` (1-based), or None."""
+        if step % self.every:
+            return None
+        return (step // self.every - 1) % self.fragments
+
+
+class OuterGroup(Protocol):
+    """Who the outer mean is taken over: a fixed mesh axis, or an elastic quorum (meshtrain.diloco.membership)."""
+
+    def group_for(self, step: int) -> dist.ProcessGroup | None:
+        """The group of this sync's islands (None: this island alone)."""
+        ...
+
+
+@dataclass
+class FixedIslands:
+    """Every island in one launch: the outer group is the mesh's diloco axis, membership fixed."""
+
+    group: dist.ProcessGroup | None
+
+    def group_for(self, step: int) -> dist.ProcessGroup | None:
+        return self.group
+
+
+def fragment_of(name: str, fragments: int) -> int:
+    """Layer i belongs to fragment i mod F (strided, as in Streaming DiLoCo); the rest to fragment 0."""
+    found = LAYER.search(name)
+    return int(found.group(1)) % fragments if found else 0
+
+
+class Fragment:
+    """One fragment of this rank's optimizer parameters, with its outer state (this replica's slice)."""
+
+    def __init__(self, tensors: list[torch.Tensor], replica_rank: int, replicas: int) -> None:
+        self.tensors = tensors
+        self.numel = sum(t.numel() for t in tensors)
+        self.padded = math.ceil(self.numel / replicas) * replicas
+        width = self.padded // replicas
+        self.lo, self.hi = replica_rank * width, min((replica_rank + 1) * width, self.numel)
+        self.width = width
+        n = max(0, self.hi - self.lo)
+        self.g = torch.zeros(n, dtype=torch.float32)
+        self.m = torch.zeros(n, dtype=torch.float32)
+        self.arrived = torch.zeros(n, dtype=torch.float32)
+        """With overlap: the last mean that came in and is not applied yet."""
+        self.has_arrived = torch.zeros((), dtype=torch.int64)
+        self.inflight: Future[torch.Tensor] | None = None
+
+    def flat(self) -> torch.Tensor:
+        return torch.cat([t.detach().reshape(-1).float() for t in self.tensors])
+
+    def mine(self) -> torch.Tensor:
+        """This replica's slice of the fragment's current parameters, on the host in fp32."""
+        return self.flat()[self.lo : self.hi].cpu()
+
+    def write(self, full: torch.Tensor) -> None:
+        offset = 0
+        for t in self.tensors:
+            t.data.copy_(full[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def collect(self) -> None:
+        """Take the in-flight mean, if any, as arrived."""
+        if self.inflight is not None:
+            self.arrived.copy_(self.inflight.result())
+            self.has_arrived.fill_(1)
+            self.inflight = None
+
+
+class DiLoCo:
+    """The outer loop, as a step hook (meshtrain.core.runner.StepHook) the trainer calls after every
+    inner optimizer step: it syncs the fragment whose turn it is, and reports comm_outer_* bytes."""
+
+    def __init__(
+        self,
+        params: list[tuple[str, torch.Tensor]],
+        settings: OuterSettings,
+        islands: OuterGroup,
+        replicas: dist.ProcessGroup | None,
+        position: int,
+        stats: Recorder,
+        outer_stats: CommStats,
+    ) -> None:
+        self.s, self.islands, self.replicas, self.stats, self.outer_stats = (
+            settings,
+            islands,
+            replicas,
+            stats,
+            outer_stats,
+        )
+        r = dist.get_world_size(replicas) if replicas is not None else 1
+        me = dist.get_rank(replicas) if replicas is not None else 0
+        groups: list[list[torch.Tensor]] = [[] for _ in range(settings.fragments)]
+        for name, tensor in params:
+            groups[fragment_of(name, settings.fragments)].append(tensor)
+        self.fragments = [Fragment(ts, me, r) for ts in groups]
+        self.position = position
+        self.started = torch.zeros((), dtype=torch.int64)
+        """1 once g holds the starting parameters (captured before the first step, or loaded)."""
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="diloco-outer") if settings.overlap else None
+        self.figures: dict[str, Any] = {}
+        self.waited = self.spanned = 0.0
+        self.last: float | None = None
+
+    # ---- the step hook ---------------------------------------------------------------------
+    def before_step(self, applied: bool) -> None:
+        if not int(self.started):  # the parameters the run starts from: after init, a fine-tune's load or a join
+            for frag in self.fragments:
+                frag.g.copy_(frag.mine())
+            self.started.fill_(1)
+
+    def after_optimizer(self, step: int) -> bool:
+        """Sync the fragment whose turn it is after inner step `step`; True when parameters changed."""
+        start = time.perf_counter()
+        f = self.s.fragment_at(step)
+        if f is not None:
+            self._sync(self.fragments[f], step)
+        if step == self.s.total_steps:
+            for frag in self.fragments:
+                frag.collect()
+        wait = time.perf_counter() - start
+        self._account(f, wait)
+        return f is not None
+
+    def _sync(self, frag: Fragment, step: int) -> None:
+        delta = frag.g - frag.mine()
+        group = self.islands.group_for(step)
+        if self.pool is None:
+            self._apply(frag, mean_over_islands(delta, group, self.outer_stats, self.s.codec, self.s.block))
+        else:
+            frag.collect()
+            if int(frag.has_arrived):
+                self._apply(frag, frag.arrived)
+                frag.has_arrived.fill_(0)
+            frag.inflight = self.pool.submit(
+                mean_over_islands, delta, group, self.outer_stats, self.s.codec, self.s.block
+            )
+        self._broadcast(frag)
+
+    def _apply(self, frag: Fragment, mean: torch.Tensor) -> None:
+        """One Nesterov SGD step on g (torch.optim.SGD's rule: dampening 0, no weight decay)."""
+        frag.m.mul_(self.s.momentum).add_(mean)
+        frag.g.sub_(mean + self.s.momentum * frag.m, alpha=self.s.lr)
+
+    def _broadcast(self, frag: Fragment) -> None:
+        """θ ← g on this island: each replica contributes its slice of the fragment."""
+        device = frag.tensors[0].device
+        if self.replicas is None:
+            frag.write(frag.g.to(device))
+            return
+        mine = torch.zeros(frag.width, dtype=torch.float32, device=device)
+        mine[: frag.g.numel()] = frag.g.to(device)
+        full = torch.empty(frag.padded, dtype=torch.float32, device=device)
+        comm.all_gather(full, mine, self.replicas, self.stats)
+        frag.write(full)
+
+    def _account(self, fragment: int | None, wait: float) -> None:
+        now = time.perf_counter()
+        if self.last is not None:
+            self.spanned += now - self.last
+            self.waited += wait if fragment is not None else 0.0
+        self.last = now
+        outer = self.outer_stats.snapshot_and_reset()
+        self.figures = {
+            "island": self.s.island,
+            "outer_fragment": -1 if fragment is None else fragment,
+            "outer_wait_s": wait if fragment is not None else 0.0,
+            "comm_outer_wire_bytes": outer["comm_wire_bytes"],
+            "comm_outer_payload_bytes": sum(outer[f"comm_{kind}_bytes"] for kind in KINDS),
+            "compute_utilization": 1.0 - self.waited / self.spanned if self.spanned > 0 else 1.0,
+        }
+
+    def metrics(self) -> dict[str, Any]:
+        return dict(self.figures)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The outer state, the same on every island (so a checkpoint holds it once per place)."""
+        out: dict[str, torch.Tensor] = {f"diloco.place{self.position}.started": self.started}
+        for i, frag in enumerate(self.fragments):
+            frag.collect()  # a mean still in flight is part of the state
+            key = f"diloco.place{self.position}.fragment{i}"
+            out |= {f"{key}.global": frag.g, f"{key}.momentum": frag.m}
+            if self.s.overlap:
+                out |= {f"{key}.arrived": frag.arrived, f"{key}.has_arrived": frag.has_arrived}
+        return out
+
+    @contextlib.contextmanager
+    def outside_training(self) -> Iterator[None]:
+        yield
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Host memory the outer state holds, for the start-up summary."""
+        return [t for frag in self.fragments for t in (frag.g, frag.m) + ((frag.arrived,) if self.s.overlap else ())]
