@@ -4,7 +4,8 @@ process, each a single-device copy of the model, and the outer step is the formu
 
 Per island k (of K, each of `dp` data-parallel ranks), step s (0-based; trainer step t = s + 1):
   - batch: the union of the sequences of data ranks k*dp .. k*dp+dp-1 of BatchSampler(size=K*dp),
-  - loss: the mean token cross-entropy over that batch (global_batch / K sequences),
+  - loss: the mean token cross-entropy over that batch (global_batch / K sequences), its gradient
+    accumulated over the ranks' micro-batches in turn (only the rounding depends on that),
   - inner step: gradient norm (float64, over the island's whole gradient), clip to training.grad_clip
     by grad_clip / (norm + 1e-6) when above it, meshtrain's AdamW at lr_at(s) (no decay on vectors).
 Then at every sync point (t % (H/F) == 0, the j-th of them syncing fragment (j-1) mod F), the
@@ -122,15 +123,23 @@ class Reference:
     """Island k's parameters after the last step (and its outer step, if any), by name."""
 
 
-def island_sequences(cfg: Config, spec: Diloco, dp: int, n_sequences: int, island: int, step: int) -> list[int]:
-    """The sequence indices of island `island` at optimizer step `step` (0-based)."""
+def island_micro_batches(
+    cfg: Config, spec: Diloco, dp: int, n_sequences: int, island: int, step: int
+) -> list[list[int]]:
+    """The sequence indices of island `island` at optimizer step `step` (0-based): its data ranks'
+    micro-batches, rank after rank."""
     t = cfg.training
-    out: list[int] = []
+    out: list[list[int]] = []
     for j in range(dp):
         rank = island * dp + j
         sampler = BatchSampler(n_sequences, t.global_batch, t.micro_batch, rank, spec.islands * dp, t.seed)
-        out.extend(int(i) for i in sampler.rank_indices(step).reshape(-1))
+        out.extend([int(i) for i in row] for row in sampler.rank_indices(step))
     return out
+
+
+def island_sequences(cfg: Config, spec: Diloco, dp: int, n_sequences: int, island: int, step: int) -> list[int]:
+    """The island's whole batch at `step`: the union of its data ranks' sequences."""
+    return [i for row in island_micro_batches(cfg, spec, dp, n_sequences, island, step) for i in row]
 
 
 def simulate(cfg: Config, spec: Diloco, dp: int = 1) -> Reference:
@@ -148,11 +157,15 @@ def simulate(cfg: Config, spec: Diloco, dp: int = 1) -> Reference:
     for s in range(t.steps):
         lr = lr_at(s, t)
         for k in range(K):
-            idx = island_sequences(cfg, spec, dp, len(dataset), k, s)
-            tokens, targets = dataset.batch(np.asarray(idx))
-            positions = torch.arange(tokens.shape[1])
-            loss_sum = cross_entropy_sum(models[k](tokens, positions), targets)
-            (loss_sum / island_tokens).backward()
+            # the gradient of the island's mean loss, summed over micro-batches in the order the
+            # island's ranks see them (the run's rounding, nearly: AdamW magnifies the last bits of
+            # gradients near zero to ~1e-5 in the weights after a few steps)
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            for idx in island_micro_batches(cfg, spec, dp, len(dataset), k, s):
+                tokens, targets = dataset.batch(np.asarray(idx))
+                loss = cross_entropy_sum(models[k](tokens, torch.arange(tokens.shape[1])), targets)
+                (loss / island_tokens).backward()
+                loss_sum += loss.detach().double()
             grads = [_grad(p) for p in params[k].values()]
             norm = float(torch.linalg.vector_norm(torch.stack([_norm64(g) for g in grads])))
             if t.grad_clip and norm > t.grad_clip:
@@ -161,7 +174,7 @@ def simulate(cfg: Config, spec: Diloco, dp: int = 1) -> Reference:
             optims[k].step(grads, lr)
             for p in params[k].values():
                 p.grad = None
-            ref.losses[k].append(float(loss_sum.detach().double()) / island_tokens)
+            ref.losses[k].append(float(loss_sum) / island_tokens)
             ref.grad_norms[k].append(norm)
         fragment = spec.fragment_at(s + 1) if spec.outer else -1
         ref.fragments.append(fragment)

@@ -14,6 +14,7 @@ without it end elsewhere.
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass, field
 
 import pytest
@@ -69,20 +70,22 @@ CASES = {
     "k2-overlap-frag2": Case(2, Diloco(2, 2, fragments=2, overlap=True), extra=["training.micro_batch=4"]),
 }
 # the reference's inner loop against the plain trainer: one process, no DiLoCo, the whole batch
-PLAIN = Case(1, Diloco(1, 1, outer=False), extra=["training.micro_batch=4"])
+# (whose gradient norms stay under 0.99: a lower clip makes it act)
+PLAIN = Case(1, Diloco(1, 1, outer=False), extra=["training.micro_batch=4", "training.grad_clip=0.9"])
 
 
 def reference(name: str, outer: bool = True) -> Reference:
     case = PLAIN if name == "plain" else CASES[name]
     spec = case.spec if outer else Diloco(case.spec.islands, case.spec.inner_steps, outer=False)
-    return _simulate(spec, case.dp)
+    same = tuple(o for o in case.extra if not o.startswith("parallel."))
+    return _simulate(spec, case.dp, same)
 
 
 @functools.cache
-def _simulate(spec: Diloco, dp: int) -> Reference:
-    """Neither the micro-batch nor the engine inside an island changes the reference: ZeRO-3's
-    islands and plain data parallelism's share one simulation."""
-    return simulate(load_config(TINY, [*BASE, "training.micro_batch=1"]), spec, dp)
+def _simulate(spec: Diloco, dp: int, overrides: tuple[str, ...]) -> Reference:
+    """The engine inside an island does not change the reference: ZeRO-3's islands and plain data
+    parallelism's share one simulation."""
+    return simulate(load_config(TINY, [*BASE, *overrides]), spec, dp)
 
 
 @pytest.fixture(scope="module")
@@ -107,20 +110,34 @@ def island_params(run: Run, islands: int) -> list[dict[str, torch.Tensor]]:
             if name.startswith(f"{key}.") and isinstance(meta, TensorStorageMetadata)
         }
         assert tensors, f"{path} holds no {key}"
-        dcp.load({key: tensors}, checkpoint_id=path)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.load({key: tensors}, checkpoint_id=path, no_dist=True)
         out.append(tensors)
     return out
 
 
 def max_gap(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> tuple[float, str]:
+    """The largest elementwise gap over the tensors, and its tensor's name."""
     assert sorted(got) == sorted(want)
     return max(((got[n] - want[n]).abs().max().item(), n) for n in want)
 
 
+def max_rel_gap(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> tuple[float, str]:
+    """The largest ||got - want|| / ||want|| over the tensors, and its tensor's name."""
+    assert sorted(got) == sorted(want)
+    return max((((got[n] - want[n]).norm() / want[n].norm()).item(), n) for n in want)
+
+
 def assert_params_match(run: Run, ref: Reference) -> None:
+    """Every tensor of every island within 1e-5 of the reference's, relative to its norm (measured:
+    <= 2e-6, ZeRO-3's islands; plain data parallelism's 8e-7). Elementwise the gap reaches 6e-6 on
+    a few weights whose gradients are near zero, which AdamW's m / sqrt(v) magnifies: 1e-4 there."""
     for k, (got, want) in enumerate(zip(island_params(run, len(ref.params)), ref.params)):
+        gap, name = max_rel_gap(got, want)
+        assert gap < TOL, f"island {k}: {name} is off the reference by {gap:.3g} of its norm"
         gap, name = max_gap(got, want)
-        assert gap < TOL, f"island {k}: {name} is off the reference by {gap:.3g}"
+        assert gap < 10 * TOL, f"island {k}: an element of {name} is off the reference by {gap:.3g}"
 
 
 def rel(a: float, b: float) -> float:
@@ -202,12 +219,12 @@ def test_an_islands_batch_is_its_share_of_the_global_batch() -> None:
 @pytest.mark.dist
 def test_reference_inner_loop_is_the_plain_trainer(runs: dict[str, Run]) -> None:
     """Without islands the reference is one device's training: the trainer's losses, gradient norms
-    (so the clip acts: they exceed 1 at first) and final parameters."""
+    (above the clip on some steps, so that it acts) and final parameters."""
     ref, got = reference("plain"), read_metrics(runs["plain"].run_dir)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     assert max(rel(r["loss"], want) for r, want in zip(got, ref.losses[0])) < TOL
     assert max(rel(r["grad_norm"], want) for r, want in zip(got, ref.grad_norms[0])) < TOL
-    assert max(ref.grad_norms[0]) > 1.0
+    assert max(ref.grad_norms[0]) > 0.9
     assert_params_match(runs["plain"], ref)
 
 
