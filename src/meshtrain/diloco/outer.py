@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from meshtrain.accounting import KINDS, CommStats, Recorder
+from meshtrain.accounting import KINDS, CommStats, Recorder, tensor_bytes
 from meshtrain.core import comm
 from meshtrain.diloco.comm import mean_over_islands
 
@@ -243,6 +243,7 @@ class DiLoCo:
             "comm_outer_wire_bytes": outer["comm_wire_bytes"],
             "comm_outer_payload_bytes": sum(outer[f"comm_{kind}_bytes"] for kind in KINDS),
             "compute_utilization": 1.0 - self.waited / self.spanned if self.spanned > 0 else 1.0,
+            "mem_outer_state_bytes": tensor_bytes(self.state_tensors()),
         }
 
     def metrics(self) -> dict[str, Any]:
