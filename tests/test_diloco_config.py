@@ -6,6 +6,7 @@ import pytest
 
 from meshtrain.config import ConfigError, load_config
 from meshtrain.diloco import OuterSettings, fragment_of
+from meshtrain.planner.predict import predict_run
 from meshtrain.validate import validate
 
 pytestmark = pytest.mark.pure
@@ -65,3 +66,8 @@ def test_fragments_are_strided_layers_and_sync_in_turn() -> None:
     assert [s.fragment_at(t) for t in range(1, 9)] == [None, 0, None, 1, None, 0, None, 1]
     plain = OuterSettings(3, 0.7, 0.9, "fp32", 2048, 1, False, 0, 12)
     assert [t for t in range(1, 10) if plain.fragment_at(t) is not None] == [3, 6, 9]
+
+
+def test_the_planner_refuses_islands_rather_than_predict_one_big_layout() -> None:
+    with pytest.raises(ConfigError, match="the planner does not model DiLoCo \\(parallel.diloco=2\\)"):
+        predict_run(load_config(None, ["parallel.diloco=2"]), 4, 0)

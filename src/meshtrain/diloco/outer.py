@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from meshtrain.accounting import KINDS, CommStats, Recorder, tensor_bytes
+from meshtrain.accounting import KINDS, CommStats, Recorder, human_bytes, tensor_bytes
 from meshtrain.core import comm
 from meshtrain.diloco.comm import mean_over_islands
 
@@ -263,6 +263,17 @@ class DiLoCo:
     @contextlib.contextmanager
     def outside_training(self) -> Iterator[None]:
         yield
+
+    def describe(self) -> str:
+        s = self.s
+        how = (
+            f"{s.fragments} fragments, one every {s.every} steps" if s.fragments > 1 else f"every {s.inner_steps} steps"
+        )
+        return (
+            f"DiLoCo island {s.island}: outer Nesterov step (lr {s.lr:g}, momentum {s.momentum:g}) {how}, "
+            f"pseudo-gradients in {s.codec}{', overlapped (delay 1)' if s.overlap else ''}; outer state "
+            f"{human_bytes(tensor_bytes(self.state_tensors()))} in host memory on this rank"
+        )
 
     def state_tensors(self) -> list[torch.Tensor]:
         """The outer state this rank holds in host memory (g, m and, with overlap, the arrived mean per fragment)."""
