@@ -71,3 +71,13 @@ def test_fragments_are_strided_layers_and_sync_in_turn() -> None:
 def test_the_planner_refuses_islands_rather_than_predict_one_big_layout() -> None:
     with pytest.raises(ConfigError, match="the planner does not model DiLoCo \\(parallel.diloco=2\\)"):
         predict_run(load_config(None, ["parallel.diloco=2"]), 4, 0)
+
+
+def test_the_timeline_diagram_follows_the_runtime_schedule() -> None:
+    """Overlap applies each mean at its fragment's next sync, H steps later; the last is still in flight."""
+    from meshtrain.tools.diloco_diagram import Sync, timeline
+
+    overlapped = OuterSettings(4, 0.7, 0.9, "fp32", 2048, 1, True, 0, 12)
+    assert timeline(overlapped, 12) == [Sync(4, 0, 8), Sync(8, 0, 12), Sync(12, 0, None)]
+    streaming = OuterSettings(4, 0.7, 0.9, "fp32", 2048, 2, False, 0, 8)
+    assert timeline(streaming, 8) == [Sync(2, 0, 2), Sync(4, 1, 4), Sync(6, 0, 6), Sync(8, 1, 8)]
