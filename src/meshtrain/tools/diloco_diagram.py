@@ -32,10 +32,10 @@ def timeline(s: OuterSettings, steps: int) -> list[Sync]:
     return out
 
 
-VARIANTS = {
-    "DiLoCo": {"fragments": 1, "overlap": False},
-    "Streaming DiLoCo (2 fragments)": {"fragments": 2, "overlap": False},
-    "Overlapped DiLoCo (delay 1)": {"fragments": 1, "overlap": True},
+VARIANTS: dict[str, tuple[int, bool]] = {  # title: (fragments, overlap)
+    "DiLoCo": (1, False),
+    "Streaming DiLoCo (2 fragments)": (2, False),
+    "Overlapped DiLoCo (delay 1)": (1, True),
 }
 COLOURS = ("tab:red", "tab:purple")
 
@@ -47,8 +47,8 @@ def draw(path: str, inner_steps: int, steps: int, islands: int = 2) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(VARIANTS), 1, figsize=(11, 2.1 * len(VARIANTS)), sharex=True)
-    for ax, (title, v) in zip(axes, VARIANTS.items()):
-        s = OuterSettings(inner_steps, 0.7, 0.9, "fp32", 2048, v["fragments"], v["overlap"], 0, steps)
+    for ax, (title, (fragments, overlap)) in zip(axes, VARIANTS.items()):
+        s = OuterSettings(inner_steps, 0.7, 0.9, "fp32", 2048, fragments, overlap, 0, steps)
         for k in range(islands):
             for t in range(steps):
                 ax.add_patch(plt.Rectangle((t + 0.05, k + 0.15), 0.9, 0.7, color="tab:green", alpha=0.35))
@@ -56,7 +56,7 @@ def draw(path: str, inner_steps: int, steps: int, islands: int = 2) -> None:
             colour = COLOURS[sync.fragment % len(COLOURS)]
             ax.axvline(sync.step, color=colour, lw=2.5)
             ax.text(sync.step + 0.08, islands + 0.05, f"f{sync.fragment}", color=colour, fontsize=8)
-            if v["overlap"]:
+            if overlap:
                 end = sync.applied if sync.applied is not None else steps
                 lane = islands + 0.25 + 0.25 * (i % 2)  # consecutive rounds' means are in flight side by side
                 ax.add_patch(plt.Rectangle((sync.step, lane), end - sync.step, 0.18, color=colour, alpha=0.35))
