@@ -81,6 +81,12 @@ class ExpertBalance:
     def _device(self) -> torch.device:
         return next(iter(self.layers.values())).gate.weight.device
 
+    def describe(self) -> str:
+        return ""  # the model line of the summary already names the experts
+
+    def start_step(self, step: int) -> int:
+        return step
+
     def after_optimizer(self, step: int) -> bool:
         return False  # the biases moved in before_step; the optimizer's parameters are not the hook's
 

@@ -277,6 +277,8 @@ class Trainer:
 
     def fit(self) -> list[dict[str, Any]]:
         self.maybe_resume()
+        for hook in self.parallel.hooks:
+            self.step = hook.start_step(self.step)
         is_root = self.env.rank == 0
         own = self.run_dir / f"metrics.rank{self.env.rank}.jsonl"
         # records after the checkpoint resumed from are replayed, so they go (none at all at step 0)
@@ -284,6 +286,8 @@ class Trainer:
         board = TensorBoardWriter(self.run_dir / "tb", self.step) if is_root and self.cfg.logging.tensorboard else None
         self.log.info(self.summary())
         self.log.info(self.engine.describe())
+        for line in filter(None, (hook.describe() for hook in self.parallel.hooks)):
+            self.log.info(line)
         bar = ProgressBar(
             self.console, self.cfg.training.steps, self.step, enabled=is_root and self.cfg.logging.progress
         )

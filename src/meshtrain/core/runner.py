@@ -48,6 +48,11 @@ class StepHook(Protocol):
     """Work a model feature does once per optimizer step, outside the passes (MoE: sum the expert
     load over the ranks, move the balancing bias); the trainer calls every hook the build returns."""
 
+    def start_step(self, step: int) -> int:
+        """Before the first step, after any resume: the step training continues from (an island joining a
+        live DiLoCo run adopts that run's); `step` unless the hook knows better."""
+        ...
+
     def before_step(self, applied: bool) -> None:
         """Before the optimizer step; `applied` is False when the step is skipped (NaN, spike)."""
         ...
@@ -67,6 +72,10 @@ class StepHook(Protocol):
 
     def outside_training(self) -> contextlib.AbstractContextManager[None]:
         """Forwards run inside it (evaluation) are not the step's: the hook leaves its figures and state alone."""
+        ...
+
+    def describe(self) -> str:
+        """A line for the start-of-training summary ('' when there is nothing to say)."""
         ...
 
 

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from meshtrain.accounting import KINDS, CommStats, Recorder
+from meshtrain.accounting import KINDS, CommStats, Recorder, human_bytes, tensor_bytes
 from meshtrain.core import comm
 from meshtrain.diloco.comm import mean_over_islands
 
@@ -64,8 +64,15 @@ class OuterSettings:
 class OuterGroup(Protocol):
     """Who the outer mean is taken over: a fixed mesh axis, or an elastic quorum (meshtrain.diloco.membership)."""
 
-    def group_for(self, step: int) -> dist.ProcessGroup | None:
-        """The group of this sync's islands (None: this island alone)."""
+    def mean(self, delta: torch.Tensor, step: int, stats: Recorder, codec: str, block: int) -> torch.Tensor:
+        """The mean of this place's pseudo-gradient over the islands of the sync after inner step `step`
+        (meshtrain.diloco.comm codecs); every island of that sync gets the same tensor."""
+        ...
+
+    def start(self, step: int, state: list[torch.Tensor]) -> int:
+        """Before the first step: the step this island continues from. An island that joins a live run
+        fills `state` (the outer state, in DiLoCo.state_tensors order) from a peer and returns the
+        run's step; otherwise `step` unchanged."""
         ...
 
 
@@ -75,8 +82,11 @@ class FixedIslands:
 
     group: dist.ProcessGroup | None
 
-    def group_for(self, step: int) -> dist.ProcessGroup | None:
-        return self.group
+    def mean(self, delta: torch.Tensor, step: int, stats: Recorder, codec: str, block: int) -> torch.Tensor:
+        return mean_over_islands(delta, self.group, stats, codec, block)
+
+    def start(self, step: int, state: list[torch.Tensor]) -> int:
+        return step
 
 
 def fragment_of(name: str, fragments: int) -> int:
@@ -160,6 +170,15 @@ class DiLoCo:
         self.last: float | None = None
 
     # ---- the step hook ---------------------------------------------------------------------
+    def start_step(self, step: int) -> int:
+        """Before the first step (after any resume): a joining island adopts the live run's outer
+        state and step, and sets its parameters to the global ones."""
+        found = self.islands.start(step, [self.started, *self.state_tensors()])
+        if found != step:
+            for frag in self.fragments:
+                self._broadcast(frag)
+        return found
+
     def before_step(self, applied: bool) -> None:
         if not int(self.started):  # the parameters the run starts from: after init, a fine-tune's load or a join
             for frag in self.fragments:
@@ -181,16 +200,15 @@ class DiLoCo:
 
     def _sync(self, frag: Fragment, step: int) -> None:
         delta = frag.g - frag.mine()
-        group = self.islands.group_for(step)
         if self.pool is None:
-            self._apply(frag, mean_over_islands(delta, group, self.outer_stats, self.s.codec, self.s.block))
+            self._apply(frag, self.islands.mean(delta, step, self.outer_stats, self.s.codec, self.s.block))
         else:
             frag.collect()
             if int(frag.has_arrived):
                 self._apply(frag, frag.arrived)
                 frag.has_arrived.fill_(0)
             frag.inflight = self.pool.submit(
-                mean_over_islands, delta, group, self.outer_stats, self.s.codec, self.s.block
+                self.islands.mean, delta, step, self.outer_stats, self.s.codec, self.s.block
             )
         self._broadcast(frag)
 
@@ -225,6 +243,7 @@ class DiLoCo:
             "comm_outer_wire_bytes": outer["comm_wire_bytes"],
             "comm_outer_payload_bytes": sum(outer[f"comm_{kind}_bytes"] for kind in KINDS),
             "compute_utilization": 1.0 - self.waited / self.spanned if self.spanned > 0 else 1.0,
+            "mem_outer_state_bytes": tensor_bytes(self.state_tensors()),
         }
 
     def metrics(self) -> dict[str, Any]:
@@ -245,6 +264,17 @@ class DiLoCo:
     def outside_training(self) -> Iterator[None]:
         yield
 
+    def describe(self) -> str:
+        s = self.s
+        how = (
+            f"{s.fragments} fragments, one every {s.every} steps" if s.fragments > 1 else f"every {s.inner_steps} steps"
+        )
+        return (
+            f"DiLoCo island {s.island}: outer Nesterov step (lr {s.lr:g}, momentum {s.momentum:g}) {how}, "
+            f"pseudo-gradients in {s.codec}{', overlapped (delay 1)' if s.overlap else ''}; outer state "
+            f"{human_bytes(tensor_bytes(self.state_tensors()))} in host memory on this rank"
+        )
+
     def state_tensors(self) -> list[torch.Tensor]:
-        """Host memory the outer state holds, for the start-up summary."""
+        """The outer state this rank holds in host memory (g, m and, with overlap, the arrived mean per fragment)."""
         return [t for frag in self.fragments for t in (frag.g, frag.m) + ((frag.arrived,) if self.s.overlap else ())]
