@@ -62,6 +62,11 @@ CASES = {
     # 2-rank islands: plain data parallelism inside, then ZeRO-3 inside
     "k2-dp2": Case(4, Diloco(2, 3), dp=2, extra=["training.micro_batch=2"]),
     "k2-dp2-zero3": Case(4, Diloco(2, 3), dp=2, extra=["training.micro_batch=2", "parallel.zero_stage=3"]),
+    # the other inner layouts: tensor parallelism with sequence parallelism, a 2-stage 1F1B pipeline
+    "k2-tp2-sp": Case(
+        4, Diloco(2, 3), extra=["training.micro_batch=2", "parallel.tp=2", "parallel.sequence_parallel=true"]
+    ),
+    "k2-pp2": Case(4, Diloco(2, 3), extra=["training.micro_batch=2", "parallel.pp=2"]),
     # streaming: H = 4, F = 2: fragment 0 after steps 2 and 6, fragment 1 after step 4
     "k2-frag2": Case(2, Diloco(2, 4, fragments=2), extra=["training.micro_batch=4"]),
     # delay 1: syncs after steps 2, 4, 6, the first of which applies nothing
