@@ -1,0 +1,243 @@
+"""DiLoCo islands that leave and rejoin (diloco.join, meshtrain.diloco.membership), end to end: a
+lighthouse, two islands launched separately, a real SIGKILL of one island's worker at a random
+inner step, torchrun's restart, the rejoin with a live island's outer state, and identical final
+parameters on both islands. The quorum's decisions are tested pure. The survivor is held (SIGSTOP)
+between dropping the killed island and the restarted one's registration, so the run cannot end
+before the restart on a loaded machine; it is never restarted itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from conftest import ROOT, TINY
+from meshtrain.diloco.membership import Sync, divisor, gathered, propose
+from meshtrain.launch import free_port
+
+TIMEOUT_S = 6  # a restart (a fresh interpreter importing torch) takes longer than this: the drop is seen
+STEPS = 12
+KILL_AFTER = random.Random(14).choice([3, 5, 7])  # odd: the next step is a sync, which island 0 reaches first
+
+
+@dataclass
+class Island:
+    run_dir: Path
+    proc: subprocess.Popen
+    log: Path
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def records(self) -> list[dict]:
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _env(root: Path) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    for var, sub in (("TMPDIR", "tmp"), ("TORCHINDUCTOR_CACHE_DIR", "ind"), ("TORCH_EXTENSIONS_DIR", "ext")):
+        (root / sub).mkdir(exist_ok=True)
+        env[var] = str(root / sub)
+    env["MPLCONFIGDIR"] = str(root / "tmp")
+    return env
+
+
+def _lighthouse(root: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "meshtrain", "lighthouse", "--port", str(port), "--host", "127.0.0.1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env=_env(root),
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # it says where it listens once the store is up
+    assert f"127.0.0.1:{port}" in line, line
+    return proc, port
+
+
+def _island(root: Path, i: int, port: int) -> Island:
+    run_dir, log = root / f"island{i}", root / f"island{i}.log"
+    sets = [
+        "parallel.diloco=2",
+        f"diloco.join=127.0.0.1:{port}",
+        f"diloco.island={i}",
+        "diloco.inner_steps=2",
+        f"diloco.timeout_s={TIMEOUT_S}",
+        f"training.steps={STEPS}",
+        f"checkpoint.interval={STEPS}",
+        "logging.log_interval=1",
+    ]
+    args = ["train", "--config", str(TINY), "--nproc", "1", "--max-restarts", "1", "--run-dir", str(run_dir)]
+    for item in sets:
+        args += ["--set", item]
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "meshtrain", *args], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=_env(root)
+        )
+    return Island(run_dir, proc, log)
+
+
+def _worker(island: Island) -> int | None:
+    """The pid of the island's worker: the elastic agent's child running meshtrain.train on its config."""
+    marker = str(island.run_dir / "config.toml")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = [a.decode(errors="replace") for a in (entry / "cmdline").read_bytes().split(b"\0")]
+        except OSError:
+            continue
+        if "meshtrain.train" in args and marker in args:
+            return int(entry.name)
+    return None
+
+
+def _kill_after(island: Island, step: int, deadline: float) -> int:
+    """SIGKILL the island's worker once its metrics show `step`; returns the step it had reached."""
+    while time.monotonic() < deadline and island.proc.poll() is None:
+        done = [r["step"] for r in island.records()]
+        if done and done[-1] >= step:
+            pid = _worker(island)
+            assert pid is not None, "no worker process found"
+            os.kill(pid, signal.SIGKILL)
+            return done[-1]
+        time.sleep(0.01)
+    raise AssertionError(f"island never reached step {step}:\n{island.text()[-3000:]}")
+
+
+def _hold_until_registered(survivor: Island, port: int, deadline: float) -> None:
+    """Once the survivor has dropped the killed island, stop it (SIGSTOP) until the restarted island
+    has registered at the lighthouse as a joiner: on a loaded machine a restart (a fresh interpreter
+    importing torch) can take longer than the survivor's remaining steps, and the run would end first."""
+    while "island 1 missed the sync" not in survivor.text():
+        assert time.monotonic() < deadline and survivor.proc.poll() is None, survivor.text()[-3000:]
+        time.sleep(0.01)
+    pid = _worker(survivor)
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=30))
+        while not (store.check(["diloco/join/1"]) and store.get("diloco/join/1")):
+            assert time.monotonic() < deadline, "island 1 never registered to rejoin"
+            time.sleep(0.05)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def _model(run_dir: Path, root: Path) -> dict[str, torch.Tensor]:
+    out = root / f"{run_dir.name}.pt"
+    dcp_to_torch_save(run_dir / "checkpoints" / f"step_{STEPS:08d}", out)
+    state = torch.load(out, weights_only=False)
+    return {k: v for k, v in state["model"].items()}
+
+
+@dataclass
+class Outcome:
+    islands: list[Island]
+    killed_at: int
+    codes: list[int]
+    models: list[dict[str, torch.Tensor]]
+
+
+@pytest.fixture(scope="module")
+def elastic(tmp_path_factory: pytest.TempPathFactory) -> Outcome:
+    """The whole scenario once: both tests read it."""
+    root = tmp_path_factory.mktemp("elastic")
+    lighthouse, port = _lighthouse(root)
+    islands: list[Island] = []
+    try:
+        islands = [_island(root, i, port) for i in (0, 1)]
+        killed_at = _kill_after(islands[1], KILL_AFTER, time.monotonic() + 180)
+        _hold_until_registered(islands[0], port, time.monotonic() + 180)
+        codes = [island.proc.wait(timeout=240) for island in islands]
+    finally:
+        for proc in [lighthouse] + [island.proc for island in islands]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for island in islands:
+        assert island.proc.returncode == 0, island.text()[-4000:]
+    return Outcome(islands, killed_at, codes, [_model(island.run_dir, root) for island in islands])
+
+
+@pytest.mark.e2e
+def test_a_killed_island_rejoins_and_ends_identical(elastic: Outcome) -> None:
+    zero, one = elastic.islands
+    assert elastic.codes == [0, 0]
+    # island 0 ran once, start to end; island 1 ran twice (torchrun restarted it) and joined the live run
+    assert zero.text().count("INFO model ") == 1 and one.text().count("INFO model ") == 2
+    assert [r["step"] for r in zero.records()] == list(range(1, STEPS + 1))
+    assert "island 1 missed the sync after step" in zero.text(), zero.text()[-3000:]
+    assert "island 1 joins at the sync after step" in zero.text()
+    assert "island 1 joins the run at the sync after step" in one.text(), one.text()[-3000:]
+    assert [r["step"] for r in one.records()][-1] == STEPS
+    a, b = elastic.models
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "the islands ended apart"
+
+
+@pytest.mark.e2e
+def test_the_mean_is_over_the_islands_present(elastic: Outcome) -> None:
+    """Alone (island 1 dropped), island 0's outer step sends nothing: its mean is its own pseudo-
+    gradient; with both, the fp32 all-reduce of one copy of the parameters."""
+    zero = elastic.islands[0]
+    text = zero.text()
+    dropped = int(re.findall(r"island 1 missed the sync after step (\d+)", text)[0])
+    joined = int(re.findall(r"island 1 joins at the sync after step (\d+)", text)[0])
+    assert elastic.killed_at < dropped < joined
+    by_step = {r["step"]: r for r in zero.records()}
+    params = by_step[2]["comm_outer_payload_bytes"]
+    assert params > 0 and all(by_step[s]["comm_outer_payload_bytes"] == params for s in range(2, dropped, 2))
+    assert all(by_step[s]["comm_outer_payload_bytes"] == 0 for s in range(dropped, joined, 2))
+    assert by_step[dropped]["outer_wait_s"] >= TIMEOUT_S
+    # the sync it joined also carried the outer state to island 1; the later ones are plain again
+    assert by_step[joined]["comm_outer_payload_bytes"] > params
+    assert all(by_step[s]["comm_outer_payload_bytes"] == params for s in range(joined + 2, STEPS + 1, 2))
+
+
+# ---- the quorum's decisions -------------------------------------------------------------------------
+@pytest.mark.pure
+def test_the_members_are_those_present_and_newcomers_join() -> None:
+    sync = propose(8, 0, present={0, 2}, previous={0, 1, 2}, registered=set())
+    assert sync.members == (0, 2) and sync.joiners == () and divisor(sync.members, sync.joiners) == 2
+    back = propose(10, 0, present={0, 1, 2}, previous={0, 2}, registered={1})
+    assert back.joiners == (1,) and back.source == 0 and divisor(back.members, back.joiners) == 2
+    # restarted before anyone noticed it had gone: still a joiner, its state is lost
+    assert propose(4, 1, present={0, 1}, previous={0, 1}, registered={1}).joiners == (1,)
+
+
+@pytest.mark.pure
+def test_without_an_up_to_date_island_nobody_waits_for_state() -> None:
+    assert propose(6, 0, present={1}, previous={0}, registered={1}).joiners == ()
+
+
+@pytest.mark.pure
+def test_an_island_waits_for_those_it_expects_until_the_timeout() -> None:
+    assert not gathered({0}, {0, 1}, waited_s=1.0, timeout_s=5.0)
+    assert gathered({0}, {0, 1}, waited_s=5.0, timeout_s=5.0)
+    assert gathered({0, 1, 2}, {0, 1}, waited_s=0.0, timeout_s=5.0)
+
+
+@pytest.mark.pure
+def test_a_sync_survives_the_store_as_text() -> None:
+    sync = Sync(12, 2, (0, 1, 3), (3,))
+    assert Sync.decode(sync.encode()) == sync and sync.key == "12/2"
