@@ -133,15 +133,16 @@ class ElasticIslands:
             return step
         if self.island in live.members and step >= live.step:
             return step  # it resumed the checkpoint of the last sync it took part in: nothing is missing
-        self._register()
+        skip: str | None = None
         while True:
-            sync = self._in_island(partial(self._admission, step))
+            sync = self._in_island(partial(self._admission, step, skip))
             group = None
             try:
                 group = self._group(sync)
                 self._exchange_state(group, sync)
             except RuntimeError as e:  # the members retry the sync without the island that failed; so do we
                 self._failed(sync, group, e)
+                skip = sync.key  # (the retry is a new attempt: it counts this island in)
                 continue
             self.joined = (sync, group)
             self.log.warning(
@@ -213,11 +214,13 @@ class ElasticIslands:
             if i != self.island:
                 self.log.warning(f"island {i} joins at the sync after step {sync.step}: islands {list(sync.members)}")
 
-    def _admission(self, step: int) -> Sync:
+    def _admission(self, step: int, skip: str | None) -> Sync:
         """A joiner's wait: it announces itself for each attempt at a sync after `step` that opens
         after it registered (the islands already waiting at a sync are not held up by it), until one
-        admits it."""
-        opened = self._round()
+        admits it. `skip`: the attempt not to take part in (default: the one open now)."""
+        opened = self._round() if skip is None else skip  # read before registering: later ones count it in
+        if not self.nonce:
+            self._register()
         key, began, noted = "", time.monotonic(), time.monotonic()
         while True:
             if self.store.get(f"join/{self.island}").decode() != self.nonce:
