@@ -224,7 +224,8 @@ def _delta(island: int, step: int) -> torch.Tensor:
 
 def _quorum_island(index: int, env: dict[str, str], port: int, out: str) -> None:
     """Islands 0, 1, 2 sync after step 2; island 2 dies inside the mean after step 4 (the others
-    retry without it); index 3 is island 2 restarted, which joins the sync after step 6."""
+    retry without it); index 3 is island 2 restarted, which joins the sync after step 6, comes too
+    late for the one after step 8 and takes the state again at the one after step 10."""
     os.environ.clear()
     os.environ.update(env)
     torch.set_num_threads(1)
@@ -233,7 +234,7 @@ def _quorum_island(index: int, env: dict[str, str], port: int, out: str) -> None
     from meshtrain.diloco import membership
 
     island = min(index, 2)
-    group = membership.ElasticIslands(f"127.0.0.1:{port}", island, 3, 0, QUORUM_TIMEOUT_S, CommStats(), 6)
+    group = membership.ElasticIslands(f"127.0.0.1:{port}", island, 3, 0, QUORUM_TIMEOUT_S, CommStats(), 10)
     lighthouse = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
     state = [torch.ones((), dtype=torch.int64), torch.full((5,), 10.0 * (island + 1)), torch.full((3,), -1.0)]
     results: dict[str, object] = {}
@@ -243,15 +244,21 @@ def _quorum_island(index: int, env: dict[str, str], port: int, out: str) -> None
         state = [torch.zeros((), dtype=torch.int64), torch.zeros(5), torch.zeros(3)]
         results["start"] = group.start(0, state)
         results[6] = group.mean(torch.zeros(5), 6, CommStats(), "fp32", 2048)
+        time.sleep(QUORUM_TIMEOUT_S + 1)
+        results[8] = group.mean(_delta(island, 8), 8, CommStats(), "fp32", 2048)
+        state[1].fill_(-7.0)  # the outer state it kept while left out is not the run's
+        results[10] = group.mean(_delta(island, 10), 10, CommStats(), "fp32", 2048)
     else:
         group.start(0, state)
         results[2] = group.mean(_delta(island, 2), 2, CommStats(), "fp32", 2048)
         if island == 2:  # dies once the sync's group is made, before its all-reduce
             membership.mean_over_islands = lambda *a, **k: os._exit(0)  # type: ignore[assignment]
         results[4] = group.mean(_delta(island, 4), 4, CommStats(), "fp32", 2048)
-        while not (lighthouse.check(["diloco/join/2"]) and lighthouse.get("diloco/join/2")):
-            time.sleep(0.05)
-        results[6] = group.mean(_delta(island, 6), 6, CommStats(), "fp32", 2048)
+        for step in (6, 8, 10):
+            if step != 8:  # island 2 is expected once it registered (restarted, then left out)
+                while not (lighthouse.check(["diloco/join/2"]) and lighthouse.get("diloco/join/2")):
+                    time.sleep(0.05)
+            results[step] = group.mean(_delta(island, step), step, CommStats(), "fp32", 2048)
     torch.save({"results": results, "state": state}, os.path.join(out, f"proc{index}.pt"))
     os._exit(0)
 
@@ -274,6 +281,10 @@ def test_a_mean_is_over_the_islands_present_and_a_joiner_gets_the_state(tmp_path
     # the restarted island 2 joins at step 6 with island 0's state; its zeros do not count
     assert r[3]["start"] == 6
     assert all(torch.equal(r[i][6], (_delta(0, 6) + _delta(1, 6)) / 2) for i in (0, 1, 3))
+    # late for the sync after step 8: left out (a zero step); at the next one a joiner again
+    assert all(torch.equal(r[i][8], (_delta(0, 8) + _delta(1, 8)) / 2) for i in (0, 1))
+    assert torch.equal(r[3][8], torch.zeros(5))
+    assert all(torch.equal(r[i][10], (_delta(0, 10) + _delta(1, 10)) / 2) for i in (0, 1, 3))
     assert all(torch.equal(a, b) for a, b in zip(got[3]["state"], got[0]["state"]))
 
 

@@ -14,7 +14,10 @@ Per sync (the one after inner step t), attempt r = 0, 1, ... (a retry after a fa
 A collective that fails (an island died mid-sync) discards the group and runs attempt r + 1 among
 the survivors, with the same pseudo-gradient. An island left out of a sync (it came late) registers
 as a joiner and gets the state at the next sync; one that starts while a run is live (a torchrun
-restart, a late start) registers, waits for the next sync and returns its step (`start`).
+restart, a late start) registers, takes part in the first attempt opened after that (the islands
+already waiting at one are not held up by it) and returns its step (`start`). A fresh run's islands
+wait for one another once before the first step (START_GRACE_S at most). An island slower than the
+others by more than timeout_s every round is left out of every sync: give it a larger timeout_s.
 
 Torch makes process groups only among the ranks of one world; the islands are separate worlds, so
 a group is made from its backend and registered with torch's bookkeeping by hand (`_make_group`).
@@ -201,7 +204,7 @@ class ElasticIslands:
         return sync
 
     def _report(self, sync: Sync, expected: set[int], registered: dict[int, str]) -> None:
-        gone = sorted((expected | set(registered)) - set(sync.members))
+        gone = sorted((expected | set(registered)) - set(sync.members) - {self.island})  # (itself: _left_out)
         if gone:
             self.log.warning(
                 f"island{'s' if len(gone) > 1 else ''} {', '.join(map(str, gone))} missed the sync after step "
