@@ -21,7 +21,7 @@ import contextlib
 import math
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -147,7 +147,12 @@ class DiLoCo:
         position: int,
         stats: Recorder,
         outer_stats: CommStats,
+        refresh: Callable[[], None] | None = None,
     ) -> None:
+        """`refresh`: what the trainer does after an optimizer step changed the optimizer's tensors
+        (the engine's after_step, e.g. ZeRO's all-gather), for the outer step a joining island takes
+        before its first inner step."""
+        self.refresh = refresh
         self.s, self.islands, self.replicas, self.stats, self.outer_stats = (
             settings,
             islands,
@@ -177,6 +182,13 @@ class DiLoCo:
         if found != step:
             for frag in self.fragments:
                 self._broadcast(frag)
+            # the sync it joined is under way: with θ = g its pseudo-gradient is zero, and the outer
+            # step it takes with the others leaves it with their parameters
+            f = self.s.fragment_at(found)
+            if f is not None:
+                self._sync(self.fragments[f], found)
+            if self.refresh is not None:
+                self.refresh()
         return found
 
     def before_step(self, applied: bool) -> None:
