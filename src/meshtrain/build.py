@@ -54,7 +54,7 @@ from meshtrain.core.runner import (
 )
 from meshtrain.core.weight_grads import WeightGradQueue, split_weight_grads
 from meshtrain.data_parallel import DataParallel
-from meshtrain.diloco import DiLoCo, FixedIslands, OuterGroup, OuterSettings
+from meshtrain.diloco import DiLoCo, ElasticIslands, FixedIslands, OuterGroup, OuterSettings
 from meshtrain.expert_balance import ExpertBalance
 from meshtrain.expert_parallel import ExpertParallel, ExpertParallelEngine, apply_expert_parallel
 from meshtrain.loss import cross_entropy_sum
@@ -106,11 +106,8 @@ def autocast_for(dtype: str, device: torch.device) -> Autocast:
     return contextlib.nullcontext
 
 
-def build_parallel(
-    cfg: Config, topo: Topology, device: torch.device, stats: CommStats, islands: OuterGroup | None = None
-) -> ParallelModel:
-    """Build this rank's model parts, gradient engine and step runner, in the order of the module docstring.
-    `islands`: DiLoCo's outer group when each island is its own launch (diloco.join); else the mesh's axis."""
+def build_parallel(cfg: Config, topo: Topology, device: torch.device, stats: CommStats) -> ParallelModel:
+    """Build this rank's model parts, gradient engine and step runner, in the order of the module docstring."""
     t, p = cfg.training, cfg.parallel
     # 1. pipeline split
     pipe = _pipeline_plan(cfg) if p.pp > 1 else None
@@ -154,7 +151,7 @@ def build_parallel(
     optimizer = _optimizer(engine, cfg, onebit)
     # 10. DiLoCo's outer loop
     if p.diloco > 1:
-        hooks.append(_diloco(engine, topo, cfg, stats, islands))
+        hooks.append(_diloco(engine, topo, cfg, stats))
     # Tensor-parallel peers hold the same (vocab-parallel) loss: count it once, from tp rank 0.
     return ParallelModel(
         parts,
@@ -168,9 +165,11 @@ def build_parallel(
     )
 
 
-def _diloco(engine: GradEngine, topo: Topology, cfg: Config, stats: CommStats, islands: OuterGroup | None) -> DiLoCo:
+def _diloco(engine: GradEngine, topo: Topology, cfg: Config, stats: CommStats) -> DiLoCo:
     """The outer step works on the optimizer's tensors; the ranks holding the same ones inside an
-    island (DP's dp x cp replicas, ZeRO's dp_replicate) split each fragment between them."""
+    island (DP's dp x cp replicas, ZeRO's dp_replicate) split each fragment between them. The outer
+    group is the mesh's diloco axis, or, when each island is its own launch (diloco.join), a quorum
+    of the islands present at each sync (meshtrain.diloco.membership)."""
     d, t = cfg.diloco, cfg.training
     outer_stats = CommStats(topo.node_size, topo.rank)
     outer_stats.log.link = stats.log.link
@@ -188,15 +187,13 @@ def _diloco(engine: GradEngine, topo: Topology, cfg: Config, stats: CommStats, i
         total_steps=t.steps,
     )
     replicas = topo.group("dp_replicate" if cfg.parallel.zero_stage else "dp_cp")
-    return DiLoCo(
-        engine.optim_params(),
-        settings,
-        islands if islands is not None else FixedIslands(topo.group("diloco")),
-        replicas,
-        topo.local_rank("island"),
-        stats,
-        outer_stats,
+    position = topo.local_rank("island")
+    islands: OuterGroup = (
+        ElasticIslands(d.join, d.island, cfg.parallel.diloco, position, d.timeout_s, outer_stats, t.steps)
+        if d.join
+        else FixedIslands(topo.group("diloco"))
     )
+    return DiLoCo(engine.optim_params(), settings, islands, replicas, position, stats, outer_stats, engine.after_step)
 
 
 def _onebit_adam(engine: GradEngine, topo: Topology, cfg: Config, stats: CommStats) -> OneBitAdamEngine | None:

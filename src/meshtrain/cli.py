@@ -23,6 +23,7 @@ EPILOG = """examples:
   meshtrain generate --run-dir runs/tiny --prompt "def "
   meshtrain eval --run-dir runs/tiny
   meshtrain plot --run-dir runs/tiny
+  meshtrain lighthouse --port 29600   (DiLoCo islands launched separately join it: diloco.join)
 """
 
 
@@ -210,6 +211,10 @@ LAZY = {
     "bench-comm": (
         "meshtrain.tools.bench_comm",
         "time collectives over local ranks: time, algbw and busbw per op and size",
+    ),
+    "lighthouse": (
+        "meshtrain.tools.lighthouse",
+        "host the rendezvous store of DiLoCo islands launched separately (diloco.join)",
     ),
 }
 

@@ -156,11 +156,11 @@ class TrainingConfig:
     steps: int = 100
     """Number of optimizer steps."""
     global_batch: int = 8
-    """Sequences per optimizer step, over all data-parallel ranks: micro_batch * grad_accum * dp."""
+    """Sequences per optimizer step, over all data-parallel ranks of every DiLoCo island: micro_batch * grad_accum * dp * parallel.diloco."""
     micro_batch: int = 2
     """Sequences per forward/backward on one rank."""
     grad_accum: int = -1
-    """Micro-steps accumulated per optimizer step (also the pipeline's microbatches); -1 derives it as global_batch / (micro_batch * dp)."""
+    """Micro-steps accumulated per optimizer step (also the pipeline's microbatches); -1 derives it as global_batch / (micro_batch * dp * parallel.diloco)."""
     seq_len: int = 128
     """Tokens per training sequence."""
     dtype: str = "fp32"

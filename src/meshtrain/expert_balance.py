@@ -81,6 +81,9 @@ class ExpertBalance:
     def _device(self) -> torch.device:
         return next(iter(self.layers.values())).gate.weight.device
 
+    def describe(self) -> str:
+        return ""  # the model line of the summary already names the experts
+
     def start_step(self, step: int) -> int:
         return step
 

@@ -286,6 +286,8 @@ class Trainer:
         board = TensorBoardWriter(self.run_dir / "tb", self.step) if is_root and self.cfg.logging.tensorboard else None
         self.log.info(self.summary())
         self.log.info(self.engine.describe())
+        for line in filter(None, (hook.describe() for hook in self.parallel.hooks)):
+            self.log.info(line)
         bar = ProgressBar(
             self.console, self.cfg.training.steps, self.step, enabled=is_root and self.cfg.logging.progress
         )

@@ -135,3 +135,8 @@ def check_diloco(cfg: Config, world_size: int) -> None:
             raise ConfigError(
                 f"diloco.island={d.island} must be in 0 .. parallel.diloco-1 = {p.diloco - 1}: which island this launch is"
             )
+        if d.overlap:
+            raise ConfigError(
+                "diloco.join with diloco.overlap=true is not supported: an island that joins or drops out must "
+                "not leave a mean in flight; set overlap=false"
+            )

@@ -74,6 +74,10 @@ class StepHook(Protocol):
         """Forwards run inside it (evaluation) are not the step's: the hook leaves its figures and state alone."""
         ...
 
+    def describe(self) -> str:
+        """A line for the start-of-training summary ('' when there is nothing to say)."""
+        ...
+
 
 def keep_batch(batch: Batch) -> Batch:
     return batch

@@ -23,12 +23,20 @@ from meshtrain.core import comm
 
 
 def mean_over_islands(
-    flat: torch.Tensor, group: dist.ProcessGroup | None, stats: Recorder, codec: str, block: int
+    flat: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    stats: Recorder,
+    codec: str,
+    block: int,
+    divisor: int | None = None,
 ) -> torch.Tensor:
-    """The mean of a flat fp32 tensor over `group` (None: a group of one), as `codec` carries it."""
+    """The mean of a flat fp32 tensor over `group` (None: a group of one), as `codec` carries it.
+    `divisor`: how many of the group's tensors count (default all): an island joining an elastic
+    run (meshtrain.diloco.membership) sends zeros that the mean is not over."""
     if group is None or dist.get_world_size(group) == 1:
         return flat.clone()
-    k = dist.get_world_size(group)
+    n = dist.get_world_size(group)
+    k = n if divisor is None else divisor
     if codec == "fp32":
         out = flat.clone()
         comm.all_reduce(out, group, stats)
@@ -38,15 +46,27 @@ def mean_over_islands(
         comm.all_reduce(low, group, stats)
         return low.float().div_(k)
     if codec == "int8":
-        return _int8_mean(flat, group, stats, k, block)
+        return _int8_mean(flat, group, stats, n, k, block)
     raise ValueError(f"unknown pseudo-gradient codec {codec!r}: fp32, bf16 or int8")
 
 
-def _int8_mean(flat: torch.Tensor, group: dist.ProcessGroup, stats: Recorder, k: int, block: int) -> torch.Tensor:
-    chunk = math.ceil(flat.numel() / k)
-    padded = torch.nn.functional.pad(flat, (0, chunk * k - flat.numel())).view(k, chunk)
+def _int8_mean(
+    flat: torch.Tensor, group: dist.ProcessGroup, stats: Recorder, n: int, k: int, block: int
+) -> torch.Tensor:
+    chunk = math.ceil(flat.numel() / n)
+    padded = torch.nn.functional.pad(flat, (0, chunk * n - flat.numel())).view(n, chunk)
     received = comm.all_to_all_compressed(
         padded, group, stats, bits=8, block=block
-    )  # (k, chunk): chunk i of every island
-    mine = received.sum(0).div_(k)  # summed in fp32
+    )  # (n, chunk): chunk i of every island
+    mine = received.sum(0).div_(k)  # summed in fp32, over the k that count
     return comm.all_gather_compressed(mine, group, stats, bits=8, block=block)[: flat.numel()]
+
+
+def state_from(tensors: list[torch.Tensor], group: dist.ProcessGroup, source: int, stats: Recorder) -> None:
+    """Every rank of `group` gets group rank `source`'s tensors, in place: an all-reduce to which the
+    others add zeros (exact), so that it goes through core.comm and is counted like the mean."""
+    me = group.rank()
+    for t in tensors:
+        buf = t.clone() if me == source else torch.zeros_like(t)
+        comm.all_reduce(buf, group, stats)
+        t.copy_(buf)

@@ -21,7 +21,7 @@ import contextlib
 import math
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from meshtrain.accounting import KINDS, CommStats, Recorder
+from meshtrain.accounting import KINDS, CommStats, Recorder, human_bytes, tensor_bytes
 from meshtrain.core import comm
 from meshtrain.diloco.comm import mean_over_islands
 
@@ -147,7 +147,12 @@ class DiLoCo:
         position: int,
         stats: Recorder,
         outer_stats: CommStats,
+        refresh: Callable[[], None] | None = None,
     ) -> None:
+        """`refresh`: what the trainer does after an optimizer step changed the optimizer's tensors
+        (the engine's after_step, e.g. ZeRO's all-gather), for the outer step a joining island takes
+        before its first inner step."""
+        self.refresh = refresh
         self.s, self.islands, self.replicas, self.stats, self.outer_stats = (
             settings,
             islands,
@@ -177,6 +182,13 @@ class DiLoCo:
         if found != step:
             for frag in self.fragments:
                 self._broadcast(frag)
+            # the sync it joined is under way: with θ = g its pseudo-gradient is zero, and the outer
+            # step it takes with the others leaves it with their parameters
+            f = self.s.fragment_at(found)
+            if f is not None:
+                self._sync(self.fragments[f], found)
+            if self.refresh is not None:
+                self.refresh()
         return found
 
     def before_step(self, applied: bool) -> None:
@@ -243,6 +255,7 @@ class DiLoCo:
             "comm_outer_wire_bytes": outer["comm_wire_bytes"],
             "comm_outer_payload_bytes": sum(outer[f"comm_{kind}_bytes"] for kind in KINDS),
             "compute_utilization": 1.0 - self.waited / self.spanned if self.spanned > 0 else 1.0,
+            "mem_outer_state_bytes": tensor_bytes(self.state_tensors()),
         }
 
     def metrics(self) -> dict[str, Any]:
@@ -262,6 +275,17 @@ class DiLoCo:
     @contextlib.contextmanager
     def outside_training(self) -> Iterator[None]:
         yield
+
+    def describe(self) -> str:
+        s = self.s
+        how = (
+            f"{s.fragments} fragments, one every {s.every} steps" if s.fragments > 1 else f"every {s.inner_steps} steps"
+        )
+        return (
+            f"DiLoCo island {s.island}: outer Nesterov step (lr {s.lr:g}, momentum {s.momentum:g}) {how}, "
+            f"pseudo-gradients in {s.codec}{', overlapped (delay 1)' if s.overlap else ''}; outer state "
+            f"{human_bytes(tensor_bytes(self.state_tensors()))} in host memory on this rank"
+        )
 
     def state_tensors(self) -> list[torch.Tensor]:
         """The outer state this rank holds in host memory (g, m and, with overlap, the arrived mean per fragment)."""

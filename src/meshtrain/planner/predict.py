@@ -109,7 +109,7 @@ def predict_run(cfg: Config, world_size: int, rank: int = 0) -> dict[str, Any]:
     comm_*_bytes follow the payload convention of traffic.py (all-reduce: the tensor reduced;
     reduce-scatter: the full input; all-gather: the full output); comm_wire_bytes is what the
     rank sends under the ring model. Loss and grad-norm scalar reductions are not counted.
-    Raises ConfigError for a config that `validate` rejects, and for ZeRO++, which is not modelled.
+    Raises ConfigError for a config that `validate` rejects, and for ZeRO++ and DiLoCo, which are not modelled.
     """
     cfg = validate(cfg, world_size)
     zeropp = [f"parallel.zeropp_{x}=true" for x in ("qwz", "hpz", "qgz") if getattr(cfg.parallel, f"zeropp_{x}")]
@@ -117,6 +117,11 @@ def predict_run(cfg: Config, world_size: int, rank: int = 0) -> dict[str, Any]:
         raise ConfigError(
             f"the planner does not model ZeRO++ ({', '.join(zeropp)}); plan the plain ZeRO-3 layout, and see "
             f"docs/compression.md for ZeRO++'s bytes"
+        )
+    if cfg.parallel.diloco > 1:  # islands step on a share of the batch and add an outer step every H steps
+        raise ConfigError(
+            f"the planner does not model DiLoCo (parallel.diloco={cfg.parallel.diloco}); plan one island's layout "
+            "with parallel.diloco=1 and 1/diloco of training.global_batch, and see docs/diloco.md for the outer bytes"
         )
     t, p = cfg.training, cfg.parallel
     shape = from_model_config(cfg.model, t.seq_len)

@@ -9,9 +9,11 @@
 - tp_measure.py      what a tensor-parallel block sends and saves, in theory and measured
 - tp_diagram.py      the tensor-parallel block diagram in docs/img
 - cp_diagram.py      which rank computes which attention block at which ring step (docs/img)
+- diloco_diagram.py  DiLoCo's outer syncs over the inner steps, plain, streaming and overlapped (docs/img)
 - moe_plot.py        expert load over steps, a heat map per MoE layer, from a run's metrics
 - metrics_plot.py    `meshtrain plot`: a run's loss, throughput, memory and traffic as PNGs
 - tokenizer_cli.py   `meshtrain tokenizer train`: a byte-level BPE tokenizer.json from a corpus
 - prepare_data.py    `meshtrain prepare-data`: a corpus tokenized into memory-mapped token shards
 - bench_comm.py      `meshtrain bench-comm`: time, algbw and busbw of each collective, nccl-tests style
+- lighthouse.py      `meshtrain lighthouse`: the store at which separately launched DiLoCo islands meet
 """
