@@ -12,8 +12,10 @@ Then at every sync point (t % (H/F) == 0, the j-th of them syncing fragment (j-1
 outer step of that fragment over all islands, Nesterov momentum by hand:
     delta_k = g - theta_k ; mean = sum_k delta_k / K
     m <- mu*m + mean ; g <- g - lr*(mean + mu*m) ; theta_k <- g
-or, overlapped (delay 1): apply the mean in flight (launched at the fragment's previous sync) if
-any, set theta_k <- g, and put this sync's mean (of the deltas taken before that update) in flight.
+or, overlapped (delay 1), with s_k where island k's round began (initially g):
+    delta_k = s_k - theta_k (the round's own progress); apply the mean in flight (launched at the
+    fragment's previous sync) to g, if any; theta_k <- s_k <- g - delta_k; put mean_k delta_k in flight;
+and after the last step, every fragment's mean in flight is applied the same way (theta_k <- g - (s_k - theta_k)).
 Only the fp32 codec (an exact mean) is modelled.
 """
 
@@ -78,6 +80,8 @@ class OuterState:
         self.g = {n: p.detach().float().clone() for n, p in initial.items()}
         self.m = {n: torch.zeros_like(p) for n, p in self.g.items()}
         self.in_flight: dict[int, dict[str, torch.Tensor]] = {}
+        self.starts: list[dict[str, torch.Tensor]] = []
+        """Overlapped: where each island's current round began, per name (made at the first sync)."""
 
     def names(self, fragment: int) -> list[str]:
         return [n for n in self.g if fragment_of(n, self.spec.fragments) == fragment]
@@ -92,24 +96,45 @@ class OuterState:
         """The outer step of `fragment`; islands[k][name] is island k's parameter, set to g in place."""
         k = len(islands)
         names = self.names(fragment)
+        if self.spec.overlap:
+            self._overlapped(fragment, names, islands, launch=True)
+            return
         means = {}
         for n in names:
             total = torch.zeros_like(self.g[n])
             for island in islands:
                 total = total + (self.g[n] - island[n].detach().float())
             means[n] = total / k
-        if self.spec.overlap:
-            previous = self.in_flight.pop(fragment, None)
-            if previous is not None:
-                for n in names:
-                    self._apply(n, previous[n])
-            self.in_flight[fragment] = means
-        else:
-            for n in names:
-                self._apply(n, means[n])
+        for n in names:
+            self._apply(n, means[n])
         for island in islands:
             for n in names:
                 island[n].copy_(self.g[n])
+
+    def _overlapped(
+        self, fragment: int, names: list[str], islands: Sequence[dict[str, torch.Tensor]], launch: bool
+    ) -> None:
+        if not self.starts:
+            self.starts = [{n: g.clone() for n, g in self.g.items()} for _ in islands]
+        deltas = [
+            {n: self.starts[k][n] - island[n].detach().float() for n in names} for k, island in enumerate(islands)
+        ]
+        previous = self.in_flight.pop(fragment, None)
+        if previous is not None:
+            for n in names:
+                self._apply(n, previous[n])
+        for k, island in enumerate(islands):
+            for n in names:
+                self.starts[k][n] = self.g[n] - deltas[k][n]
+                island[n].copy_(self.starts[k][n])
+        if launch:
+            self.in_flight[fragment] = {n: sum(d[n] for d in deltas) / len(islands) for n in names}
+
+    @torch.no_grad()
+    def flush(self, islands: Sequence[dict[str, torch.Tensor]]) -> None:
+        """Overlapped, after the last step: every mean in flight applied, each island's progress re-based."""
+        for fragment in sorted(self.in_flight):
+            self._overlapped(fragment, self.names(fragment), islands, launch=False)
 
 
 @dataclass
@@ -180,6 +205,8 @@ def simulate(cfg: Config, spec: Diloco, dp: int = 1) -> Reference:
         ref.fragments.append(fragment)
         if fragment >= 0:
             outer.sync(fragment, params)
+    if spec.outer and spec.overlap:
+        outer.flush(params)
     ref.params = [{n: p.detach().clone() for n, p in island.items()} for island in params]
     return ref
 

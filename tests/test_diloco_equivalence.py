@@ -184,15 +184,24 @@ def test_unit_outer_lr_without_momentum_is_parameter_averaging() -> None:
 
 @pytest.mark.pure
 def test_overlapped_sync_applies_the_previous_rounds_mean() -> None:
-    """Delay 1: the first sync resets the islands to the initial g and launches (0.4, 0); the second
-    applies it (g = 0.468, as by hand above) and launches the deltas from the old g."""
+    """Delay 1: the first sync applies nothing and leaves the islands where they are, launching the
+    mean (0.4, 0) of their progress; the second applies it (g = 0.468, as by hand above), launches
+    the mean of the second round's progress, and puts each island at g plus its own progress."""
     state, islands = _state([1.0, 2.0], overlap=True), _islands([0.5, 2.5], [0.7, 1.5])
     state.sync(0, islands)
-    assert [i["w"].tolist() for i in islands] == [[1.0, 2.0]] * 2
-    islands = _islands([0.9, 2.0], [0.7, 2.0])  # deltas from g = (1, 2): (0.1, 0), (0.3, 0); mean (0.2, 0)
+    assert [i["w"].tolist() for i in islands] == [pytest.approx([0.5, 2.5]), pytest.approx([0.7, 1.5])]
+    assert state.in_flight[0]["w"].tolist() == pytest.approx([0.4, 0.0], abs=1e-6)
+    # second round: island 0 moved (0.5, 2.5) -> (0.9, 2.0), island 1 (0.7, 1.5) -> (0.7, 2.0)
+    islands = _islands([0.9, 2.0], [0.7, 2.0])
     state.sync(0, islands)
-    assert [i["w"].tolist() for i in islands] == [pytest.approx([0.468, 2.0], abs=1e-6)] * 2
-    assert state.in_flight[0]["w"].tolist() == pytest.approx([0.2, 0.0], abs=1e-6)
+    assert state.g["w"].tolist() == pytest.approx([0.468, 2.0], abs=1e-6)
+    assert islands[0]["w"].tolist() == pytest.approx([0.868, 1.5], abs=1e-6)  # g - (s - θ) = g + (0.4, -0.5)
+    assert islands[1]["w"].tolist() == pytest.approx([0.468, 2.5], abs=1e-6)
+    assert state.in_flight[0]["w"].tolist() == pytest.approx([-0.2, 0.0], abs=1e-6)
+    # the end of the run applies what is in flight: m = 0.9 x 0.4 - 0.2 = 0.16, g -= 0.7 (-0.2 + 0.144)
+    state.flush(islands)
+    assert state.g["w"].tolist() == pytest.approx([0.468 + 0.7 * 0.056, 2.0], abs=1e-6)
+    assert islands[0]["w"].tolist() == pytest.approx([0.468 + 0.7 * 0.056, 2.0], abs=1e-6)  # no progress since
 
 
 @pytest.mark.pure

@@ -83,6 +83,13 @@ class CommStats:
         if self.node_size and ranks:
             self.inter_node += nbytes * inter_node_factor(kind, ranks, self.rank, self.node_size)
 
+    def absorb(self, other: CommStats) -> None:
+        """Add what `other` counted (traffic counted apart, on another thread) to this one."""
+        for kind, nbytes in other.payload.items():
+            self.payload[kind] += nbytes
+        self.wire += other.wire
+        self.inter_node += other.inter_node
+
     def snapshot_and_reset(self) -> dict[str, float]:
         out: dict[str, float] = {f"comm_{k}_bytes": self.payload.get(k, 0) for k in KINDS}
         out["comm_wire_bytes"] = round(self.wire)

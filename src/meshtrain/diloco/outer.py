@@ -11,7 +11,9 @@ split it further, so each element crosses between islands once per sync, not onc
 Per fragment f, in host memory: g (the global parameters: the last outer result) and m (the outer
 momentum). At f's sync, with θ the island's current parameters of f:
     Δ = g − θ;  Δ̄ = mean over islands (meshtrain.diloco.comm);  m ← μm + Δ̄;  g ← g − lr(Δ̄ + μm);  θ ← g
-With overlap, Δ̄ is launched and the step applies the previous sync's Δ̄ instead (none at the first).
+With overlap, the island keeps its round's progress: Δ = s − θ (s: where its round started), Δ̄ is
+launched in the background, the previous sync's Δ̄ (none at the first) is applied to g, and
+θ ← s ← g − Δ. The last step applies the mean still in flight, so the run ends with the islands equal.
 The inner optimizer's state stays local and untouched.
 """
 
@@ -110,8 +112,10 @@ class Fragment:
         self.m = torch.zeros(n, dtype=torch.float32)
         self.arrived = torch.zeros(n, dtype=torch.float32)
         """With overlap: the last mean that came in and is not applied yet."""
+        self.start = torch.zeros(n, dtype=torch.float32)
+        """With overlap: this island's parameters where its current round began (its own: islands differ)."""
         self.has_arrived = torch.zeros((), dtype=torch.int64)
-        self.inflight: Future[torch.Tensor] | None = None
+        self.inflight: Future[tuple[torch.Tensor, CommStats]] | None = None
 
     def flat(self) -> torch.Tensor:
         return torch.cat([t.detach().reshape(-1).float() for t in self.tensors])
@@ -126,11 +130,14 @@ class Fragment:
             t.data.copy_(full[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
 
-    def collect(self) -> None:
-        """Take the in-flight mean, if any, as arrived."""
+    def collect(self, into: CommStats) -> None:
+        """Take the in-flight mean, if any, as arrived; its bytes count from this step on (the thread
+        counted them apart, so that no step's figures depend on when the thread ran)."""
         if self.inflight is not None:
-            self.arrived.copy_(self.inflight.result())
+            mean, counted = self.inflight.result()
+            self.arrived.copy_(mean)
             self.has_arrived.fill_(1)
+            into.absorb(counted)
             self.inflight = None
 
 
@@ -181,7 +188,7 @@ class DiLoCo:
         found = self.islands.start(step, [self.started, *self.state_tensors()])
         if found != step:
             for frag in self.fragments:
-                self._broadcast(frag)
+                self._broadcast(frag, frag.g)
             # the sync it joined is under way: with θ = g its pseudo-gradient is zero, and the outer
             # step it takes with the others leaves it with their parameters
             f = self.s.fragment_at(found)
@@ -195,6 +202,7 @@ class DiLoCo:
         if not int(self.started):  # the parameters the run starts from: after init, a fine-tune's load or a join
             for frag in self.fragments:
                 frag.g.copy_(frag.mine())
+                frag.start.copy_(frag.g)
             self.started.fill_(1)
 
     def after_optimizer(self, step: int) -> bool:
@@ -203,40 +211,59 @@ class DiLoCo:
         f = self.s.fragment_at(step)
         if f is not None:
             self._sync(self.fragments[f], step)
-        if step == self.s.total_steps:
+        flushed = step == self.s.total_steps and self.pool is not None
+        if flushed:  # the means still in flight: applied, so the run ends with its last rounds in g
             for frag in self.fragments:
-                frag.collect()
+                self._flush(frag)
         wait = time.perf_counter() - start
         self._account(f, wait)
-        return f is not None
+        return f is not None or flushed
 
     def _sync(self, frag: Fragment, step: int) -> None:
-        delta = frag.g - frag.mine()
         if self.pool is None:
+            delta = frag.g - frag.mine()
             self._apply(frag, self.islands.mean(delta, step, self.outer_stats, self.s.codec, self.s.block))
-        else:
-            frag.collect()
-            if int(frag.has_arrived):
-                self._apply(frag, frag.arrived)
-                frag.has_arrived.fill_(0)
-            frag.inflight = self.pool.submit(
-                self.islands.mean, delta, step, self.outer_stats, self.s.codec, self.s.block
-            )
-        self._broadcast(frag)
+            self._broadcast(frag, frag.g)
+            return
+        delta = frag.start - frag.mine()  # this round's own progress
+        self._take_arrived(frag)
+        frag.start.copy_(frag.g - delta)  # the newest global parameters, plus the progress not yet averaged
+        self._broadcast(frag, frag.start)
+        frag.inflight = self.pool.submit(self._mean_apart, delta, step)
+
+    def _mean_apart(self, delta: torch.Tensor, step: int) -> tuple[torch.Tensor, CommStats]:
+        counted = CommStats(self.outer_stats.node_size, self.outer_stats.rank)
+        counted.log.link = self.outer_stats.log.link
+        return self.islands.mean(delta, step, counted, self.s.codec, self.s.block), counted
+
+    def _take_arrived(self, frag: Fragment) -> None:
+        frag.collect(self.outer_stats)
+        if int(frag.has_arrived):
+            self._apply(frag, frag.arrived)
+            frag.has_arrived.fill_(0)
+
+    def _flush(self, frag: Fragment) -> None:
+        """Apply the mean in flight now and re-base this round's progress on it (θ ← g − (s − θ))."""
+        if frag.inflight is None and not int(frag.has_arrived):
+            return
+        delta = frag.start - frag.mine()
+        self._take_arrived(frag)
+        frag.start.copy_(frag.g - delta)
+        self._broadcast(frag, frag.start)
 
     def _apply(self, frag: Fragment, mean: torch.Tensor) -> None:
         """One Nesterov SGD step on g (torch.optim.SGD's rule: dampening 0, no weight decay)."""
         frag.m.mul_(self.s.momentum).add_(mean)
         frag.g.sub_(mean + self.s.momentum * frag.m, alpha=self.s.lr)
 
-    def _broadcast(self, frag: Fragment) -> None:
-        """θ ← g on this island: each replica contributes its slice of the fragment."""
+    def _broadcast(self, frag: Fragment, values: torch.Tensor) -> None:
+        """θ ← values (g, or g less this round's progress) on this island: each replica contributes its slice."""
         device = frag.tensors[0].device
         if self.replicas is None:
-            frag.write(frag.g.to(device))
+            frag.write(values.to(device))
             return
         mine = torch.zeros(frag.width, dtype=torch.float32, device=device)
-        mine[: frag.g.numel()] = frag.g.to(device)
+        mine[: values.numel()] = values.to(device)
         full = torch.empty(frag.padded, dtype=torch.float32, device=device)
         comm.all_gather(full, mine, self.replicas, self.stats)
         frag.write(full)
@@ -245,7 +272,7 @@ class DiLoCo:
         now = time.perf_counter()
         if self.last is not None:
             self.spanned += now - self.last
-            self.waited += wait if fragment is not None else 0.0
+            self.waited += wait
         self.last = now
         outer = self.outer_stats.snapshot_and_reset()
         self.figures = {
@@ -265,11 +292,12 @@ class DiLoCo:
         """The outer state, the same on every island (so a checkpoint holds it once per place)."""
         out: dict[str, torch.Tensor] = {f"diloco.place{self.position}.started": self.started}
         for i, frag in enumerate(self.fragments):
-            frag.collect()  # a mean still in flight is part of the state
+            frag.collect(self.outer_stats)  # a mean still in flight is part of the state
             key = f"diloco.place{self.position}.fragment{i}"
             out |= {f"{key}.global": frag.g, f"{key}.momentum": frag.m}
-            if self.s.overlap:
-                out |= {f"{key}.arrived": frag.arrived, f"{key}.has_arrived": frag.has_arrived}
+            if self.s.overlap:  # where this island's round began is its own
+                own = f"diloco.island{self.s.island}.place{self.position}.fragment{i}.start"
+                out |= {f"{key}.arrived": frag.arrived, f"{key}.has_arrived": frag.has_arrived, own: frag.start}
         return out
 
     @contextlib.contextmanager
@@ -288,5 +316,7 @@ class DiLoCo:
         )
 
     def state_tensors(self) -> list[torch.Tensor]:
-        """The outer state this rank holds in host memory (g, m and, with overlap, the arrived mean per fragment)."""
-        return [t for frag in self.fragments for t in (frag.g, frag.m) + ((frag.arrived,) if self.s.overlap else ())]
+        """The outer state this rank holds in host memory (g, m and, with overlap, the arrived mean and
+        where the round began, per fragment)."""
+        extra = (lambda f: (f.arrived, f.start)) if self.s.overlap else (lambda f: ())
+        return [t for frag in self.fragments for t in (frag.g, frag.m, *extra(frag))]
