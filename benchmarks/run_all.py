@@ -5,6 +5,8 @@
 Each benchmark runs in its own processes and appends its ratios (median, min and max over shuffled
 rounds, each against a peer measured in the same run) to a JSON-lines file; this script then
 renders them. A shared machine moves absolute tokens/s between runs; the ratios are steadier.
+The sections after the table (each a `## ` heading: benchmarks run by hand, such as bench_diloco.py's
+half hour) are kept as they are.
 """
 
 from __future__ import annotations
@@ -67,6 +69,13 @@ def render(rows: list[dict], rounds: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def kept_sections(path: Path) -> str:
+    """The hand-run benchmarks' sections of an existing results file: from its first `## ` heading on."""
+    text = path.read_text() if path.exists() else ""
+    at = text.find("\n## ")
+    return text[at:] if at >= 0 else ""
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=15, help="shuffled rounds per benchmark (15: the ratios settle)")
@@ -81,7 +90,8 @@ def main() -> int:
                 print(f"error: {script} failed", file=sys.stderr)
                 return 1
         rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    Path(args.out).write_text(render(rows, args.rounds))
+    out = Path(args.out)
+    out.write_text(render(rows, args.rounds) + kept_sections(out))
     print(f"wrote {args.out}")
     return 0
 
