@@ -152,6 +152,18 @@ CASES: list[tuple[str, list[str], Setup, str]] = [  # id, arguments, setup, frag
         _none,
         "optimizer.name=onebit_adam with parallel.zero_stage=1 is not supported",
     ),
+    (
+        "islands do not divide the world",
+        ["--nproc", "3", *_set("parallel.diloco=2")],
+        _none,
+        "world size 3 is not divisible by parallel.diloco=2",
+    ),
+    (
+        "fragments do not divide H",
+        ["--nproc", "2", *_set("parallel.diloco=2", "diloco.inner_steps=4", "diloco.fragments=3")],
+        _none,
+        "diloco.fragments=3 must divide diloco.inner_steps=4",
+    ),
 ]
 
 
