@@ -42,6 +42,18 @@ def _isolated_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(var, str(tmp_path / sub))
 
 
+def config_error(world: int, *overrides: str) -> str:
+    """The one-line ConfigError that validating these overrides (on the defaults) for `world` ranks raises."""
+    from meshtrain.config import ConfigError, load_config
+    from meshtrain.validate import validate
+
+    with pytest.raises(ConfigError) as info:
+        validate(load_config(None, list(overrides)), world)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
 def cli(*args: str, timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `python -m meshtrain ARGS` in a fresh interpreter, as a user would."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import config_error
 from meshtrain.config import SECTIONS, Config, ConfigError, dump_toml, field_docs, load_config
 from meshtrain.validate import validate
 
@@ -71,11 +72,7 @@ def test_bad_keys_and_values(override: str, fragment: str) -> None:
 
 
 def _error(world: int, *overrides: str) -> str:
-    with pytest.raises(ConfigError) as info:
-        validate(load_config(None, list(overrides)), world)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
+    return config_error(world, *overrides)
 
 
 def test_world_size_must_match_the_degrees() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import config_error
 from meshtrain.config import ConfigError, load_config
 from meshtrain.diloco import OuterSettings, fragment_of
 from meshtrain.planner.predict import predict_run
@@ -13,11 +14,7 @@ pytestmark = pytest.mark.pure
 
 
 def _error(world: int, *overrides: str) -> str:
-    with pytest.raises(ConfigError) as info:
-        validate(load_config(None, list(overrides)), world)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
+    return config_error(world, *overrides)
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from meshtrain.config import ConfigError, load_config
+from conftest import config_error
+from meshtrain.config import load_config
 from meshtrain.model import build_model
 from meshtrain.tensor_parallel import LLAMA_PLAN
 from meshtrain.tensor_parallel.plan import match_plan
@@ -25,11 +26,7 @@ TINY = (
 
 
 def _error(world: int, *overrides: str) -> str:
-    with pytest.raises(ConfigError) as info:
-        validate(load_config(None, [*TINY, *overrides]), world)
-    msg = str(info.value)
-    assert "\n" not in msg
-    return msg
+    return config_error(world, *TINY, *overrides)
 
 
 @pytest.mark.parametrize(
