@@ -100,7 +100,7 @@ def fragment_of(name: str, fragments: int) -> int:
 class Fragment:
     """One fragment of this rank's optimizer parameters, with its outer state (this replica's slice)."""
 
-    def __init__(self, tensors: list[torch.Tensor], replica_rank: int, replicas: int) -> None:
+    def __init__(self, tensors: list[torch.Tensor], replica_rank: int, replicas: int, overlap: bool) -> None:
         self.tensors = tensors
         self.numel = sum(t.numel() for t in tensors)
         self.padded = math.ceil(self.numel / replicas) * replicas
@@ -110,9 +110,10 @@ class Fragment:
         n = max(0, self.hi - self.lo)
         self.g = torch.zeros(n, dtype=torch.float32)
         self.m = torch.zeros(n, dtype=torch.float32)
-        self.arrived = torch.zeros(n, dtype=torch.float32)
+        late = n if overlap else 0  # the delay-1 variant's buffers; empty otherwise, so they hold no memory
+        self.arrived = torch.zeros(late, dtype=torch.float32)
         """With overlap: the last mean that came in and is not applied yet."""
-        self.start = torch.zeros(n, dtype=torch.float32)
+        self.start = torch.zeros(late, dtype=torch.float32)
         """With overlap: this island's parameters where its current round began (its own: islands differ)."""
         self.has_arrived = torch.zeros((), dtype=torch.int64)
         self.inflight: Future[tuple[torch.Tensor, CommStats]] | None = None
@@ -172,7 +173,7 @@ class DiLoCo:
         groups: list[list[torch.Tensor]] = [[] for _ in range(settings.fragments)]
         for name, tensor in params:
             groups[fragment_of(name, settings.fragments)].append(tensor)
-        self.fragments = [Fragment(ts, me, r) for ts in groups]
+        self.fragments = [Fragment(ts, me, r, settings.overlap) for ts in groups]
         self.position = position
         self.started = torch.zeros((), dtype=torch.int64)
         """1 once g holds the starting parameters (captured before the first step, or loaded)."""
@@ -202,7 +203,8 @@ class DiLoCo:
         if not int(self.started):  # the parameters the run starts from: after init, a fine-tune's load or a join
             for frag in self.fragments:
                 frag.g.copy_(frag.mine())
-                frag.start.copy_(frag.g)
+                if self.pool is not None:
+                    frag.start.copy_(frag.g)
             self.started.fill_(1)
 
     def after_optimizer(self, step: int) -> bool:
@@ -225,10 +227,7 @@ class DiLoCo:
             self._apply(frag, self.islands.mean(delta, step, self.outer_stats, self.s.codec, self.s.block))
             self._broadcast(frag, frag.g)
             return
-        delta = frag.start - frag.mine()  # this round's own progress
-        self._take_arrived(frag)
-        frag.start.copy_(frag.g - delta)  # the newest global parameters, plus the progress not yet averaged
-        self._broadcast(frag, frag.start)
+        delta = self._rebase(frag)
         frag.inflight = self.pool.submit(self._mean_apart, delta, step)
 
     def _mean_apart(self, delta: torch.Tensor, step: int) -> tuple[torch.Tensor, CommStats]:
@@ -236,20 +235,22 @@ class DiLoCo:
         counted.log.link = self.outer_stats.log.link
         return self.islands.mean(delta, step, counted, self.s.codec, self.s.block), counted
 
-    def _take_arrived(self, frag: Fragment) -> None:
+    def _rebase(self, frag: Fragment) -> torch.Tensor:
+        """Overlap: apply the mean that arrived (if any) to g and put this island at g plus its round's
+        own progress (θ ← s ← g − (s − θ)); returns that progress, Δ = s − θ."""
+        delta = frag.start - frag.mine()
         frag.collect(self.outer_stats)
         if int(frag.has_arrived):
             self._apply(frag, frag.arrived)
             frag.has_arrived.fill_(0)
-
-    def _flush(self, frag: Fragment) -> None:
-        """Apply the mean in flight now and re-base this round's progress on it (θ ← g − (s − θ))."""
-        if frag.inflight is None and not int(frag.has_arrived):
-            return
-        delta = frag.start - frag.mine()
-        self._take_arrived(frag)
         frag.start.copy_(frag.g - delta)
         self._broadcast(frag, frag.start)
+        return delta
+
+    def _flush(self, frag: Fragment) -> None:
+        """After the last step: the mean in flight, if any, applied now (re-based like a sync)."""
+        if frag.inflight is not None or int(frag.has_arrived):
+            self._rebase(frag)
 
     def _apply(self, frag: Fragment, mean: torch.Tensor) -> None:
         """One Nesterov SGD step on g (torch.optim.SGD's rule: dampening 0, no weight decay)."""
