@@ -183,7 +183,7 @@ def _diloco(engine: GradEngine, topo: Topology, cfg: Config, stats: CommStats) -
         d.int8_block,
         d.fragments,
         d.overlap,
-        island=d.island if d.join else topo.coords["diloco"],
+        island=topo.island,
         total_steps=t.steps,
     )
     replicas = topo.group("dp_replicate" if cfg.parallel.zero_stage else "dp_cp")

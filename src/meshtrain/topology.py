@@ -43,13 +43,18 @@ def resolve_node_size(configured: int) -> int:
 class Topology:
     """Degrees plus the live DeviceMesh. Each parallelism asks it for the group of its own axis."""
 
-    def __init__(self, degrees: Degrees, mesh: DeviceMesh, node_size: int = 0) -> None:
+    def __init__(
+        self, degrees: Degrees, mesh: DeviceMesh, node_size: int = 0, joined: tuple[int, int] | None = None
+    ) -> None:
+        """`joined`: (this launch's island, the run's islands) when each DiLoCo island is its own launch
+        (diloco.join); otherwise the islands are the mesh's diloco axis."""
         self.degrees = degrees
         self.mesh = mesh
         self.node_size = resolve_node_size(node_size)
         self._by_node: dict[str, dist.ProcessGroup | None] = {}
         self.rank = dist.get_rank()
         self.coords = degrees.coords(self.rank)
+        self.island, self.islands = joined if joined is not None else (self.coords["diloco"], degrees.diloco)
         self._flat = {
             name: mesh[axes]._flatten(name)
             for name, axes in FLATTENED.items()
@@ -67,11 +72,13 @@ class Topology:
                 made[name] = enumeration
 
     @classmethod
-    def build(cls, degrees: Degrees, device: torch.device, node_size: int = 0) -> Topology:
+    def build(
+        cls, degrees: Degrees, device: torch.device, node_size: int = 0, joined: tuple[int, int] | None = None
+    ) -> Topology:
         if degrees.world_size != dist.get_world_size():
             raise ValueError(f"layout {degrees.shape} needs {degrees.world_size} ranks, have {dist.get_world_size()}")
         mesh = init_device_mesh(device.type, degrees.shape, mesh_dim_names=AXES)
-        return cls(degrees, mesh, node_size)
+        return cls(degrees, mesh, node_size, joined)
 
     def size(self, axis: str) -> int:
         if axis in BY_NODE:
@@ -112,7 +119,7 @@ class Topology:
 
     def data_rank(self) -> tuple[int, int]:
         """(index, count) of this rank's share of the global batch: its island's dp ranks, island after island."""
-        return self.coords["diloco"] * self.size("dp") + self.local_rank("dp"), self.degrees.diloco * self.size("dp")
+        return self.island * self.size("dp") + self.local_rank("dp"), self.islands * self.size("dp")
 
     def describe(self) -> str:
         live = [f"{a}={getattr(self.degrees, a)}" for a in AXES if getattr(self.degrees, a) > 1]

@@ -65,7 +65,8 @@ class Trainer:
         self.log = get_logger(env.rank, env.world_size, self.console if env.rank == 0 else None)
         if cfg.training.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.topo = Topology.build(launch_degrees(cfg), env.device, cfg.parallel.node_size)
+        joined = (cfg.diloco.island, cfg.parallel.diloco) if cfg.diloco.join else None
+        self.topo = Topology.build(launch_degrees(cfg), env.device, cfg.parallel.node_size, joined)
         self.stats = CommStats(self.topo.node_size, env.rank)
         self.stats.log.link = slow_link(cfg, self.topo.node_size)
         self.parallel = build_parallel(cfg, self.topo, env.device, self.stats)
@@ -75,8 +76,6 @@ class Trainer:
         self.dataset = build_dataset(cfg.data, self.tokenizer, cfg.training.seq_len, cfg.training.seed)
         # the global batch spans every DiLoCo island: island k takes data ranks k*dp .. k*dp + dp - 1
         index, count = self.topo.data_rank()
-        if cfg.diloco.join:
-            index, count = cfg.diloco.island * self.topo.size("dp") + index, cfg.parallel.diloco * count
         self.sampler = BatchSampler(
             len(self.dataset), cfg.training.global_batch, cfg.training.micro_batch, index, count, cfg.training.seed
         )
@@ -97,6 +96,10 @@ class Trainer:
         )
         self.run_id = env.launch_id
         self.saver: ckpt.Saver | None = None
+        # DiLoCo islands of one launch hold different weights between outer steps: island k > 0 keeps
+        # its own copy (an island launched on its own has its own run folder, and needs no suffix)
+        k = self.topo.coords["diloco"]
+        self.state_suffix = f"@island{k}" if k else ""
 
     def _validation(self) -> tuple[ValSampler | None, Dataset | None]:
         t = self.cfg.training
@@ -115,12 +118,9 @@ class Trainer:
 
     # ---- state -------------------------------------------------------------------------------
     def app_state(self) -> dict[str, Any]:
-        # DiLoCo islands hold different weights between outer steps: island k > 0 keeps its own copy
-        island = self.topo.coords["diloco"]
-        suffix = f"@island{island}" if island else ""
         state: dict[str, Any] = {
-            f"model{suffix}": self.engine.model_state_dict(),
-            f"optim{suffix}": self.engine.optim_state_dict(self.optim.state_dict()),
+            f"model{self.state_suffix}": self.engine.model_state_dict(),
+            f"optim{self.state_suffix}": self.engine.optim_state_dict(self.optim.state_dict()),
             "train": {"step": torch.tensor(self.step)},
         }
         hooks = {k: v for hook in self.parallel.hooks for k, v in hook.state_dict().items()}
@@ -140,7 +140,7 @@ class Trainer:
         state = self.app_state()
         with self.stats.log.doing(f"loading {path.name}"):
             meta = ckpt.load(path, state)
-        self.optim.load_state_dict(next(v for k, v in state.items() if k.split("@")[0] == "optim"))
+        self.optim.load_state_dict(state[f"optim{self.state_suffix}"])
         self.step = int(state["train"]["step"])
         self.run_id = meta.get("run_id", self.run_id)  # resuming continues that run: its checkpoints stay ours
         self.log.info(
