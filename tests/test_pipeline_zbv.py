@@ -5,6 +5,7 @@ the single-device model in test_pipeline_gloo.py (pp 2 and 4) and test_pipeline_
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +96,11 @@ def test_cli_runs_zb_v_with_its_two_chunks(capsys: pytest.CaptureFixture[str]) -
     assert _cli("--pp", "4", "--microbatches", "8", "--schedule", "zb-v", "--chunks", "3") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "drop --chunks 3" in err
+
+
+def test_plot_schedules_stacks_several(tmp_path: Path) -> None:
+    from meshtrain.tools.plot import plot_schedules
+
+    runs = [(name, simulate(SCHEDULES[name](2, 4, 2 if name == "zb-v" else 1))) for name in ("1f1b", "zb-v")]
+    path = plot_schedules(runs, tmp_path / "both.svg")
+    assert path.read_text().count("bubble ") == 2  # one titled chart per schedule
