@@ -388,10 +388,9 @@ def interleaved_1f1b(pp: int, microbatches: int, chunks: int = 1) -> Schedule:
 def zb_v(pp: int, microbatches: int, chunks: int = 2) -> Schedule:
     """ZB-V (Qi et al. 2023, section 6): two chunks per rank on `Layout.v`, B and W split.
 
-    Rank r holds chunk a = r (going down) and chunk b = 2pp-1-r (coming back). With unit costs its
-    first input for b arrives 2(pp-r)-1 ticks after its first F of a, and the first gradient for b
-    pp-r... ticks after that, so its order is, in phases (n = max(m, 2pp-1), later dropping the
-    microbatches >= m, which only leaves idle where they were):
+    Rank r holds stage a = r (going down) and b = 2pp-1-r (coming back). In unit time (a chunk's F, B
+    and W cost 1 each) it starts at tick r, b's first input arrives at tick 2pp-1-r and b's first
+    gradient at 2pp+r, so its order is, in phases:
 
     1. 2(pp-r)-1 forwards of a, filling the wait for b's first input;
     2. r pairs F(b) F(a), while b's inputs arrive every other tick;
@@ -402,6 +401,8 @@ def zb_v(pp: int, microbatches: int, chunks: int = 2) -> Schedule:
 
     At most 2pp chunk-forwards await their B on a rank (pp full-stage microbatches, 1F1B's rank-0
     peak, on every rank), and with equal costs every rank is busy from its first action to its last.
+    The phases need 2pp-1 microbatches (rank 0's warmup); with fewer, the order is built for 2pp-1
+    and the missing ones dropped, which leaves idle where they were.
     """
     _check_sizes("zb-v", pp, microbatches, chunks, max_chunks=None)
     if chunks != 2:
