@@ -3,6 +3,13 @@
 Both run the default model cut into 2 stages over 2 gloo ranks, the same microbatches and the same
 optimizer. Prints tokens/s and their ratio, and the bubble measured from our executor's trace next
 to the simulator fed the measured per-action costs and the closed form (p-1)/(m+p-1).
+
+Two more rows race our ZB-V (4 stages of one block, two per rank on the V) against our 1F1B and
+our ZB-H1 (2 stages of two blocks; ZB-H1 splits B and W as ZB-V does) on the same model and data: tokens/s, each one's bubble measured from its
+trace against the simulator fed its measured costs, and the peak in-flight activations the executor
+counted (in full-stage microbatches) against the simulated peak, and each rank's busy time: on the
+V, rank 0 holds the embedding and the head as well as its two blocks, which the simulator fed one
+median cost per kind does not see.
     python benchmarks/bench_pp.py [--microbatches 4] [--micro-batch 4] [--seq 128]
 """
 
@@ -18,10 +25,11 @@ from common import Timing, bench_model_config, bench_parser, ratio, record, spaw
 from meshtrain.accounting import CommStats
 from meshtrain.config import OptimizerConfig
 from meshtrain.core.runner import Batch
+from meshtrain.core.weight_grads import split_weight_grads
 from meshtrain.loss import cross_entropy_sum
 from meshtrain.optim import AdamW
 from meshtrain.pipeline.executor import PipelineExecutor
-from meshtrain.pipeline.schedules import SCHEDULES, Layout, Schedule
+from meshtrain.pipeline.schedules import SCHEDULES, Schedule, layout_of, native_chunks
 from meshtrain.pipeline.stage import build_stage, split_blocks, stage_ranges
 from meshtrain.tools.simulator import from_trace, simulate
 from meshtrain.tools.trace import measured_costs
@@ -47,22 +55,11 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> None:
     tokens, targets = list(data[..., :-1]), list(data[..., 1:])
     scale = 1.0 / (m * mb * seq)
     ranges = stage_ranges(split_blocks(cfg, world, "params"))
-    ours_stage = build_stage(cfg, rank, ranges[rank], world, torch.device("cpu"), seed=0)
     torch_stage = build_stage(cfg, rank, ranges[rank], world, torch.device("cpu"), seed=0)
     schedule = SCHEDULES["1f1b"](world, m)
-    ex = PipelineExecutor(
-        {rank: ours_stage},
-        schedule[rank],
-        Layout.looped(world),
-        dist.group.WORLD,
-        CommStats(),
-        cross_entropy_sum,
-        (mb, seq, cfg.dim),
-        torch.device("cpu"),
-        scale=scale,
-    )
+    ex, ours_opt = _our_pipeline("1f1b", rank, world, args, scale, split="params")
     batches = [Batch(x, y) for x, y in zip(tokens, targets)]
-    ours_opt, torch_opt = _optimizer_step(ours_stage), _optimizer_step(torch_stage)
+    torch_opt = _optimizer_step(torch_stage)
     pipe = Schedule1F1B(
         PipelineStage(torch_stage, rank, world, torch.device("cpu")),
         n_microbatches=m,
@@ -88,6 +85,7 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> None:
     dist.all_gather_object(traces, ex.trace)
     if rank == 0:
         _report(args, timings, m * mb * seq, traces, schedule, world, m)
+    zb_v_row(rank, world, args, batches, scale)
 
 
 def _report(
@@ -102,6 +100,73 @@ def _report(
     )
     print(bubble)
     record(args, [ratio("PP (1F1B)", timings, "meshtrain 1F1B", "torch Schedule1F1B", tokens, note=bubble)])
+
+
+def _our_pipeline(
+    name: str, rank: int, world: int, args: argparse.Namespace, scale: float, split: str = "uniform"
+) -> tuple[PipelineExecutor, callable]:
+    """Our executor running `name` on the default model cut by `split`, and its optimizer step."""
+    cfg = bench_model_config()
+    chunks = native_chunks(name)
+    layout, schedule = layout_of(name, world, chunks), SCHEDULES[name](world, args.microbatches, chunks)
+    ranges = stage_ranges(split_blocks(cfg, world * chunks, split))
+    stages = {
+        s: build_stage(cfg, s, ranges[s], world * chunks, torch.device("cpu"), seed=0)
+        for s in range(layout.num_stages)
+        if layout.rank_of(s) == rank
+    }
+    ex = PipelineExecutor(
+        stages,
+        schedule[rank],
+        layout,
+        dist.group.WORLD,
+        CommStats(),
+        cross_entropy_sum,
+        (args.micro_batch, args.seq, cfg.dim),
+        torch.device("cpu"),
+        scale=scale,
+    )
+    if any(a.kind.value == "W" for a in schedule[rank]):  # W actions need the deferred weight gradients
+        for stage in stages.values():
+            split_weight_grads(stage, ex.queue)
+    steps = [_optimizer_step(stage) for stage in stages.values()]
+    return ex, lambda: [step() for step in steps]
+
+
+def zb_v_row(rank: int, world: int, args: argparse.Namespace, batches: list[Batch], scale: float) -> None:
+    """ZB-V against 1F1B, both ours: tokens/s, measured vs simulated bubble, peak in-flight activations."""
+    # zb-h1 splits B and W as zb-v does, on the looped placement: it tells the schedule's gain from the split's cost
+    runs = {name: _our_pipeline(name, rank, world, args, scale) for name in ("zb-v", "1f1b", "zb-h1")}
+
+    def step(name: str) -> callable:
+        ex, opt = runs[name]
+        return lambda: (ex.run(batches), opt())
+
+    timings = timed_rounds({f"meshtrain {n}": step(n) for n in runs}, args.rounds, args.steps)
+    figures = []
+    for name, (ex, _) in runs.items():
+        step(name)()  # one more step, whose trace and in-flight peak are read
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, (ex.trace, ex.peak_inflight))
+        traces, peaks = [g[0] for g in gathered], [g[1] for g in gathered]
+        chunks = ex.layout.chunks
+        measured = from_trace(traces, chunks=chunks)
+        schedule = SCHEDULES[name](world, args.microbatches, chunks)
+        predicted = simulate(schedule, measured_costs(traces, chunks))
+        figures.append(
+            f"{name}: bubble measured {measured.bubble_rate:.1%} vs simulated {predicted.bubble_rate:.1%}, "
+            f"peak in flight {max(peaks):g} vs simulated {simulate(schedule).peak:g}, "
+            f"busy per rank {'/'.join(f'{1e3 * b:.0f}' for b in measured.busy)} ms"
+        )
+    if rank == 0:
+        note = "; ".join(figures)
+        print(note)
+        tokens = args.microbatches * args.micro_batch * args.seq
+        rows = [
+            ratio(f"PP ZB-V vs {peer}", timings, "meshtrain zb-v", f"meshtrain {peer}", tokens, note if n == 0 else "")
+            for n, peer in enumerate(("1f1b", "zb-h1"))
+        ]
+        record(args, rows)
 
 
 def main() -> None:

@@ -35,7 +35,10 @@ LAYOUTS = {  # name: (nproc, overrides)
     "pp2-tp2-1f1b": (4, [*PP_TP, "parallel.pp_schedule=1f1b", "checkpoint.interval=2"]),
     "pp2-tp2-sp-interleaved": (4, [*PP_TP, SP, "parallel.pp_chunks=2", "parallel.pp_schedule=interleaved-1f1b"]),
     "pp2-dp2-tp2-sp-zb": (8, [*PP_TP, SP, "parallel.pp_schedule=zb-h1", "checkpoint.interval=2"]),  # 3-D mesh, B/W
+    "pp2-zb-v": (2, ["parallel.pp=2", "parallel.pp_chunks=2", "parallel.pp_schedule=zb-v"]),  # the V: 4 stages
 }
+ZB_V = ["parallel.pp_chunks=2", "parallel.pp_schedule=zb-v", "training.global_batch=16", "model.n_layers=8"]
+"""pp4 ZB-V: 8 stages (one block each) and 8 >= 2p-1 microbatches, against its own 8-block single run."""
 
 
 def _custom_schedule(tmp: Path) -> Path:
@@ -74,19 +77,22 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Run, list[
     specs.update({name: Run(root / name, nproc, [*BASE, *o]) for name, (nproc, o) in LAYOUTS.items()})
     custom = _custom_schedule(root)
     specs["pp2-custom-csv"] = Run(root / "custom", 2, [*BASE, "parallel.pp=2", f"parallel.pp_schedule={custom}"])
+    specs["single-8"] = Run(root / "single-8", 1, [*BASE, *ZB_V[2:]])
+    specs["pp4-zb-v"] = Run(root / "pp4-zb-v", 4, [*BASE, "parallel.pp=4", *ZB_V])
     return train_named(specs)
 
 
 ALL = [*LAYOUTS, "pp2-custom-csv"]
+REFERENCE = {"pp4-zb-v": "single-8"}  # runs compared with another single-device run than "single"
 CHECKPOINTED = {"pp2-tp2-1f1b", "pp2-dp2-tp2-sp-zb"}  # checkpoint gathers are not step traffic
 
 
-@pytest.mark.parametrize("layout", ALL)
+@pytest.mark.parametrize("layout", [*ALL, *REFERENCE])
 def test_pipelined_layout_matches_single_device(layout: str, runs: dict) -> None:
-    assert_same_training(runs[layout][1], runs["single"][1], loss=1e-5, grad_norm=1e-5)
+    assert_same_training(runs[layout][1], runs[REFERENCE.get(layout, "single")][1], loss=1e-5, grad_norm=1e-5)
 
 
-@pytest.mark.parametrize("layout", ALL)
+@pytest.mark.parametrize("layout", [*ALL, *REFERENCE])
 def test_every_stage_sends_and_holds_what_the_planner_predicts(layout: str, runs: dict) -> None:
     """Stage by stage (the first holds the embedding, the last the head; p2p bytes differ), exactly."""
     run, _ = runs[layout]

@@ -25,7 +25,7 @@ from meshtrain.core.weight_grads import split_weight_grads
 from meshtrain.loss import cross_entropy_sum
 from meshtrain.model import build_model
 from meshtrain.pipeline.executor import PipelineExecutor
-from meshtrain.pipeline.schedules import SCHEDULES, Kind, Layout
+from meshtrain.pipeline.schedules import SCHEDULES, Kind, layout_of, native_chunks
 from meshtrain.pipeline.stage import build_stage, split_blocks, stage_ranges
 from meshtrain.tools.simulator import simulate
 
@@ -54,7 +54,7 @@ def _run_schedule(rank: int, pp: int, name: str, chunks: int, m: int) -> None:
     ref_loss, ref_grads = _reference(cfg, tokens, targets, scale)
     n_stages = pp * chunks
     ranges = stage_ranges(split_blocks(cfg, n_stages, "uniform"))
-    layout = Layout.looped(pp, chunks)
+    layout = layout_of(name, pp, chunks)
     schedule = SCHEDULES[name](pp, m, chunks)
     stages = {
         s: build_stage(cfg, s, ranges[s], n_stages, torch.device("cpu"), seed=3)
@@ -151,7 +151,7 @@ def _walk_peak(actions: list, per_mb: dict[int, float]) -> float:
 def _all_schedules(rank: int, world: int) -> None:
     m = 2 * world
     for name in SCHEDULES:
-        chunks = 2 if name == "interleaved-1f1b" else 1
+        chunks = native_chunks(name, 2 if name == "interleaved-1f1b" else 1)  # zb-v: 2, on the V
         _run_schedule(rank, world, name, chunks, m)
     _run_schedule(rank, world, "1f1b", 1, 1)  # fewer microbatches than stages
     dist.barrier()

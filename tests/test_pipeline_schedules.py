@@ -20,6 +20,7 @@ from meshtrain.pipeline.schedules import (
     add_comms,
     from_csv,
     group_steps,
+    native_chunks,
     stage_to_rank,
     to_csv,
 )
@@ -37,7 +38,7 @@ def _grid() -> list[Case]:
     cases = set()
     for name in SCHEDULES:
         for p in range(1, 6):
-            for v in (1, 2) if name == "interleaved-1f1b" else (1,):
+            for v in (1, 2) if name == "interleaved-1f1b" else (native_chunks(name),):
                 for m in {1, 2, p, 2 * p, 8, 3 * p + 1}:
                     if name != "interleaved-1f1b" or m % p == 0:
                         cases.add((name, p, v, m))
@@ -58,6 +59,8 @@ def _regime(name: str, p: int, m: int, costs: Costs) -> tuple[bool, bool]:
         return m >= p, m >= p
     if name == "zb-h2":  # equal costs reach the paper's zero only per rank; see docs/pipeline.md
         return m >= 2 * p and costs == PAPER, m >= 2 * p
+    if name == "zb-v":  # the same split as ZB-H2's; tests/test_pipeline_zbv.py checks zb-v alone
+        return m >= 2 * p - 1 and costs == PAPER, m >= 2 * p - 1
     return True, True
 
 
@@ -82,7 +85,7 @@ def test_schedule_validates_matches_closed_forms_and_round_trips(
 
 
 @pytest.mark.parametrize("costs", [Costs(3, 2, 1), Costs(1, 2, 0.5), Costs(2, 1, 1)], ids=str)
-@pytest.mark.parametrize("name", list(SCHEDULES))
+@pytest.mark.parametrize("name", [n for n in SCHEDULES if n != "zb-v"])  # zb-v's form needs T_F = T_B
 def test_closed_forms_under_other_costs(name: str, costs: Costs) -> None:
     chunks = 3 if name == "interleaved-1f1b" else 1
     result, pred = simulate(SCHEDULES[name](3, 9, chunks), costs), closed_form(name, 3, 9, chunks, costs)
@@ -111,11 +114,20 @@ def test_split_backward_names_the_schedules_with_w(built: dict[Case, Schedule]) 
 
 def test_known_figures_for_p4_m8() -> None:
     rates = {
-        name: simulate(SCHEDULES[name](4, 8, 2 if name.startswith("inter") else 1), UNIFORM).bubble_rate
+        name: simulate(
+            SCHEDULES[name](4, 8, native_chunks(name, 2 if name.startswith("inter") else 1)), UNIFORM
+        ).bubble_rate
         for name in SCHEDULES
     }
     assert rates == pytest.approx(
-        {"gpipe": 9 / 33, "1f1b": 9 / 33, "interleaved-1f1b": 4.5 / 28.5, "zb-h1": 3 / 27, "zb-h2": 3 / 27}
+        {
+            "gpipe": 9 / 33,
+            "1f1b": 9 / 33,
+            "interleaved-1f1b": 4.5 / 28.5,
+            "zb-h1": 3 / 27,
+            "zb-h2": 3 / 27,
+            "zb-v": 1.5 / 25.5,
+        }
     )
 
 

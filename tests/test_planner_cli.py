@@ -83,6 +83,10 @@ def test_json_parses(capsys: pytest.CaptureFixture[str]) -> None:
         (["plan", "--model", "llama3-8b", "--global-batch", "8"], "--gpus"),
         (["plan", "--model", "llama3-8b", "--gpus", "eight", "--global-batch", "8"], "not a number"),
         (["plan"], "nothing to plan"),
+        (
+            ["plan", "--model", "llama3-8b", "--gpus", "8", "--global-batch", "8", "--schedules", "zb-v"],
+            "zb-v is not searched",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -109,9 +109,9 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel degree: number of pipeline stages."""
     pp_schedule: str = "1f1b"
-    """Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-h2, or a path to your own schedule as a .csv file (see `meshtrain schedule --csv-out`)."""
+    """Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-h2, zb-v (needs pp_chunks=2), or a path to your own schedule as a .csv file (see `meshtrain schedule --csv-out`)."""
     pp_chunks: int = 1
-    """Virtual stages per pipeline rank (v) for interleaved schedules."""
+    """Virtual stages per pipeline rank (v) for interleaved schedules; zb-v needs 2."""
     pp_split: str = "params"
     """How blocks are cut into pp * pp_chunks stages: params (balanced by parameter count, embedding and head included), uniform, or explicit block counts such as "2,1,1"."""
     cp: int = 1

@@ -18,7 +18,14 @@ from meshtrain.config import SECTIONS, Config, ConfigError, ParallelConfig, laun
 from meshtrain.data.shards import has_val_split, read_meta
 from meshtrain.hf.config import hf_dir, read_hf_config
 from meshtrain.hf.files import expected_params, header_shapes, missing_or_misshaped
-from meshtrain.pipeline.schedules import SCHEDULES, ScheduleError, build_schedule, is_custom, splits_backward
+from meshtrain.pipeline.schedules import (
+    SCHEDULES,
+    V_SHAPED,
+    ScheduleError,
+    build_schedule,
+    is_custom,
+    splits_backward,
+)
 from meshtrain.preflight import tokenizer_vocab
 from meshtrain.tools.schedule_check import validate_schedule
 from meshtrain.validate_comm import check_diloco, check_onebit_adam, check_zeropp, resolve_islands
@@ -358,7 +365,12 @@ def _check_pipeline(cfg: Config) -> None:
         return
     if is_custom(p.pp_schedule):
         _check_custom_schedule(cfg)
-    elif p.pp_chunks > 1 and p.pp_schedule != "interleaved-1f1b":
+    elif p.pp_schedule in V_SHAPED and p.pp_chunks != 2:
+        raise ConfigError(
+            f"parallel.pp_schedule={p.pp_schedule} runs two chunks per rank (a V), but parallel.pp_chunks="
+            f"{p.pp_chunks}; set parallel.pp_chunks=2"
+        )
+    elif p.pp_chunks > 1 and p.pp_schedule != "interleaved-1f1b" and p.pp_schedule not in V_SHAPED:
         raise ConfigError(
             f"parallel.pp_chunks={p.pp_chunks} needs parallel.pp_schedule=interleaved-1f1b "
             f"(got {p.pp_schedule!r}); set pp_chunks=1 or switch the schedule"

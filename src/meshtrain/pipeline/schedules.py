@@ -112,6 +112,12 @@ class Layout:
         return cls(pp, tuple(s % pp for s in range(pp * chunks)))
 
     @classmethod
+    def v(cls, pp: int) -> Layout:
+        """ZB-V's placement: stages 0..pp-1 down the ranks, pp..2pp-1 back up, so rank r holds r and
+        2pp-1-r. Rank 0 holds the first and the last stage; rank pp-1 hands stage pp-1 to pp locally."""
+        return cls(pp, tuple(s if s < pp else 2 * pp - 1 - s for s in range(2 * pp)))
+
+    @classmethod
     def infer(cls, schedule: Schedule) -> Layout:
         """Read the placement off the compute actions of a (custom) schedule."""
         owner: dict[int, int] = {}
@@ -136,11 +142,16 @@ class Layout:
         return self.ranks[stage]
 
 
-def stage_to_rank(schedule_name: str, pp: int, chunks: int = 1) -> Callable[[int], int]:
-    """The placement a built-in schedule assumes, as a stage -> rank function."""
+def layout_of(schedule_name: str, pp: int, chunks: int = 1) -> Layout:
+    """The placement a built-in schedule assumes: looped, but V-shaped for the V schedules."""
     if schedule_name not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule_name!r}; choices: {', '.join(SCHEDULES)}")
-    return Layout.looped(pp, chunks).rank_of
+    return Layout.v(pp) if schedule_name in V_SHAPED else Layout.looped(pp, chunks)
+
+
+def stage_to_rank(schedule_name: str, pp: int, chunks: int = 1) -> Callable[[int], int]:
+    """The placement a built-in schedule assumes, as a stage -> rank function."""
+    return layout_of(schedule_name, pp, chunks).rank_of
 
 
 def needs(a: Action, num_stages: int) -> list[Key]:
@@ -374,16 +385,81 @@ def interleaved_1f1b(pp: int, microbatches: int, chunks: int = 1) -> Schedule:
     return add_comms(compute, Layout.looped(pp, chunks))
 
 
+def zb_v(pp: int, microbatches: int, chunks: int = 2) -> Schedule:
+    """ZB-V (Qi et al. 2023, section 6): two chunks per rank on `Layout.v`, B and W split.
+
+    Rank r holds stage a = r (going down) and b = 2pp-1-r (coming back). In unit time (a chunk's F, B
+    and W cost 1 each) it starts at tick r, b's first input arrives at tick 2pp-1-r and b's first
+    gradient at 2pp+r, so its order is, in phases:
+
+    1. 2(pp-r)-1 forwards of a, filling the wait for b's first input;
+    2. r pairs F(b) F(a), while b's inputs arrive every other tick;
+    3. pp-r triples F(b) B(b) W(b), as b's first gradients come back;
+    4. the steady state: F(a) B(a) W(a) F(b) B(b) W(b) until every forward has run;
+    5. the drain: r pairs B(a) B(b), then pp-r pairs B(a) W(a), the W's still owed last, which fill
+       the time the last gradients take to come back.
+
+    At most 2pp chunk-forwards await their B on a rank (pp full-stage microbatches, 1F1B's rank-0
+    peak, on every rank), and with equal costs every rank is busy from its first action to its last.
+    The phases need 2pp-1 microbatches (rank 0's warmup); with fewer, the order is built for 2pp-1
+    and the missing ones dropped, which leaves idle where they were.
+    """
+    _check_sizes("zb-v", pp, microbatches, chunks, max_chunks=None)
+    if chunks != 2:
+        raise ValueError(f"zb-v runs exactly two chunks per rank (a V); use chunks=2 (got {chunks})")
+    n = max(microbatches, 2 * pp - 1)
+    orders = [[a for a in _zb_v_rank(r, 2 * pp - 1 - r, pp, n) if a.microbatch < microbatches] for r in range(pp)]
+    return add_comms(orders, Layout.v(pp))
+
+
+def _zb_v_rank(a: int, b: int, pp: int, n: int) -> list[Action]:
+    """One rank's ZB-V order over n microbatches (see `zb_v`); a and b are its two stages."""
+    order: list[Action] = []
+    count = {(kind, s): 0 for kind in (Kind.F, Kind.B, Kind.W) for s in (a, b)}
+
+    def run(*steps: tuple[Kind, int]) -> None:
+        for kind, s in steps:
+            order.append(Action(kind, s, count[(kind, s)]))
+            count[(kind, s)] += 1
+
+    rank = a
+    for _ in range(2 * (pp - rank) - 1):
+        run((Kind.F, a))
+    for _ in range(rank):
+        run((Kind.F, b), (Kind.F, a))
+    for _ in range(pp - rank):
+        run((Kind.F, b), (Kind.B, b), (Kind.W, b))
+    while count[(Kind.F, b)] < n:
+        run(*([(Kind.F, a)] if count[(Kind.F, a)] < n else []), (Kind.B, a), (Kind.W, a))
+        run((Kind.F, b), (Kind.B, b), (Kind.W, b))
+    for _ in range(rank):
+        run((Kind.B, a), (Kind.B, b))
+    for _ in range(pp - rank):
+        run((Kind.B, a), (Kind.W, a))
+    for s in (b, a):
+        while count[(Kind.W, s)] < n:
+            run((Kind.W, s))
+    return order
+
+
 SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "gpipe": gpipe,
     "1f1b": one_f_one_b,
     "interleaved-1f1b": interleaved_1f1b,
     "zb-h1": zb_h1,
     "zb-h2": zb_h2,
+    "zb-v": zb_v,
 }
 # Schedules with W actions: their weight gradients are accumulated outside autograd (split_backward.py),
 # so no post-accumulate-grad hook sees them.
-SPLIT_BACKWARD = frozenset({"zb-h1", "zb-h2"})
+SPLIT_BACKWARD = frozenset({"zb-h1", "zb-h2", "zb-v"})
+# Schedules on the V placement (`Layout.v`), which fix the chunks per rank at 2.
+V_SHAPED = frozenset({"zb-v"})
+
+
+def native_chunks(name: str, chunks: int | None = None) -> int:
+    """The chunks a built-in schedule runs with: 2 for a V schedule, else `chunks` (default 1)."""
+    return 2 if name in V_SHAPED else chunks or 1
 
 
 def is_custom(name: str) -> bool:
@@ -394,7 +470,7 @@ def is_custom(name: str) -> bool:
 def build_schedule(name: str, pp: int, microbatches: int, chunks: int = 1) -> tuple[Schedule, Layout]:
     """A built-in schedule, or a user's CSV (send/recv actions added when it lists only computes)."""
     if not is_custom(name):
-        return SCHEDULES[name](pp, microbatches, chunks), Layout.looped(pp, chunks)
+        return SCHEDULES[name](pp, microbatches, chunks), layout_of(name, pp, chunks)
     schedule = from_csv(name)
     layout = Layout.infer(schedule)
     if not any(a.kind.is_comm for actions in schedule for a in actions):

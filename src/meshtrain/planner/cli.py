@@ -18,7 +18,7 @@ from rich.console import Console
 
 from meshtrain.config import Config, ConfigError, load_config
 from meshtrain.model.math import from_model_config, param_count
-from meshtrain.pipeline.schedules import SCHEDULES
+from meshtrain.pipeline.schedules import SCHEDULES, V_SHAPED
 from meshtrain.planner import report
 from meshtrain.planner.errors import PlanError
 from meshtrain.planner.evaluate import Workload, evaluate
@@ -90,7 +90,7 @@ def add_parser(subparsers: Any) -> None:
         "--schedules",
         default="1f1b,interleaved-1f1b",
         metavar="LIST",
-        help="pipeline schedules to try, comma-separated (also gpipe, zb-h1, zb-h2)",
+        help="pipeline schedules to try, comma-separated (also gpipe, zb-h1, zb-h2; not zb-v)",
     )
     out.add_argument(
         "--zero", default="0,1,2,3", metavar="STAGES", help="ZeRO stages to try, comma-separated (default: 0,1,2,3)"
@@ -141,6 +141,12 @@ def _search_options(args: argparse.Namespace) -> SearchOptions:
     for s in schedules:
         if s not in SCHEDULES:
             raise PlanError(f"--schedules: unknown schedule '{s}'" + did_you_mean(s, list(SCHEDULES)))
+        if s in V_SHAPED:  # rank 0 holds the first and the last stage; the memory model puts the head on rank pp-1
+            raise PlanError(
+                f"--schedules: {s} is not searched: its V puts the embedding and the head on pipeline rank 0, "
+                f"which the planner's per-rank memory model does not describe; compare it with "
+                f"`meshtrain schedule --schedule {s}`"
+            )
     stages = tuple(sorted({s.strip() for s in args.zero.split(",") if s.strip()}))
     if not stages or any(s not in ("0", "1", "2", "3") for s in stages):
         raise PlanError(f"--zero {args.zero!r} must list stages from 0, 1, 2, 3, e.g. --zero 0,1")

@@ -9,7 +9,7 @@ unit up to a multiple of N is left out), so a sharded figure may be fractional. 
 are those of its pipeline stages, with the run's real block split (parallel.pp_split): they are
 what that rank writes to metrics.rank{R}.jsonl. A pipeline rank sends each of its chunks'
 activations forward (but the last stage's) and each chunk's input gradient back (but the first
-stage's), in the residual stream's dtype (fp32 under autocast, bf16 when ZeRO-3 gathers bf16
+stage's), where the neighbour stage is on another rank (ZB-V's V turns on one rank), in the residual stream's dtype (fp32 under autocast, bf16 when ZeRO-3 gathers bf16
 weights), 1/tp of them under sequence parallelism, and of this cp rank's tokens only.
 """
 
@@ -20,6 +20,8 @@ from typing import Any
 
 from meshtrain.config import Config, ConfigError
 from meshtrain.model.math import from_model_config, param_count, shape_flops_per_token
+from meshtrain.pipeline.schedules import SCHEDULES, layout_of
+from meshtrain.pipeline.schedules import Layout as Placement
 from meshtrain.pipeline.stage import split_blocks
 from meshtrain.planner.comm import wire_bytes
 from meshtrain.planner.layout import Layout, groups, rank_params
@@ -62,8 +64,19 @@ def _stage_share(cfg: Config, rank: int) -> tuple[int, bool, bool, list[int]]:
     if p.pp == 1:
         return cfg.model.n_layers, True, True, [0]
     sizes = split_blocks(cfg.model, n, p.pp_split)
-    mine = [s for s in range(n) if s % p.pp == p.degrees.coords(rank)["pp"]]  # the looped placement
+    here = _placement(cfg).rank_of
+    mine = [s for s in range(n) if here(s) == p.degrees.coords(rank)["pp"]]
     return sum(sizes[s] for s in mine), 0 in mine, n - 1 in mine, mine
+
+
+def _placement(cfg: Config) -> Placement:
+    """The stage placement the run's schedule uses (a custom CSV's is taken to be the looped one)."""
+    p = cfg.parallel
+    return (
+        layout_of(p.pp_schedule, p.pp, p.pp_chunks)
+        if p.pp_schedule in SCHEDULES
+        else Placement.looped(p.pp, p.pp_chunks)
+    )
 
 
 def _residual_bytes(cfg: Config) -> int:
@@ -82,7 +95,11 @@ def _stage_p2p(cfg: Config, stages: list[int]) -> float:
     per_message = (
         t.micro_batch * t.seq_len // p.cp * cfg.model.dim * _residual_bytes(cfg) / (p.tp if p.sequence_parallel else 1)
     )
-    messages = sum(s < n - 1 for s in stages) + sum(s > 0 for s in stages)
+    here = _placement(cfg).rank_of
+    # a neighbour stage on the same rank (ZB-V's turn of the V) is handed over without a message
+    messages = sum(s < n - 1 and here(s + 1) != here(s) for s in stages) + sum(
+        s > 0 and here(s - 1) != here(s) for s in stages
+    )
     return messages * t.grad_accum * per_message
 
 

@@ -7,7 +7,7 @@ import difflib
 import sys
 from typing import Any
 
-from meshtrain.pipeline.schedules import SCHEDULES, Layout, Schedule, build_schedule, to_csv
+from meshtrain.pipeline.schedules import SCHEDULES, V_SHAPED, Schedule, build_schedule, layout_of, native_chunks, to_csv
 from meshtrain.tools.schedule_check import validate_schedule
 from meshtrain.tools.simulator import Costs, Prediction, SimResult, closed_form, simulate
 
@@ -25,6 +25,7 @@ examples:
   meshtrain schedule --pp 4 --microbatches 8 --schedule 1f1b
   meshtrain schedule --pp 4 --microbatches 8 --schedule interleaved-1f1b --chunks 2 --out 1f1b.png
   meshtrain schedule --pp 4 --microbatches 8 --schedule zb-h1 --costs 2,2,1 --csv-out zb.csv
+  meshtrain schedule --pp 4 --microbatches 8 --schedule zb-v --out zb-v.png
   meshtrain schedule --csv-in zb.csv --costs 2,2,1 --out zb.svg
 """
 
@@ -42,7 +43,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--microbatches", "-m", type=int, help="microbatches per step (required unless --csv-in)")
     parser.add_argument("--schedule", help=f"one of: {', '.join(SCHEDULES)} (required unless --csv-in)")
     parser.add_argument(
-        "--chunks", type=int, default=1, help="virtual stages per rank, interleaved-1f1b only (default 1)"
+        "--chunks",
+        type=int,
+        help="virtual stages per rank: interleaved-1f1b's choice (default 1); the V schedules (zb-v) always run 2",
     )
     parser.add_argument("--costs", default="1,1,1", help="T_F,T_B,T_W per microbatch and full stage (default 1,1,1)")
     parser.add_argument("--comm", type=float, default=0.0, help="latency of one point-to-point message (default 0)")
@@ -108,13 +111,16 @@ def _load(args: argparse.Namespace) -> tuple[Schedule, str | None, int, int]:
     ]
     if missing:
         raise ValueError(f"{', '.join(missing)} required (or give --csv-in)")
-    if args.pp < 1 or args.microbatches < 1 or args.chunks < 1:
+    chunks = native_chunks(name, args.chunks)
+    if name in V_SHAPED and args.chunks not in (None, chunks):
+        raise ValueError(f"--schedule {name} runs {chunks} chunks per rank (a V); drop --chunks {args.chunks}")
+    if args.pp < 1 or args.microbatches < 1 or chunks < 1:
         raise ValueError(
-            f"--pp, --microbatches and --chunks must be >= 1 (got {args.pp}, {args.microbatches}, {args.chunks})"
+            f"--pp, --microbatches and --chunks must be >= 1 (got {args.pp}, {args.microbatches}, {chunks})"
         )
-    schedule = SCHEDULES[name](args.pp, args.microbatches, args.chunks)
-    validate_schedule(schedule, args.pp, args.chunks, args.microbatches, Layout.looped(args.pp, args.chunks))
-    return schedule, name, args.chunks, args.microbatches
+    schedule = SCHEDULES[name](args.pp, args.microbatches, chunks)
+    validate_schedule(schedule, args.pp, chunks, args.microbatches, layout_of(name, args.pp, chunks))
+    return schedule, name, chunks, args.microbatches
 
 
 def _report(result: SimResult, prediction: Prediction | None, microbatches: int, costs: Costs) -> None:

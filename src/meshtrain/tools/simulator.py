@@ -215,4 +215,16 @@ def closed_form(name: str, pp: int, microbatches: int, chunks: int, costs: Costs
             "m >= 2p, T_W <= T_F, comm = 0, and T_B >= 2 T_W for the "
             "makespan (T_F + T_B >= 2 T_W for the steady state)",
         )
+    if name == "zb-v":
+        # Costs here are a full stage's, a chunk's are half: (p-1)(T_F + T_B - 2T_W) in chunk costs.
+        # Only T_F = T_B gives that form: the V's turns then line up; otherwise simulate.
+        ok = ok and m >= 2 * p - 1 and c.f == c.b and c.w <= c.f
+        return Prediction(
+            (p - 1) * (c.f + c.b - 2 * c.w) / 2,
+            min(p, m),
+            ok and c.b >= 2 * c.w,
+            ok,
+            "m >= 2p-1, T_F = T_B, T_W <= T_F, comm = 0, and T_B >= 2 T_W for the makespan (below it "
+            "the last rank's start delay, (p-1) T_F/2, is the makespan bubble)",
+        )
     raise ValueError(f"no closed form for schedule {name!r}")
