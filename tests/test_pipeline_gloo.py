@@ -44,7 +44,7 @@ def _reference(cfg: ModelConfig, tokens: torch.Tensor, targets: torch.Tensor, sc
     return float(loss), {n: p.grad for n, p in model.named_parameters()}
 
 
-def _run_schedule(rank: int, pp: int, name: str, chunks: int, m: int) -> None:
+def _run_schedule(rank: int, pp: int, name: str, chunks: int, m: int, slices: int = 1) -> None:
     cfg = _cfg(max(4, pp * chunks))
     torch.manual_seed(0)
     data = torch.randint(0, 64, (m, MICRO, SEQ + 1))
@@ -54,8 +54,8 @@ def _run_schedule(rank: int, pp: int, name: str, chunks: int, m: int) -> None:
     ref_loss, ref_grads = _reference(cfg, tokens, targets, scale)
     n_stages = pp * chunks
     ranges = stage_ranges(split_blocks(cfg, n_stages, "uniform"))
-    layout = Layout.looped(pp, chunks)
-    schedule = SCHEDULES[name](pp, m, chunks)
+    layout = Layout.looped(pp, chunks, slices)
+    schedule = SCHEDULES[name](pp, m, chunks, *([slices] if slices > 1 else []))
     stages = {
         s: build_stage(cfg, s, ranges[s], n_stages, torch.device("cpu"), seed=3)
         for s in range(n_stages)
@@ -68,7 +68,7 @@ def _run_schedule(rank: int, pp: int, name: str, chunks: int, m: int) -> None:
         dist.group.WORLD,
         CommStats(),
         cross_entropy_sum,
-        (MICRO, SEQ, cfg.dim),
+        (MICRO, SEQ // slices, cfg.dim),
         torch.device("cpu"),
         scale=scale,
     )
@@ -85,6 +85,8 @@ def _run_schedule(rank: int, pp: int, name: str, chunks: int, m: int) -> None:
             torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-5, atol=1e-7, msg=lambda s: f"{name} {n}: {s}")
     per_mb = {s: b / m for s, b in held.per_stage.items()}  # every microbatch of a stage saves the same
     assert held.live == 0, name  # everything released by the end of the step
+    if slices > 1:  # a later slice saves more (its keys span the earlier ones): the per-microbatch walk is moot
+        return
     walked = _walk_peak(schedule[rank], per_mb)
     assert held.peak == pytest.approx(walked, rel=1e-9), (name, rank, held.peak, walked)
     if chunks == 1:  # one stage on this rank: the simulator's count times one microbatch's bytes
@@ -154,6 +156,8 @@ def _all_schedules(rank: int, world: int) -> None:
         chunks = 2 if name == "interleaved-1f1b" else 1
         _run_schedule(rank, world, name, chunks, m)
     _run_schedule(rank, world, "1f1b", 1, 1)  # fewer microbatches than stages
+    for m, slices in ((1, 4), (2, 2)):  # token slices: one sequence in four; two in two
+        _run_schedule(rank, world, "terapipe", 1, m, slices)
     dist.barrier()
 
 

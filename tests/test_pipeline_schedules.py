@@ -115,8 +115,15 @@ def test_known_figures_for_p4_m8() -> None:
         for name in SCHEDULES
     }
     assert rates == pytest.approx(
-        {"gpipe": 9 / 33, "1f1b": 9 / 33, "interleaved-1f1b": 4.5 / 28.5, "zb-h1": 3 / 27, "zb-h2": 3 / 27}
-    )
+        {
+            "gpipe": 9 / 33,
+            "1f1b": 9 / 33,
+            "interleaved-1f1b": 4.5 / 28.5,
+            "zb-h1": 3 / 27,
+            "zb-h2": 3 / 27,
+            "terapipe": 9 / 33,
+        }
+    )  # terapipe with one slice per sequence is GPipe with its backwards reversed
 
 
 def test_zb_memory_includes_pending_w_state() -> None:

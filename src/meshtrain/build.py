@@ -260,7 +260,7 @@ def _axis_group(topo: Topology, axis: str) -> dist.ProcessGroup:
 def _pipeline_plan(cfg: Config) -> PipelinePlan:
     p, t = cfg.parallel, cfg.training
     ranges = stage_ranges(split_blocks(cfg.model, p.pp * p.pp_chunks, p.pp_split))
-    schedule, layout = build_schedule(p.pp_schedule, p.pp, t.grad_accum, p.pp_chunks)
+    schedule, layout = build_schedule(p.pp_schedule, p.pp, t.grad_accum, p.pp_chunks, p.pp_slices)
     return PipelinePlan(schedule, layout, ranges)
 
 
@@ -354,11 +354,18 @@ def _pipeline_executor(
     stages = dict(zip([s for s in range(pipe.layout.num_stages) if pipe.layout.rank_of(s) == me], parts))
     # Stages exchange each cp rank's shard of the sequence (the pp group pairs equal cp and tp ranks);
     # under sequence parallelism the residual stream is sharded again by tp, 1/tp of the bytes.
-    seq = t.seq_len // p.cp // (p.tp if p.sequence_parallel else 1)
+    # A token-sliced schedule (terapipe) sends one slice at a time.
+    seq = t.seq_len // p.cp // (p.tp if p.sequence_parallel else 1) // p.pp_slices
     # One trace per stage: from the first data-parallel replica's first tp and cp rank.
     traced = topo.local_rank("dp") == 0 and topo.local_rank("tp") == 0 and topo.local_rank("cp") == 0
     trace_path = Path(cfg.logging.run_dir) / "pp_trace" / f"rank{me}.json" if traced else None
-    meta = {"schedule": p.pp_schedule, "pp": p.pp, "chunks": p.pp_chunks, "microbatches": t.grad_accum}
+    meta = {
+        "schedule": p.pp_schedule,
+        "pp": p.pp,
+        "chunks": p.pp_chunks,
+        "microbatches": t.grad_accum,
+        "slices": p.pp_slices,
+    }
     pp_group = topo.group("pp")
     if pp_group is None:
         raise ValueError("a pipeline executor needs a pipeline group (parallel.pp > 1)")
