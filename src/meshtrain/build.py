@@ -386,6 +386,6 @@ def _pipeline_executor(
         queue=queue,
         trace_path=trace_path,
         trace_meta=meta,
-        summary=f"{p.pp_schedule} over {describe_split(pipe.ranges)}",
+        summary=f"{p.pp_schedule}{f' ({p.pp_slices} token slices)' if p.pp_slices > 1 else ''} over {describe_split(pipe.ranges)}",
         prepare=prepare,
     )

@@ -1,8 +1,9 @@
-"""Gantt chart of a simulated or traced pipeline timeline."""
+"""Gantt charts of simulated or traced pipeline timelines: one, or several stacked on one time axis."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from meshtrain.pipeline.schedules import Kind
 from meshtrain.tools.simulator import SimResult
@@ -27,6 +28,11 @@ def plot_schedule(result: SimResult, path: str | Path, title: str = "") -> Path:
 
     The format follows the suffix of ``path``: .png or .svg.
     """
+    return plot_timelines([(title, result)], path)
+
+
+def plot_timelines(panels: list[tuple[str, SimResult]], path: str | Path) -> Path:
+    """One Gantt panel per (title, result), stacked on a shared time axis, as `plot_schedule` draws one."""
     path = Path(path)
     if path.suffix.lower() not in (".png", ".svg"):
         raise ValueError(f"plot path must end in .png or .svg (got {path.name!r})")
@@ -34,13 +40,22 @@ def plot_schedule(result: SimResult, path: str | Path, title: str = "") -> Path:
     # avoids pyplot's global backend state.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    span = max(r.makespan for _, r in panels) or 1.0
+    heights = [0.55 * r.pp + 1.6 for _, r in panels]
+    fig = Figure(figsize=(min(max(8.0, 0.25 * span + 3.0), 20.0), sum(heights)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(panels), 1, squeeze=False, sharex=True, height_ratios=heights)[:, 0]
+    for ax, (title, result) in zip(axes, panels):
+        _draw(ax, result, span, fig.get_figwidth() * 72 * 0.8, title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _draw(ax: Any, result: SimResult, span: float, width_pts: float, title: str) -> None:
     from matplotlib.patches import Patch
 
-    span = result.makespan or 1.0
-    fig = Figure(figsize=(min(max(8.0, 0.25 * span + 3.0), 20.0), 0.55 * result.pp + 1.6))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    width_pts = fig.get_figwidth() * 72 * 0.8
     for s in result.spans:
         chunk = s.stage // result.pp
         ax.barh(
@@ -79,6 +94,3 @@ def plot_schedule(result: SimResult, path: str | Path, title: str = "") -> Path:
     ax.set_title(f"{heading}bubble {result.bubble_rate:.1%}, peak activations {result.peak:g}", fontsize=10)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
