@@ -168,7 +168,7 @@ def _executor(
         dist.group.WORLD,
         CommStats(),
         cross_entropy_sum,
-        (1, seq // slices, cfg.dim),
+        (1, seq, cfg.dim),
         torch.device("cpu"),
         scale=1.0 / (m * seq),
     )

@@ -68,7 +68,7 @@ def _run_schedule(rank: int, pp: int, name: str, chunks: int, m: int, slices: in
         dist.group.WORLD,
         CommStats(),
         cross_entropy_sum,
-        (MICRO, SEQ // slices, cfg.dim),
+        (MICRO, SEQ, cfg.dim),
         torch.device("cpu"),
         scale=scale,
     )
@@ -86,6 +86,9 @@ def _run_schedule(rank: int, pp: int, name: str, chunks: int, m: int, slices: in
     per_mb = {s: b / m for s, b in held.per_stage.items()}  # every microbatch of a stage saves the same
     assert held.live == 0, name  # everything released by the end of the step
     if slices > 1:  # a later slice saves more (its keys span the earlier ones): the per-microbatch walk is moot
+        evaluated = ex.evaluate([Batch(x, y) for x, y in zip(tokens, targets)])  # whole sequences
+        dist.all_reduce(evaluated)
+        assert abs(float(evaluated) - ref_loss) <= 1e-5 * abs(ref_loss), (name, "evaluate", float(evaluated))
         return
     walked = _walk_peak(schedule[rank], per_mb)
     assert held.peak == pytest.approx(walked, rel=1e-9), (name, rank, held.peak, walked)

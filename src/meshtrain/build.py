@@ -354,8 +354,7 @@ def _pipeline_executor(
     stages = dict(zip([s for s in range(pipe.layout.num_stages) if pipe.layout.rank_of(s) == me], parts))
     # Stages exchange each cp rank's shard of the sequence (the pp group pairs equal cp and tp ranks);
     # under sequence parallelism the residual stream is sharded again by tp, 1/tp of the bytes.
-    # A token-sliced schedule (terapipe) sends one slice at a time.
-    seq = t.seq_len // p.cp // (p.tp if p.sequence_parallel else 1) // p.pp_slices
+    seq = t.seq_len // p.cp // (p.tp if p.sequence_parallel else 1)
     # One trace per stage: from the first data-parallel replica's first tp and cp rank.
     traced = topo.local_rank("dp") == 0 and topo.local_rank("tp") == 0 and topo.local_rank("cp") == 0
     trace_path = Path(cfg.logging.run_dir) / "pp_trace" / f"rank{me}.json" if traced else None

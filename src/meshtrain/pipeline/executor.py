@@ -72,7 +72,9 @@ class PipelineExecutor:
     group: dist.ProcessGroup
     stats: CommStats
     loss_fn: LossFn  # the last stage's: cross-entropy, or the vocab-parallel one under tensor parallelism
-    act_shape: tuple[int, ...]  # of a stage output and its gradient: the recv buffers
+    act_shape: tuple[int, ...]
+    """Of a stage output and its gradient, (batch, sequence, dim): the recv buffers. A token-sliced
+    training step receives one slice at a time, sequence / slices of it."""
     device: torch.device
     act_dtype: torch.dtype = torch.float32
     """The residual stream's dtype, which stages exchange: fp32 under autocast; bf16 when ZeRO-3
@@ -125,6 +127,8 @@ class PipelineExecutor:
         self.training = training
         self.batches = [self.prepare(with_positions(b, self.device)) for b in batches]
         self.sliced = training and self.slices > 1
+        b, seq, *rest = self.act_shape
+        self.recv_shape = (b, seq // self.slices, *rest) if self.sliced else self.act_shape
         if self.sliced:
             self.batches = [part for b in self.batches for part in slice_batch(b, self.slices)]
         self.kv: dict[Key, SliceKV] = {}  # (stage, microbatch): the keys and values its slices made
@@ -169,7 +173,7 @@ class PipelineExecutor:
             if a.kind in (Kind.SEND_F, Kind.SEND_B):
                 sends.append((self.outbox.pop((a.kind, a.stage, a.microbatch)), a.peer))
             else:
-                buf = torch.empty(self.act_shape, dtype=self.act_dtype, device=self.device)
+                buf = torch.empty(self.recv_shape, dtype=self.act_dtype, device=self.device)
                 recvs.append((buf, a.peer))
                 landed.append((a, buf))
         exchange(sends, recvs, self.group, self.stats)
