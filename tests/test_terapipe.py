@@ -10,6 +10,8 @@ test_pipeline_equivalence.py.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -24,6 +26,15 @@ from meshtrain.tools.simulator import Costs, closed_form, simulate
 
 pytestmark = pytest.mark.pure
 GRID = [(p, m, s) for p in (2, 3, 4) for m in (1, 2, 3) for s in (1, 2, 4, 8)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """The model here is tiny: a thread pool's hand-offs cost more than its arithmetic, far more on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize(("pp", "m", "slices"), GRID)
