@@ -10,8 +10,6 @@ test_pipeline_equivalence.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -24,17 +22,8 @@ from meshtrain.pipeline.schedules import SCHEDULES, Action, Kind, Layout, Schedu
 from meshtrain.tools.schedule_check import check_deadlock, validate_schedule
 from meshtrain.tools.simulator import Costs, closed_form, simulate
 
-pytestmark = pytest.mark.pure
+pytestmark = [pytest.mark.pure, pytest.mark.usefixtures("one_thread")]
 GRID = [(p, m, s) for p in (2, 3, 4) for m in (1, 2, 3) for s in (1, 2, 4, 8)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """The model here is tiny: a thread pool's hand-offs cost more than its arithmetic, far more on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize(("pp", "m", "slices"), GRID)
