@@ -412,7 +412,13 @@ def _check_slices(cfg: Config) -> None:
     # Each refusal: (field, value, is it set, why the slices cannot run with it, what to set)
     refused = (
         ("parallel.cp", p.cp, p.cp > 1, "context parallelism shards the sequence that the slices cut", "cp=1"),
-        ("parallel.tp", p.tp, p.tp > 1, "the slices' attention runs the single-device core only", "tp=1"),
+        (
+            "parallel.tp",
+            p.tp,
+            p.tp > 1,
+            "its sharded heads with kept keys and values are a path this build has not verified",
+            "tp=1",
+        ),
         (
             "parallel.zero_stage",
             p.zero_stage,
