@@ -136,7 +136,8 @@ def _peaks(spans: Sequence[Span], pp: int, share: int, frees: set[Kind]) -> tupl
 
 
 def simulate(schedule: Schedule, costs: Costs = Costs(), layout: Layout | None = None) -> SimResult:
-    """Time ``schedule`` under ``costs``; the layout is read off the schedule unless given."""
+    """Time ``schedule`` under ``costs``; the layout is read off the schedule unless given. A token-sliced
+    schedule (terapipe) needs its layout given: the actions alone do not say how many slices a unit is."""
     layout = layout or Layout.infer(schedule)
     share = layout.chunks * layout.slices
     times = dataflow_times(schedule, layout, lambda a: costs.duration(a.kind, share), costs.comm)
