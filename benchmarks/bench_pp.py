@@ -10,12 +10,19 @@ trace against the simulator fed its measured costs, and the peak in-flight activ
 counted (in full-stage microbatches) against the simulated peak, and each rank's busy time: on the
 V, rank 0 holds the embedding and the head as well as its two blocks, which the simulator fed one
 median cost per kind does not see.
-    python benchmarks/bench_pp.py [--microbatches 4] [--micro-batch 4] [--seq 128]
+
+A last row is TeraPipe against our 1F1B at a small batch of long sequences (one sequence per
+microbatch, --tera-sequences of them, --tera-seq tokens each, cut into --tera-slices slices): tokens/s,
+each one's bubble measured against simulated, and the peak bytes autograd held on each rank.
+    python benchmarks/bench_pp.py [--microbatches 4] [--micro-batch 4] [--seq 128] [--tera-slices 8] [--terapipe-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -29,7 +36,7 @@ from meshtrain.core.weight_grads import split_weight_grads
 from meshtrain.loss import cross_entropy_sum
 from meshtrain.optim import AdamW
 from meshtrain.pipeline.executor import PipelineExecutor
-from meshtrain.pipeline.schedules import SCHEDULES, Schedule, layout_of, native_chunks
+from meshtrain.pipeline.schedules import SCHEDULES, Layout, Schedule, build_schedule, layout_of, native_chunks
 from meshtrain.pipeline.stage import build_stage, split_blocks, stage_ranges
 from meshtrain.tools.simulator import from_trace, simulate
 from meshtrain.tools.trace import measured_costs
@@ -48,6 +55,13 @@ def _optimizer_step(stage: torch.nn.Module) -> callable:
 
 
 def worker(rank: int, world: int, args: argparse.Namespace) -> None:
+    if not args.terapipe_only:
+        torch_row(rank, world, args)
+    terapipe_row(rank, world, args)
+
+
+def torch_row(rank: int, world: int, args: argparse.Namespace) -> None:
+    """Our 1F1B against torch's Schedule1F1B, then ZB-V against our 1F1B and ZB-H1."""
     cfg = bench_model_config()
     m, mb, seq = args.microbatches, args.micro_batch, args.seq
     torch.manual_seed(0)
@@ -169,9 +183,113 @@ def zb_v_row(rank: int, world: int, args: argparse.Namespace, batches: list[Batc
         record(args, rows)
 
 
+class _Held:
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
+class SavedBytes:
+    """Peak bytes of the distinct storages autograd saves for backward (parameters left out)."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.static = {p.untyped_storage().data_ptr() for p in params}
+        self.refs: dict[int, int] = {}
+        self.live = self.peak = 0
+
+    def _pack(self, t: torch.Tensor) -> object:
+        key, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+        holder = _Held(t)
+        if key not in self.static:
+            if not self.refs.get(key):
+                self.live += size
+                self.peak = max(self.peak, self.live)
+            self.refs[key] = self.refs.get(key, 0) + 1
+            weakref.finalize(holder, self._release, key, size)
+        return holder
+
+    def _release(self, key: int, size: int) -> None:
+        self.refs[key] -= 1
+        if self.refs[key] == 0:
+            self.live -= size
+
+    @contextmanager
+    def watch(self) -> Iterator[None]:
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda holder: holder.tensor):
+            yield
+
+
+def _executor(
+    rank: int, world: int, name: str, m: int, slices: int, seq: int
+) -> tuple[Callable[[list[Batch]], None], PipelineExecutor, Schedule, Layout, SavedBytes]:
+    cfg = bench_model_config()
+    stage = build_stage(
+        cfg, rank, stage_ranges(split_blocks(cfg, world, "params"))[rank], world, torch.device("cpu"), 0
+    )
+    schedule, layout = build_schedule(name, world, m, 1, slices)
+    ex = PipelineExecutor(
+        {rank: stage},
+        schedule[rank],
+        layout,
+        dist.group.WORLD,
+        CommStats(),
+        cross_entropy_sum,
+        (1, seq, cfg.dim),
+        torch.device("cpu"),
+        scale=1.0 / (m * seq),
+    )
+    opt, saved = _optimizer_step(stage), SavedBytes(list(stage.parameters()))
+
+    def step(batches: list[Batch]) -> None:
+        with saved.watch():
+            ex.run(batches)
+        opt()
+
+    return step, ex, schedule, layout, saved
+
+
+def terapipe_row(rank: int, world: int, args: argparse.Namespace) -> None:
+    """TeraPipe over token slices against 1F1B over whole sequences: same sequences, same split."""
+    m, seq, slices = args.tera_sequences, args.tera_seq, args.tera_slices
+    cfg = bench_model_config()
+    torch.manual_seed(1)
+    data = torch.randint(0, cfg.vocab_size, (m, 1, seq + 1))
+    batches = [Batch(d[:, :-1], d[:, 1:]) for d in data]
+    runs = {
+        label: _executor(rank, world, name, m, n, seq)
+        for label, name, n in (("meshtrain TeraPipe", "terapipe", slices), ("meshtrain 1F1B", "1f1b", 1))
+    }
+    timings = timed_rounds({label: (lambda r=r: r[0](batches)) for label, r in runs.items()}, args.rounds, args.steps)
+    notes = []
+    for label, (step, ex, schedule, layout, saved) in runs.items():
+        saved.peak = saved.live = 0
+        step(batches)  # the traced step
+        traces, peaks = [None] * world, [0] * world
+        dist.all_gather_object(traces, ex.trace)
+        dist.all_gather_object(peaks, saved.peak)
+        measured = from_trace(traces, chunks=1, slices=layout.slices)
+        predicted = simulate(schedule, measured_costs(traces, layout.slices), layout)
+        notes.append(
+            f"{label}: bubble measured {measured.bubble_rate:.1%}, simulated {predicted.bubble_rate:.1%}; "
+            f"peak saved activations {', '.join(f'{p / 2**20:.1f}' for p in peaks)} MiB by rank"
+        )
+    if rank == 0:
+        print(f"TeraPipe: {world} stages x {m} sequence(s) of {seq} tokens, {slices} slices each")
+        for note in notes:
+            print(note)
+        record(
+            args, [ratio("PP (TeraPipe)", timings, "meshtrain TeraPipe", "meshtrain 1F1B", m * seq, "; ".join(notes))]
+        )
+
+
 def main() -> None:
     p = bench_parser(__doc__, steps=4, micro_batch=4)
     p.add_argument("--microbatches", type=int, default=4)
+    p.add_argument("--terapipe-only", action="store_true", help="skip the row against torch's Schedule1F1B")
+    p.add_argument("--tera-sequences", type=int, default=2, help="sequences per step in the TeraPipe row")
+    p.add_argument(
+        "--tera-seq", type=int, default=256, help="tokens per sequence in the TeraPipe row (the model window)"
+    )
+    p.add_argument("--tera-slices", type=int, default=8, help="token slices per sequence in the TeraPipe row")
     spawn(worker, 2, p.parse_args())
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from meshtrain.generate import CachedLogits, Sampling, filter_logits, generate, 
 from meshtrain.model import Llama, build_model
 from meshtrain.model.kv_cache import KVCache
 
-pytestmark = pytest.mark.pure
+pytestmark = [pytest.mark.pure, pytest.mark.usefixtures("one_thread")]
 CPU = torch.device("cpu")
 TINY = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 16, "max_seq_len": 32, "init_std": 0.1}
 CONFIGS = {
@@ -51,16 +50,6 @@ def greedy_reference(model: Llama, ids: list[int], n: int) -> list[int]:
         for _ in range(n):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     return ids
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Models this small run faster on one thread: a pool's hand-offs cost more than the arithmetic,
-    and far more on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

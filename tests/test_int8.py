@@ -19,22 +19,13 @@ from meshtrain.generate import Sampling, generate
 from meshtrain.model import Llama, build_model
 from meshtrain.model import int8 as q8
 
-pytestmark = pytest.mark.pure
+pytestmark = [pytest.mark.pure, pytest.mark.usefixtures("one_thread")]
 SMALL = ModelConfig(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=64)
 SEQ = 32
 PROJECTIONS = [f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.{p}_proj" for p in ("gate", "up", "down")]
 """One block's linear layers, in the model's order: what quantize_model converts."""
 OUTLIERS = (3, 20, 41)
 """The features made outliers in the model test."""
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Matrices this small run faster on one thread (a pool's hand-offs cost more than the arithmetic)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def oracle(x: torch.Tensor, w: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Pipelined layouts train to the single-device losses: every schedule, with DP, TP (+ SP) and
-recomputation, a custom CSV schedule; every rank (every stage) sends and holds what the planner
+"""Pipelined layouts train to the single-device losses: every schedule (terapipe's token slices too),
+with DP, TP (+ SP) and recomputation, a custom CSV schedule; every rank (every stage) sends and holds what the planner
 predicts; traces that the schedule tool reads; checkpoints that cross between pipelined and plain runs.
 
 The runs train in one pool of real gloo ranks (tests/dist_utils.py). Layer-level checks of each
@@ -36,6 +36,7 @@ LAYOUTS = {  # name: (nproc, overrides)
     "pp2-tp2-sp-interleaved": (4, [*PP_TP, SP, "parallel.pp_chunks=2", "parallel.pp_schedule=interleaved-1f1b"]),
     "pp2-dp2-tp2-sp-zb": (8, [*PP_TP, SP, "parallel.pp_schedule=zb-h1", "checkpoint.interval=2"]),  # 3-D mesh, B/W
     "pp2-zb-v": (2, ["parallel.pp=2", "parallel.pp_chunks=2", "parallel.pp_schedule=zb-v"]),  # the V: 4 stages
+    "pp2-dp2-terapipe": (4, ["parallel.pp=2", "parallel.pp_schedule=terapipe", "parallel.pp_slices=4"]),  # token slices
 }
 ZB_V = ["parallel.pp_chunks=2", "parallel.pp_schedule=zb-v", "training.global_batch=16", "model.n_layers=8"]
 """pp4 ZB-V: 8 stages (one block each) and 8 >= 2p-1 microbatches, against its own 8-block single run."""
@@ -109,7 +110,7 @@ def test_reported_traffic_is_what_torch_distributed_was_handed(layout: str, runs
     )
 
 
-@pytest.mark.parametrize("layout", ["pp2v2-dp2-interleaved", "pp4-zb-h2", "pp2-dp2-tp2-sp-zb"])
+@pytest.mark.parametrize("layout", ["pp2v2-dp2-interleaved", "pp4-zb-h2", "pp2-dp2-tp2-sp-zb", "pp2-dp2-terapipe"])
 def test_runs_leave_a_trace_the_schedule_tool_measures(layout: str, runs: dict, tmp_path: Path) -> None:
     run, _ = runs[layout]
     pp = 4 if "pp4" in layout else 2

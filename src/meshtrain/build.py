@@ -260,7 +260,7 @@ def _axis_group(topo: Topology, axis: str) -> dist.ProcessGroup:
 def _pipeline_plan(cfg: Config) -> PipelinePlan:
     p, t = cfg.parallel, cfg.training
     ranges = stage_ranges(split_blocks(cfg.model, p.pp * p.pp_chunks, p.pp_split))
-    schedule, layout = build_schedule(p.pp_schedule, p.pp, t.grad_accum, p.pp_chunks)
+    schedule, layout = build_schedule(p.pp_schedule, p.pp, t.grad_accum, p.pp_chunks, p.pp_slices)
     return PipelinePlan(schedule, layout, ranges)
 
 
@@ -358,7 +358,13 @@ def _pipeline_executor(
     # One trace per stage: from the first data-parallel replica's first tp and cp rank.
     traced = topo.local_rank("dp") == 0 and topo.local_rank("tp") == 0 and topo.local_rank("cp") == 0
     trace_path = Path(cfg.logging.run_dir) / "pp_trace" / f"rank{me}.json" if traced else None
-    meta = {"schedule": p.pp_schedule, "pp": p.pp, "chunks": p.pp_chunks, "microbatches": t.grad_accum}
+    meta = {
+        "schedule": p.pp_schedule,
+        "pp": p.pp,
+        "chunks": p.pp_chunks,
+        "microbatches": t.grad_accum,
+        "slices": p.pp_slices,
+    }
     pp_group = topo.group("pp")
     if pp_group is None:
         raise ValueError("a pipeline executor needs a pipeline group (parallel.pp > 1)")
@@ -379,6 +385,6 @@ def _pipeline_executor(
         queue=queue,
         trace_path=trace_path,
         trace_meta=meta,
-        summary=f"{p.pp_schedule} over {describe_split(pipe.ranges)}",
+        summary=f"{p.pp_schedule}{f' ({p.pp_slices} token slices)' if p.pp_slices > 1 else ''} over {describe_split(pipe.ranges)}",
         prepare=prepare,
     )

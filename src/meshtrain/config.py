@@ -109,9 +109,11 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel degree: number of pipeline stages."""
     pp_schedule: str = "1f1b"
-    """Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-h2, zb-v (needs pp_chunks=2), or a path to your own schedule as a .csv file (see `meshtrain schedule --csv-out`)."""
+    """Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-h2, zb-v (needs pp_chunks=2), terapipe (token slices, see pp_slices), or a path to your own schedule as a .csv file (see `meshtrain schedule --csv-out`)."""
     pp_chunks: int = 1
     """Virtual stages per pipeline rank (v) for interleaved schedules; zb-v needs 2."""
+    pp_slices: int = 1
+    """Token slices per sequence for pp_schedule=terapipe (TeraPipe): each stage runs slice j after slice j-1 of the same sequence, attending to the keys and values it kept; must divide training.seq_len."""
     pp_split: str = "params"
     """How blocks are cut into pp * pp_chunks stages: params (balanced by parameter count, embedding and head included), uniform, or explicit block counts such as "2,1,1"."""
     cp: int = 1

@@ -20,6 +20,7 @@ from meshtrain.hf.config import hf_dir, read_hf_config
 from meshtrain.hf.files import expected_params, header_shapes, missing_or_misshaped
 from meshtrain.pipeline.schedules import (
     SCHEDULES,
+    SLICED,
     V_SHAPED,
     ScheduleError,
     build_schedule,
@@ -69,6 +70,7 @@ POSITIVE = (
     "parallel.tp",
     "parallel.pp",
     "parallel.pp_chunks",
+    "parallel.pp_slices",
     "parallel.cp",
     "parallel.ep",
     "parallel.diloco",
@@ -356,7 +358,7 @@ def _check_pipeline(cfg: Config) -> None:
     p, m, t = cfg.parallel, cfg.model, cfg.training
     if p.pp == 1:
         defaults = ParallelConfig()
-        for key in ("pp_chunks", "pp_schedule", "pp_split"):
+        for key in ("pp_chunks", "pp_schedule", "pp_split", "pp_slices"):
             if getattr(p, key) != getattr(defaults, key):
                 raise ConfigError(
                     f"parallel.{key}={getattr(p, key)!r} has no effect with parallel.pp=1; set "
@@ -395,6 +397,60 @@ def _check_pipeline(cfg: Config) -> None:
             raise ConfigError(
                 f"parallel.pp_split={p.pp_split!r} must be params, uniform, or {p.pp * p.pp_chunks} "
                 f"positive block counts summing to model.n_layers={m.n_layers}"
+            )
+
+
+def _check_slices(cfg: Config) -> None:
+    """Token-level pipelining (terapipe): its slices divide the sequence, and it runs under plain pp and dp."""
+    p, t, m = cfg.parallel, cfg.training, cfg.model
+    if p.pp_schedule not in SLICED:
+        if p.pp_slices != 1:
+            raise ConfigError(
+                f"parallel.pp_slices={p.pp_slices} needs parallel.pp_schedule=terapipe (got {p.pp_schedule!r}); "
+                "set pp_slices=1 or pp_schedule=terapipe"
+            )
+        return
+    if t.seq_len % p.pp_slices:
+        raise ConfigError(
+            f"parallel.pp_slices={p.pp_slices} must divide training.seq_len={t.seq_len} (every slice has "
+            "the same length); change pp_slices or seq_len"
+        )
+    # Each refusal: (field, value, is it set, why the slices cannot run with it, what to set)
+    refused = (
+        ("parallel.cp", p.cp, p.cp > 1, "context parallelism shards the sequence that the slices cut", "cp=1"),
+        (
+            "parallel.tp",
+            p.tp,
+            p.tp > 1,
+            "its sharded heads with kept keys and values are a path this build has not verified",
+            "tp=1",
+        ),
+        (
+            "parallel.zero_stage",
+            p.zero_stage,
+            p.zero_stage == 3,
+            "ZeRO-3 gathers each block once per slice, a path this build has not verified",
+            "zero_stage<=2",
+        ),
+        (
+            "model.n_experts",
+            m.n_experts,
+            m.n_experts > 0,
+            "expert routing and its balancing are per whole sequence",
+            "n_experts=0",
+        ),
+        (
+            "training.activation_checkpointing",
+            t.activation_checkpointing,
+            t.activation_checkpointing != "none",
+            "recomputing a block would store its slice's keys and values twice",
+            "activation_checkpointing=none",
+        ),
+    )
+    for field, value, on, why, fix in refused:
+        if on:
+            raise ConfigError(
+                f"parallel.pp_schedule={p.pp_schedule} with {field}={value!r} is not supported ({why}); set {fix}"
             )
 
 
@@ -528,6 +584,7 @@ def validate(cfg: Config, world_size: int, local_world: int = 0) -> Config:
     _check_context(cfg)
     _check_experts(cfg)
     _check_pipeline(cfg)
+    _check_slices(cfg)
     _check_zero(cfg)
     check_zeropp(cfg, local_world or world_size)
     check_onebit_adam(cfg)

@@ -7,6 +7,13 @@ of them. The cache is passed as `Llama.forward(tokens, cache=...)`; training nev
 
 Buffers are allocated on a block's first write, with the shape, dtype and device of what it writes:
 grouped-query attention stores its n_kv_heads heads, not the query heads.
+
+`SliceKV` is the training counterpart, for token-level pipelining (the terapipe schedule): a
+sequence's slices run forward one after another, each attending to the keys and values of the
+slices before it, and backward in reverse. Each slice's keys and values are kept twice: as computed
+(in the autograd graph, for that slice's own backward) and detached as gradient leaves that later
+slices attend to, so that their backwards leave the keys' and values' gradients on the leaves.
+The slice's backward then runs from its output and its keys and values at once (`pop_slice`).
 """
 
 from __future__ import annotations
@@ -61,6 +68,52 @@ class KVCache:
     def reset(self) -> None:
         """Forget every position; the buffers stay allocated and are overwritten by the next prefill."""
         self.length = 0
+
+
+class SliceLayer(LayerCache):
+    """One block's keys and values of a sequence's slices so far: as made, and as gradient leaves."""
+
+    def __init__(self, owner: KVCache) -> None:
+        super().__init__(owner)
+        self.made: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.leaves: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep this slice's k, v (b, h_kv, s, d); return the earlier slices' leaves and them, concatenated."""
+        keys = torch.cat([*(lk for lk, _ in self.leaves), k], dim=2)
+        values = torch.cat([*(lv for _, lv in self.leaves), v], dim=2)
+        self.made.append((k, v))
+        self.leaves.append((k.detach().requires_grad_(), v.detach().requires_grad_()))
+        return keys, values
+
+
+class SliceKV(KVCache):
+    """A training sequence's keys and values, slice by slice, for every block of a model (or stage).
+
+    Pass it as `Llama.forward(slice_tokens, cache=kv)` for slices 0, 1, ... in order: positions
+    continue from the slices before. Backward goes in reverse: `pop_slice` hands over the newest
+    slice's keys and values with the gradients later slices left on them."""
+
+    def __init__(self, max_len: int) -> None:
+        super().__init__(max_len)
+        self.slices: dict[str, SliceLayer] = {}
+
+    def layer(self, name: str) -> SliceLayer:
+        if name not in self.slices:
+            self.slices[name] = self.layers[name] = SliceLayer(self)
+        return self.slices[name]
+
+    def pop_slice(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The newest slice's keys and values as made, and the gradients their leaves received (only
+        those that have one: nothing attended to the last slice's), forgetting that slice."""
+        made: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        for block in self.slices.values():
+            for tensor, leaf in zip(block.made.pop(), block.leaves.pop()):
+                if leaf.grad is not None:
+                    made.append(tensor)
+                    grads.append(leaf.grad)
+        return made, grads
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,13 @@ under no_grad, each stage input dropped once its forward has run. Gradients are 
 step, after the last microbatch (the engine's set_sync(False) for the whole step, then finish()).
 With `trace_path` set it records every compute action's (kind, stage, microbatch, start, end) and,
 at close(), writes the last step's to that file; meshtrain.tools.trace reads it back.
+
+Token slices (the terapipe schedule, `Layout.slices` > 1): a training step cuts every micro-batch
+into slices along the sequence and the actions name units (slice j of microbatch i is unit
+i*slices + j). Each stage keeps a sequence's keys and values (meshtrain.model.kv_cache.SliceKV)
+from its first slice's forward to its first slice's backward: a slice attends to the earlier ones,
+and its backward runs from its output and its keys and values together, with the gradients the
+later slices' backwards left on them. Evaluation runs whole sequences (the layout without slices).
 """
 
 from __future__ import annotations
@@ -34,17 +41,27 @@ from meshtrain.accounting import CommStats
 from meshtrain.core.engine import GradEngine
 from meshtrain.core.runner import Autocast, Batch, BatchTransform, LossFn, keep_batch, with_positions
 from meshtrain.core.weight_grads import WeightGradQueue
+from meshtrain.model.kv_cache import SliceKV
 from meshtrain.pipeline.comm import exchange
 from meshtrain.pipeline.schedules import Action, Kind, Layout, TraceRecord, forward_only, group_steps
 
 Key = tuple[int, int]  # (virtual stage, microbatch)
 
 
-def _backward(output: torch.Tensor, grad: torch.Tensor | None) -> None:
+def _backward(outputs: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
     # The engine call underneath torch.autograd.backward, minus its shape check: the output's
     # storage may already have been released after it was sent (Megatron does the same).
-    grads = (grad,) if grad is not None else (torch.ones_like(output),)
-    torch.autograd.graph._engine_run_backward((output,), grads, False, False, (), True, True)
+    filled = tuple(torch.ones_like(o) if g is None else g for o, g in zip(outputs, grads))
+    torch.autograd.graph._engine_run_backward(tuple(outputs), filled, False, False, (), True, True)
+
+
+def slice_batch(batch: Batch, slices: int) -> list[Batch]:
+    """A micro-batch cut along the sequence into `slices` equal, consecutive token slices."""
+    if batch.positions is None:
+        raise ValueError("slice_batch needs a batch with explicit positions (runner.with_positions)")
+    width = batch.tokens.shape[1] // slices
+    cuts = [slice(j * width, (j + 1) * width) for j in range(slices)]
+    return [Batch(batch.tokens[:, c], batch.targets[:, c], batch.positions[c]) for c in cuts]
 
 
 @dataclass
@@ -55,7 +72,9 @@ class PipelineExecutor:
     group: dist.ProcessGroup
     stats: CommStats
     loss_fn: LossFn  # the last stage's: cross-entropy, or the vocab-parallel one under tensor parallelism
-    act_shape: tuple[int, ...]  # of a stage output and its gradient: the recv buffers
+    act_shape: tuple[int, ...]
+    """Of a stage output and its gradient, (batch, sequence, dim): the recv buffers. A token-sliced
+    training step receives one slice at a time, sequence / slices of it."""
     device: torch.device
     act_dtype: torch.dtype = torch.float32
     """The residual stream's dtype, which stages exchange: fp32 under autocast; bf16 when ZeRO-3
@@ -81,6 +100,8 @@ class PipelineExecutor:
         self.last = self.layout.num_stages - 1
         self.me = dist.get_rank(self.group)
         self.steps = group_steps(self.actions)
+        self.slices = self.layout.slices
+        self.whole = Layout(self.layout.pp, self.layout.ranks)  # evaluation's: whole sequences
 
     # ---- the StepRunner contract (meshtrain.core.runner) ----------------------------------------
     def run(self, batches: list[Batch]) -> torch.Tensor:
@@ -94,7 +115,7 @@ class PipelineExecutor:
         """The forward-only schedule (schedules.forward_only) over `batches`, under no_grad: this rank's
         summed token loss (nonzero on the last stage only). The trace and in-flight peak stay the step's."""
         if len(batches) not in self.eval_plans:
-            actions = forward_only(self.layout, len(batches))[self.me]
+            actions = forward_only(self.whole, len(batches))[self.me]
             self.eval_plans[len(batches)] = (actions, group_steps(actions))
         actions, steps = self.eval_plans[len(batches)]
         with torch.no_grad():
@@ -105,6 +126,12 @@ class PipelineExecutor:
     ) -> torch.Tensor:
         self.training = training
         self.batches = [self.prepare(with_positions(b, self.device)) for b in batches]
+        self.sliced = training and self.slices > 1
+        b, seq, *rest = self.act_shape
+        self.recv_shape = (b, seq // self.slices, *rest) if self.sliced else self.act_shape
+        if self.sliced:
+            self.batches = [part for b in self.batches for part in slice_batch(b, self.slices)]
+        self.kv: dict[Key, SliceKV] = {}  # (stage, microbatch): the keys and values its slices made
         self.inputs: dict[Key, torch.Tensor] = {}
         self.outputs: dict[Key, torch.Tensor] = {}
         self.grads: dict[Key, torch.Tensor] = {}
@@ -122,7 +149,7 @@ class PipelineExecutor:
                 self.trace.append((acts[0].kind.value, acts[0].stage, acts[0].microbatch, start, time.perf_counter()))
             else:
                 self._compute(acts[0])
-        if self.inputs or self.outputs or self.grads or self.outbox or any(self.deferred.values()):
+        if self.inputs or self.outputs or self.grads or self.outbox or self.kv or any(self.deferred.values()):
             raise RuntimeError("pipeline schedule left work undone: it does not cover every microbatch")
         return self.loss_sum
 
@@ -146,7 +173,7 @@ class PipelineExecutor:
             if a.kind in (Kind.SEND_F, Kind.SEND_B):
                 sends.append((self.outbox.pop((a.kind, a.stage, a.microbatch)), a.peer))
             else:
-                buf = torch.empty(self.act_shape, dtype=self.act_dtype, device=self.device)
+                buf = torch.empty(self.recv_shape, dtype=self.act_dtype, device=self.device)
                 recvs.append((buf, a.peer))
                 landed.append((a, buf))
         exchange(sends, recvs, self.group, self.stats)
@@ -177,7 +204,11 @@ class PipelineExecutor:
         # a forward-only pass has no backward to hand the input's gradient to: the input goes now
         x = batch.tokens if stage == 0 else self.inputs[key] if self.training else self.inputs.pop(key)
         with self.autocast():
-            out = self.stages[stage](x, batch.positions)
+            if self.sliced:  # positions continue from the sequence's earlier slices, kept with their keys
+                kv = self.kv.setdefault((stage, mb // self.slices), SliceKV(x.shape[1] * self.slices))
+                out = self.stages[stage](x, cache=kv)
+            else:
+                out = self.stages[stage](x, batch.positions)
         if stage == self.last:
             loss = self.loss_fn(out, batch.targets)
             self.loss_sum += loss.detach().double().cpu()
@@ -189,19 +220,27 @@ class PipelineExecutor:
         if not self.training:
             return
         self.outputs[key] = out
-        self.inflight += 1 / self.layout.chunks
+        self.inflight += 1 / (self.layout.chunks * self.slices)
         self.peak_inflight = max(self.peak_inflight, self.inflight)
 
     def _backward(self, key: Key, split: bool) -> None:
         stage, mb = key
         out = self.outputs.pop(key)
-        grad = None if stage == self.last else self.grads.pop(key)
+        outputs: list[torch.Tensor] = [out]
+        grads: list[torch.Tensor | None] = [None if stage == self.last else self.grads.pop(key)]
+        if self.sliced:  # this slice's keys and values, with what the later slices' backwards gave them
+            kv = self.kv[(stage, mb // self.slices)]
+            made, kv_grads = kv.pop_slice()
+            outputs.extend(made)
+            grads.extend(kv_grads)
+            if mb % self.slices == 0:  # the sequence's first slice: nothing of it is needed any more
+                del self.kv[(stage, mb // self.slices)]
         self.queue.target = self.deferred[key] if split else None
         try:
-            _backward(out, grad)
+            _backward(outputs, grads)
         finally:
             self.queue.target = None
-        self.inflight -= 1 / self.layout.chunks
+        self.inflight -= 1 / (self.layout.chunks * self.slices)
         if stage == 0:
             return
         grad_in = self.inputs.pop(key).grad

@@ -14,6 +14,12 @@ A comm action's ``stage`` is the stage whose compute *produced* the tensor, on b
   ``s-1``, where ``RECV_B(s, i, peer)`` receives it for ``B``/``BW(s-1, i)``.
 * Stages on the same rank hand tensors over locally: no message.
 
+Token slices (TeraPipe): when the `Layout` says each sequence is cut into ``slices`` slices, an
+action's microbatch index is a unit ``i*slices + j``: slice j of microbatch i, sent and received like
+any microbatch. `needs` then also orders the slices of one sequence on each stage (forward j after
+j-1, backward j-1 after j), so the checker, the simulator and `add_comms` see the keys and values
+that a stage keeps from one slice for the next.
+
 Execution contract (what an executor must do, and what meshtrain.tools.schedule_check simulates):
 
 1. Each rank executes its list in order, one action at a time.
@@ -94,22 +100,26 @@ Key = tuple[Kind, int, int]  # (F|B|W, stage, microbatch): a piece of compute th
 
 @dataclass(frozen=True)
 class Layout:
-    """Which rank holds each virtual stage: ``ranks[s]`` is the rank of stage ``s``."""
+    """Which rank holds each virtual stage: ``ranks[s]`` is the rank of stage ``s``; and how many
+    token slices each sequence is cut into (TeraPipe; 1 for microbatch schedules)."""
 
     pp: int
     ranks: tuple[int, ...]
+    slices: int = 1
+    """Token slices per microbatch. Above 1 an action's microbatch index is a *unit* ``u = i*slices + j``
+    (slice j of microbatch i), and `needs` adds the slices' order on each stage."""
 
     def __post_init__(self) -> None:
-        if self.pp < 1:
-            raise ValueError(f"pp must be at least 1 (got {self.pp})")
+        if self.pp < 1 or self.slices < 1:
+            raise ValueError(f"pp and slices must be at least 1 (got {self.pp}, {self.slices})")
         held = [self.ranks.count(r) for r in range(self.pp)]
         if len(self.ranks) == 0 or len(set(held)) != 1 or sum(held) != len(self.ranks):
             raise ValueError(f"every rank 0..{self.pp - 1} must hold the same number of stages (got {held})")
 
     @classmethod
-    def looped(cls, pp: int, chunks: int = 1) -> Layout:
+    def looped(cls, pp: int, chunks: int = 1, slices: int = 1) -> Layout:
         """Megatron's interleaved placement: stage s on rank s % pp."""
-        return cls(pp, tuple(s % pp for s in range(pp * chunks)))
+        return cls(pp, tuple(s % pp for s in range(pp * chunks)), slices)
 
     @classmethod
     def v(cls, pp: int) -> Layout:
@@ -154,13 +164,19 @@ def stage_to_rank(schedule_name: str, pp: int, chunks: int = 1) -> Callable[[int
     return layout_of(schedule_name, pp, chunks).rank_of
 
 
-def needs(a: Action, num_stages: int) -> list[Key]:
-    """The compute that must have finished before ``a`` may start."""
+def needs(a: Action, num_stages: int, slices: int = 1) -> list[Key]:
+    """The compute that must have finished before ``a`` may start.
+
+    With token slices (``a.microbatch`` a unit, see `Layout.slices`) a stage's forward of slice j
+    attends to the keys and values its forward of slice j-1 made, and its backward of slice j-1
+    takes the gradient of those keys and values from the backward of slice j."""
     s, i = a.stage, a.microbatch
+    later = i + 1 if (i + 1) % slices else None  # the next slice of the same sequence
     if a.kind == Kind.F:
-        return [(Kind.F, s - 1, i)] if s > 0 else []
+        return ([(Kind.F, s - 1, i)] if s > 0 else []) + ([(Kind.F, s, i - 1)] if i % slices else [])
     if a.kind in (Kind.B, Kind.BW):
-        return [(Kind.F, s, i)] + ([(Kind.B, s + 1, i)] if s + 1 < num_stages else [])
+        deps = [(Kind.F, s, i)] + ([(Kind.B, s + 1, i)] if s + 1 < num_stages else [])
+        return deps + ([(Kind.B, s, later)] if later is not None else [])
     if a.kind == Kind.W:
         return [(Kind.B, s, i)]
     return []
@@ -220,7 +236,7 @@ def dataflow_times(
         if len(times[rank]) == len(schedule[rank]):
             return False
         a = schedule[rank][len(times[rank])]
-        deps = needs(a, layout.num_stages)
+        deps = needs(a, layout.num_stages, layout.slices)
         if any(d not in done for d in deps):
             return False
         ready = [done[d][0] + (latency if done[d][1] != rank else 0.0) for d in deps]
@@ -234,7 +250,7 @@ def dataflow_times(
     if stuck:
         waits = "; ".join(
             f"rank {r} waits at {a} for "
-            + ", ".join(str(Action(*key)) for key in needs(a, layout.num_stages) if key not in done)
+            + ", ".join(str(Action(*key)) for key in needs(a, layout.num_stages, layout.slices) if key not in done)
             for r, a in stuck[:3]
         )
         raise ScheduleError(f"dependency deadlock (orders wait on each other): {waits}")
@@ -442,6 +458,23 @@ def _zb_v_rank(a: int, b: int, pp: int, n: int) -> list[Action]:
     return order
 
 
+def terapipe(pp: int, microbatches: int, chunks: int = 1, slices: int = 1) -> Schedule:
+    """TeraPipe (Li et al., 2021): each sequence cut into ``slices`` token slices that flow through
+    the stages like microbatches, GPipe-style: every rank runs all forwards in order (sequence by
+    sequence, slice by slice), then every fused backward in reverse, last slice first, since each
+    slice's backward hands the gradient of the keys and values it attended to back to earlier
+    slices. Actions name units ``i*slices + j``; the layout must carry the same ``slices``."""
+    _check_sizes("terapipe", pp, microbatches, chunks)
+    if slices < 1:
+        raise ValueError(f"terapipe needs slices >= 1 (got {slices})")
+    units = microbatches * slices
+    compute = [
+        [Action(Kind.F, r, u) for u in range(units)] + [Action(Kind.BW, r, u) for u in reversed(range(units))]
+        for r in range(pp)
+    ]
+    return add_comms(compute, Layout.looped(pp, 1, slices))
+
+
 SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "gpipe": gpipe,
     "1f1b": one_f_one_b,
@@ -449,7 +482,11 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "zb-h1": zb_h1,
     "zb-h2": zb_h2,
     "zb-v": zb_v,
+    "terapipe": terapipe,
 }
+# Schedules whose units are token slices of a microbatch (parallel.pp_slices of them): their
+# generator takes the slice count, and their layout carries it.
+SLICED = frozenset({"terapipe"})
 # Schedules with W actions: their weight gradients are accumulated outside autograd (split_backward.py),
 # so no post-accumulate-grad hook sees them.
 SPLIT_BACKWARD = frozenset({"zb-h1", "zb-h2", "zb-v"})
@@ -467,8 +504,13 @@ def is_custom(name: str) -> bool:
     return name.endswith(".csv")
 
 
-def build_schedule(name: str, pp: int, microbatches: int, chunks: int = 1) -> tuple[Schedule, Layout]:
-    """A built-in schedule, or a user's CSV (send/recv actions added when it lists only computes)."""
+def build_schedule(name: str, pp: int, microbatches: int, chunks: int = 1, slices: int = 1) -> tuple[Schedule, Layout]:
+    """A built-in schedule, or a user's CSV (send/recv actions added when it lists only computes).
+    ``slices`` is for the SLICED schedules only; every other one runs whole microbatches."""
+    if name in SLICED:
+        return SCHEDULES[name](pp, microbatches, chunks, slices), Layout.looped(pp, chunks, slices)
+    if slices != 1:
+        raise ValueError(f"schedule {name!r} runs whole microbatches; slices={slices} needs one of {', '.join(SLICED)}")
     if not is_custom(name):
         return SCHEDULES[name](pp, microbatches, chunks), layout_of(name, pp, chunks)
     schedule = from_csv(name)

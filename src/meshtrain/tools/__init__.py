@@ -10,6 +10,7 @@
 - tp_diagram.py      the tensor-parallel block diagram in docs/img
 - cp_diagram.py      which rank computes which attention block at which ring step (docs/img)
 - diloco_diagram.py  DiLoCo's outer syncs over the inner steps, plain, streaming and overlapped (docs/img)
+- terapipe_diagram.py  TeraPipe's token slices against 1F1B and GPipe at one long sequence (docs/img)
 - moe_plot.py        expert load over steps, a heat map per MoE layer, from a run's metrics
 - metrics_plot.py    `meshtrain plot`: a run's loss, throughput, memory and traffic as PNGs
 - tokenizer_cli.py   `meshtrain tokenizer train`: a byte-level BPE tokenizer.json from a corpus

@@ -1,4 +1,4 @@
-"""Gantt chart of a simulated or traced pipeline timeline."""
+"""Gantt charts of simulated or traced pipeline timelines: one, or several stacked on one time axis."""
 
 from __future__ import annotations
 

@@ -131,7 +131,7 @@ def _check_local_order(schedule: Schedule, layout: Layout, position: Position) -
     """Dependencies held by the same rank must come earlier in that rank's list."""
     for rank, actions in enumerate(schedule):
         for idx, a in enumerate(actions):
-            for dep_rank, dep_idx in (position[dep] for dep in needs(a, layout.num_stages)):
+            for dep_rank, dep_idx in (position[dep] for dep in needs(a, layout.num_stages, layout.slices)):
                 if dep_rank == rank and dep_idx > idx:
                     raise ScheduleError(f"on rank {rank}, {a} comes before {actions[dep_idx]}, which it depends on")
 

@@ -7,7 +7,7 @@ import difflib
 import sys
 from typing import Any
 
-from meshtrain.pipeline.schedules import SCHEDULES, V_SHAPED, Schedule, build_schedule, layout_of, native_chunks, to_csv
+from meshtrain.pipeline.schedules import SCHEDULES, V_SHAPED, Layout, Schedule, build_schedule, native_chunks, to_csv
 from meshtrain.tools.schedule_check import validate_schedule
 from meshtrain.tools.simulator import Costs, Prediction, SimResult, closed_form, simulate
 
@@ -27,6 +27,7 @@ examples:
   meshtrain schedule --pp 4 --microbatches 8 --schedule zb-h1 --costs 2,2,1 --csv-out zb.csv
   meshtrain schedule --pp 4 --microbatches 8 --schedule zb-v --out zb-v.png
   meshtrain schedule --csv-in zb.csv --costs 2,2,1 --out zb.svg
+  meshtrain schedule --pp 4 --microbatches 1 --schedule terapipe --slices 8 --out tera.png
 """
 
 
@@ -46,6 +47,12 @@ def add_parser(subparsers: Any) -> None:
         "--chunks",
         type=int,
         help="virtual stages per rank: interleaved-1f1b's choice (default 1); the V schedules (zb-v) always run 2",
+    )
+    parser.add_argument(
+        "--slices",
+        type=int,
+        default=1,
+        help="token slices per sequence, terapipe only (default 1); costs stay per sequence",
     )
     parser.add_argument("--costs", default="1,1,1", help="T_F,T_B,T_W per microbatch and full stage (default 1,1,1)")
     parser.add_argument("--comm", type=float, default=0.0, help="latency of one point-to-point message (default 0)")
@@ -71,9 +78,10 @@ def run(args: argparse.Namespace) -> int:
         return _run_trace(args)
     try:
         costs = Costs.parse(args.costs, args.comm)
-        schedule, name, chunks, microbatches = _load(args)
-        result = simulate(schedule, costs)
-        prediction = closed_form(name, len(schedule), microbatches, chunks, costs) if name else None
+        schedule, layout, name, microbatches = _load(args)
+        chunks = layout.chunks
+        result = simulate(schedule, costs, layout)
+        prediction = closed_form(name, len(schedule), microbatches, chunks, costs, layout.slices) if name else None
         if args.csv_out:
             to_csv(schedule, args.csv_out)
         if args.out:
@@ -81,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
             title = f"{name or args.csv_in}: pp={len(schedule)}, m={microbatches}"
             title += f", v={chunks}" if chunks > 1 else ""
+            title += f", {layout.slices} slices" if layout.slices > 1 else ""
             plot_schedule(result, args.out, title)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -89,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace) -> tuple[Schedule, str | None, int, int]:
-    """The validated schedule, its built-in name (if any), chunks and microbatch count."""
+def _load(args: argparse.Namespace) -> tuple[Schedule, Layout, str | None, int]:
+    """The validated schedule, its layout, its built-in name (if any) and microbatch count."""
     name = args.schedule
     if name is not None and name not in SCHEDULES:
         close = difflib.get_close_matches(name, SCHEDULES, n=1)
@@ -103,7 +112,7 @@ def _load(args: argparse.Namespace) -> tuple[Schedule, str | None, int, int]:
             if given is not None and given != found:
                 raise ValueError(f"{flag} {given} disagrees with {args.csv_in}, which has {found}")
         validate_schedule(schedule, layout.pp, layout.chunks, microbatches, layout)
-        return schedule, name, layout.chunks, microbatches
+        return schedule, layout, name, microbatches
     missing = [
         flag
         for flag, value in (("--pp", args.pp), ("--microbatches", args.microbatches), ("--schedule", name))
@@ -114,13 +123,14 @@ def _load(args: argparse.Namespace) -> tuple[Schedule, str | None, int, int]:
     chunks = native_chunks(name, args.chunks)
     if name in V_SHAPED and args.chunks not in (None, chunks):
         raise ValueError(f"--schedule {name} runs {chunks} chunks per rank (a V); drop --chunks {args.chunks}")
-    if args.pp < 1 or args.microbatches < 1 or chunks < 1:
+    if min(args.pp, args.microbatches, chunks, args.slices) < 1:
         raise ValueError(
-            f"--pp, --microbatches and --chunks must be >= 1 (got {args.pp}, {args.microbatches}, {chunks})"
+            f"--pp, --microbatches, --chunks and --slices must be >= 1 (got {args.pp}, {args.microbatches}, "
+            f"{chunks}, {args.slices})"
         )
-    schedule = SCHEDULES[name](args.pp, args.microbatches, chunks)
-    validate_schedule(schedule, args.pp, chunks, args.microbatches, layout_of(name, args.pp, chunks))
-    return schedule, name, chunks, args.microbatches
+    schedule, layout = build_schedule(name, args.pp, args.microbatches, chunks, args.slices)
+    validate_schedule(schedule, args.pp, chunks, args.microbatches * args.slices, layout)
+    return schedule, layout, name, args.microbatches
 
 
 def _report(result: SimResult, prediction: Prediction | None, microbatches: int, costs: Costs) -> None:

@@ -3,6 +3,9 @@
 Cost convention: ``Costs.f``, ``.b`` and ``.w`` are the times of F, B and W for one microbatch on a
 *full* rank-stage, as in the papers. With ``chunks = v`` virtual stages per rank each chunk costs
 1/v of that, so every rank does ``m * (f + b + w)`` work whatever v is. BW costs ``b + w``.
+Token slices (TeraPipe, `Layout.slices` = S) follow the same rule: a slice costs 1/S of its
+microbatch. That uniform model ignores that a later slice's attention sees a longer prefix; it is
+exact for the MLP and projections and a lower bound on the gain when attention dominates.
 
 Timing model: an action starts when its rank is free and its inputs exist; an input produced on
 another rank arrives ``comm`` later. Sends never stall the sender, so comm actions are zero-length
@@ -12,8 +15,8 @@ Bubble rate: ``(makespan - m*(f+b+w)) / makespan`` for the built-in schedules. I
 unbalanced stages) it is the idle share of all rank-time, ``sum(idle) / (pp * makespan)``, which
 is the same number when every rank does equal work.
 
-Activation memory, in units of one microbatch's activations for a full stage: an F adds 1/v, the
-matching B or BW frees it (`peak_activations`, the convention of the ZB paper's M_B column). Because
+Activation memory, in units of one microbatch's activations for a full stage: an F adds 1/v (1/(vS)
+for a slice), the matching B or BW frees it (`peak_activations`, the convention of the ZB paper's M_B column). Because
 W still needs part of that state, `peak_until_w` also reports the count when memory is freed only
 at W; under it ZB-H1 still peaks at pp on every rank.
 """
@@ -77,9 +80,11 @@ class SimResult:
     busy: tuple[float, ...]
     peak_activations: tuple[float, ...]
     peak_until_w: tuple[float, ...]
+    slices: int = 1
+    """Token slices per microbatch: a span's microbatch is then a unit (meshtrain.pipeline.schedules.Layout)."""
 
     @classmethod
-    def from_spans(cls, spans: Iterable[Span], pp: int, chunks: int) -> SimResult:
+    def from_spans(cls, spans: Iterable[Span], pp: int, chunks: int, slices: int = 1) -> SimResult:
         ordered = sorted(spans, key=lambda s: (s.rank, s.start, s.end))
         t0 = min((s.start for s in ordered), default=0.0)
         ordered = [Span(s.rank, s.kind, s.stage, s.microbatch, s.start - t0, s.end - t0) for s in ordered]
@@ -87,8 +92,9 @@ class SimResult:
         busy = [0.0] * pp
         for s in ordered:
             busy[s.rank] += s.end - s.start
-        peaks, peaks_w = (_peaks(ordered, pp, chunks, frees) for frees in ({Kind.B, Kind.BW}, {Kind.W, Kind.BW}))
-        return cls(pp, chunks, tuple(ordered), makespan, tuple(busy), peaks, peaks_w)
+        share = chunks * slices  # what one action's activations are of a full stage's microbatch
+        peaks, peaks_w = (_peaks(ordered, pp, share, frees) for frees in ({Kind.B, Kind.BW}, {Kind.W, Kind.BW}))
+        return cls(pp, chunks, tuple(ordered), makespan, tuple(busy), peaks, peaks_w, slices)
 
     @property
     def idle(self) -> tuple[float, ...]:
@@ -121,29 +127,31 @@ class SimResult:
         return max(self.peak_activations, default=0.0)
 
 
-def _peaks(spans: Sequence[Span], pp: int, chunks: int, frees: set[Kind]) -> tuple[float, ...]:
+def _peaks(spans: Sequence[Span], pp: int, share: int, frees: set[Kind]) -> tuple[float, ...]:
     live, top = [0.0] * pp, [0.0] * pp
     for s in spans:  # sorted by rank, then start: each rank's actions in execution order
-        live[s.rank] += 1.0 / chunks if s.kind == Kind.F else -1.0 / chunks if s.kind in frees else 0.0
+        live[s.rank] += 1.0 / share if s.kind == Kind.F else -1.0 / share if s.kind in frees else 0.0
         top[s.rank] = max(top[s.rank], live[s.rank])
     return tuple(round(t, 9) for t in top)  # sums of 1/v drift in the last bits; callers compare exactly
 
 
 def simulate(schedule: Schedule, costs: Costs = Costs(), layout: Layout | None = None) -> SimResult:
-    """Time ``schedule`` under ``costs``; the layout is read off the schedule unless given."""
+    """Time ``schedule`` under ``costs``; the layout is read off the schedule unless given. A token-sliced
+    schedule (terapipe) needs its layout given: the actions alone do not say how many slices a unit is."""
     layout = layout or Layout.infer(schedule)
-    times = dataflow_times(schedule, layout, lambda a: costs.duration(a.kind, layout.chunks), costs.comm)
+    share = layout.chunks * layout.slices
+    times = dataflow_times(schedule, layout, lambda a: costs.duration(a.kind, share), costs.comm)
     spans = [
         Span(rank, a.kind, a.stage, a.microbatch, start, end)
         for rank, actions in enumerate(schedule)
         for a, (start, end) in zip(actions, times[rank])
         if not a.kind.is_comm
     ]
-    return SimResult.from_spans(spans, layout.pp, layout.chunks)
+    return SimResult.from_spans(spans, layout.pp, layout.chunks, layout.slices)
 
 
 def from_trace(
-    records: Sequence[Sequence[tuple[str | Kind, int, int, float, float]]], chunks: int | None = None
+    records: Sequence[Sequence[tuple[str | Kind, int, int, float, float]]], chunks: int | None = None, slices: int = 1
 ) -> SimResult:
     """Build a result from a real run: per rank, (kind, stage, microbatch, start, end) records.
 
@@ -161,7 +169,7 @@ def from_trace(
     pp = len(records)
     if chunks is None:
         chunks = max(1, len({s.stage for s in spans}) // max(pp, 1))
-    return SimResult.from_spans(spans, pp, chunks)
+    return SimResult.from_spans(spans, pp, chunks, slices)
 
 
 @dataclass(frozen=True)
@@ -183,13 +191,15 @@ class Prediction:
         return self.bubble_time / total if total > 0 else 0.0
 
 
-def closed_form(name: str, pp: int, microbatches: int, chunks: int, costs: Costs) -> Prediction:
+def closed_form(name: str, pp: int, microbatches: int, chunks: int, costs: Costs, slices: int = 1) -> Prediction:
     """Bubble time and rank-0 peak predicted for a built-in schedule (zero comm latency)."""
     p, m, v, c = pp, microbatches, chunks, costs
     flat = (p - 1) * c.per_microbatch
     ok = c.comm == 0
     if name in ("gpipe", "1f1b"):
         return Prediction(flat, m if name == "gpipe" else min(p, m), ok, ok, "comm = 0")
+    if name == "terapipe":  # GPipe over m*S units of 1/S the cost: the fill and drain shrink S times
+        return Prediction(flat / slices, m, ok, ok, "comm = 0, equal cost per slice")
     if name == "interleaved-1f1b":
         ok = ok and m % p == 0
         peak = p if v == 1 or m == p else round(p + (p - 1) / v, 9)

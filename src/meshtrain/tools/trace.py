@@ -28,7 +28,8 @@ def load_trace(run_dir: Path) -> tuple[dict[str, Any], list[list[TraceRecord]]]:
 
 
 def measured_costs(records: list[list[TraceRecord]], chunks: int) -> Costs:
-    """Median duration per kind, scaled to a full rank-stage (the simulator's cost unit)."""
+    """Median duration per kind, scaled to a full rank-stage (the simulator's cost unit); `chunks` is
+    the share of one action of that unit (virtual stages per rank, times token slices per sequence)."""
     by_kind: dict[str, list[float]] = {}
     for rows in records:
         for kind, _, _, start, end in rows:
@@ -43,9 +44,10 @@ def measured_costs(records: list[list[TraceRecord]], chunks: int) -> Costs:
 def compare(run_dir: Path) -> tuple[SimResult, SimResult, dict[str, Any]]:
     """(measured, predicted-from-measured-costs, meta) for a run's trace."""
     meta, records = load_trace(run_dir)
-    measured = from_trace(records, chunks=meta["chunks"])
-    costs = measured_costs(records, meta["chunks"])
-    schedule, _ = build_schedule(meta["schedule"], meta["pp"], meta["microbatches"], meta["chunks"])
+    slices = meta.get("slices", 1)  # a token-sliced run's records name units (slices of microbatches)
+    measured = from_trace(records, chunks=meta["chunks"], slices=slices)
+    costs = measured_costs(records, meta["chunks"] * slices)
+    schedule, layout = build_schedule(meta["schedule"], meta["pp"], meta["microbatches"], meta["chunks"], slices)
     if all(a.kind != Kind.W for rank in schedule for a in rank):
         costs = Costs(f=costs.f, b=costs.b + costs.w, w=0.0)
-    return measured, simulate(schedule, costs), meta
+    return measured, simulate(schedule, costs, layout), meta
