@@ -313,6 +313,11 @@ class Zero3(ZeroBase[GatherUnit]):
         # A W runs all closures of one B, so the unit's count for that B reaches zero within it; every
         # B of a unit queues as many, so the oldest count serves whichever W of the unit runs first.
         unit = self.unit_of[id(weight)]
+        if not unit.owed:
+            raise RuntimeError(
+                f"ZeRO-3 unit {unit.layout.name}: a W ran before its B was done; every parameter of the "
+                f"unit must take part in the loss"
+            )
         unit.owed[0] -= 1
         if unit.owed[0] == 0:
             unit.owed.popleft()
