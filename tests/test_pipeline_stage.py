@@ -1,15 +1,17 @@
-"""Pure tests of stage partitioning and of the B/W backward split (no processes)."""
+"""Pure tests of stage partitioning and of the B/W backward split, ZeRO-3 under it included (no processes)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from meshtrain.accounting import CommStats
 from meshtrain.config import ModelConfig
 from meshtrain.core.weight_grads import DeferredLinear, WeightGradQueue, split_weight_grads
 from meshtrain.loss import cross_entropy_sum
 from meshtrain.model import build_model
 from meshtrain.pipeline.stage import balanced_split, block_costs, build_stage, split_blocks, stage_ranges
+from meshtrain.zero import ShardGroups, Zero3
 
 pytestmark = pytest.mark.pure
 
@@ -59,3 +61,35 @@ def test_split_backward_b_then_w_equals_whole_backward() -> None:
         weight_grad()
     for (name, p), q in zip(ref.named_parameters(), split.parameters()):
         torch.testing.assert_close(q.grad, p.grad, msg=lambda m: f"{name}: {m}")
+
+
+def test_zero3_frees_each_unit_after_b_and_reduces_it_after_its_w() -> None:
+    """ZB-H1's order on one stage, B(0) B(1) W(0) W(1), on one-rank ZeRO-3 (no process group): W runs
+    with every unit freed (it reads no weight), block units reduce nothing until their W, and the shards
+    end equal to the gradients of one whole backward over both microbatches."""
+    ref, model = build_model(CFG, seed=1), build_model(CFG, seed=1)
+    queue = WeightGradQueue()
+    split_weight_grads(model, queue)
+    engine = Zero3(model, ShardGroups(None, None), CommStats(), weight_grads=queue)
+    batches = [(torch.randint(0, 64, (2, 12)), torch.randint(0, 64, (2, 12))) for _ in range(2)]
+    for x, y in batches:
+        cross_entropy_sum(ref(x), y).backward()
+    deferred: list[list] = [[], []]
+    for (x, y), target in zip(batches, deferred):  # B(0), B(1)
+        queue.target = target
+        cross_entropy_sum(model(x), y).backward()
+        queue.target = None
+    engine.drain()
+    blocks = [u for u in engine.units if u.layout.name.startswith("zero.layers.")]
+    assert all(u.full.untyped_storage().size() == 0 for u in engine.units)
+    assert all(u.grad_shard().eq(0).all() for u in blocks) and all(len(u.owed) == 2 for u in blocks)
+    for target in deferred:  # W(0), W(1)
+        for weight_grad in target:
+            weight_grad()
+        assert all(u.full.untyped_storage().size() == 0 for u in engine.units)
+    engine.finish()
+    grads = dict(ref.named_parameters())
+    for unit in engine.units:
+        for piece, (name, view) in zip(unit.layout.pieces, unit.layout.piece_views(unit.grad_shard())):
+            want = grads[name].grad.reshape(-1)[piece.param_start : piece.param_start + piece.numel]
+            torch.testing.assert_close(view, want, msg=lambda m: f"{name}: {m}")

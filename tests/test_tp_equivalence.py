@@ -46,6 +46,18 @@ ZERO_LAYOUTS = {  # tp2 x ZeRO over dp_shard=2, each tp rank's local shards shar
             "training.micro_batch=2",
         ],
     ),
+    # zero-bubble: SP's column layers re-gather their input in W, ZeRO-3 reduces each unit after its W
+    "pp2-tp2-sp-z3-dp2-zb-h1": (
+        8,
+        [
+            "parallel.pp=2",
+            "parallel.pp_schedule=zb-h1",
+            "parallel.tp=2",
+            "parallel.sequence_parallel=true",
+            "parallel.zero_stage=3",
+            "training.micro_batch=2",
+        ],
+    ),
 }
 LAYOUTS = {  # name: (nproc, overrides)
     "tp2-accum2": (2, ["parallel.tp=2", "training.micro_batch=4"]),

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from meshtrain.config import ConfigError, load_config
+from meshtrain.model.math import from_model_config
 from meshtrain.planner import predict_run
+from meshtrain.planner.layout import rank_params
+from meshtrain.planner.memory import FP32, MemoryInputs, rank_memory
+from meshtrain.planner.predict import config_layout
 from meshtrain.validate import validate
 
 pytestmark = pytest.mark.pure
@@ -35,8 +41,10 @@ def test_zero_composes_with_tp_or_pp_and_refuses_what_it_cannot() -> None:
         assert validate(load_config(None, [f"parallel.zero_stage={stage}", "parallel.tp=2"]), 4).parallel.dp_shard == 2
         assert validate(load_config(None, [f"parallel.zero_stage={stage}", "parallel.pp=2"]), 4).parallel.dp_shard == 2
     assert validate(load_config(None, ["parallel.zero_stage=2", "parallel.pp=2", "parallel.pp_schedule=zb-h2"]), 4)
-    with pytest.raises(ConfigError, match="parallel.zero_stage=3 with parallel.pp_schedule=zb-h1 is not supported"):
-        validate(load_config(None, ["parallel.zero_stage=3", "parallel.pp=2", "parallel.pp_schedule=zb-h1"]), 4)
+    for schedule in ("zb-h1", "zb-h2"):  # ZeRO-3 reduces a unit once its W has run (zero/stage3.py)
+        zb3 = ["parallel.zero_stage=3", "parallel.pp=2", f"parallel.pp_schedule={schedule}"]
+        assert validate(load_config(None, zb3), 4).parallel.dp_shard == 2
+        assert validate(load_config(None, [*zb3, "parallel.tp=2", "parallel.sequence_parallel=true"]), 8)
     assert (
         validate(load_config(None, ["parallel.zero_stage=3", "parallel.pp=2", "parallel.tp=2"]), 8).parallel.dp_shard
         == 2
@@ -48,6 +56,33 @@ def test_zero2_under_a_zero_bubble_schedule_reduces_once() -> None:
     once = _predict(4, *pp, "parallel.pp_schedule=zb-h1")
     each = _predict(4, *pp, "parallel.pp_schedule=1f1b")
     assert each["comm_reduce_scatter_bytes"] == 4 * once["comm_reduce_scatter_bytes"]  # 4 microbatches
+
+
+def test_zero3_under_a_zero_bubble_schedule_moves_what_1f1b_moves() -> None:
+    """W reads no weight: per microbatch ZeRO-3 gathers a stage's Psi for F and again for B and
+    reduce-scatters it once, fp32, whatever the schedule. 4 blocks of 49280 over pp 2, 4 microbatches;
+    stage 0 adds the embedding (256 x 64), stage 1 the norm and head."""
+    block, table = (PSI - 2 * 256 * 64 - 64) // 2, 256 * 64
+    pp = ["parallel.zero_stage=3", "parallel.pp=2", "model.n_layers=4", "training.micro_batch=1"]
+    for rank, psi in ((0, table + 2 * block), (3, 2 * block + 64 + table)):
+        zb = predict_run(load_config(None, [*TINY, *pp, "parallel.pp_schedule=zb-h1"]), 4, rank)
+        assert (zb["comm_all_gather_bytes"], zb["comm_reduce_scatter_bytes"]) == (2 * 4 * 4 * psi, 4 * 4 * psi)
+        plain = predict_run(load_config(None, [*TINY, *pp, "parallel.pp_schedule=1f1b"]), 4, rank)
+        assert all(zb[k] == plain[k] for k in ("comm_all_gather_bytes", "comm_reduce_scatter_bytes", "comm_wire_bytes"))
+
+
+def test_zero3_under_a_zero_bubble_schedule_holds_the_norm_grads_until_w() -> None:
+    """Two norms per block (and the final norm on the last stage), dim 64, fp32, unsharded."""
+    cfg = validate(
+        load_config(None, [*TINY, "parallel.zero_stage=3", "parallel.pp=2", "parallel.pp_schedule=zb-h2"]), 4
+    )
+    shape, lay = from_model_config(cfg.model, cfg.training.seq_len), config_layout(cfg)
+    mi = MemoryInputs(cfg.training.seq_len, cfg.training.grad_accum, FP32, 4, "flash", cfg.parallel.bucket_mb)
+    rp = rank_params(shape, lay, first=True, last=False, layers=1)
+    key = "zero3 norm grads until W (zero-bubble)"
+    assert [rank_memory(shape, lay, mi, rp, stage)[key] for stage in (0, 1)] == [2 * 64 * 4, 3 * 64 * 4]
+    plain = replace(lay, schedule="1f1b")
+    assert key not in rank_memory(shape, plain, mi, rp, 0)
 
 
 def test_every_stage_validates_with_hybrid_sharding() -> None:

@@ -1,7 +1,8 @@
 """ZeRO's equivalence matrix: the same losses as one process for every stage, shard count,
 accumulation, HSDP and offload; model-state and traffic bytes equal to the formulas written here
 (on a model whose size does not divide by 4, so units are padded), on every rank; ZeRO-3's gathered
-peak; resharding checkpoints; ZeRO under pipelining (tp x ZeRO is in test_tp_equivalence.py).
+peak; resharding checkpoints; ZeRO under pipelining, ZeRO-3 under the zero-bubble schedules included
+(tp x ZeRO is in test_tp_equivalence.py).
 
 Two counts of the traffic: meshtrain's (CommStats) charges a unit's unpadded bytes, as the theory
 does (2 psi per step for ZeRO-1/2, 3 psi for ZeRO-3); the wrapper around torch.distributed
@@ -73,6 +74,9 @@ PIPELINED = {  # pp2 x dp_shard2: name -> (stage, overrides); 2 or 4 microbatche
         ],
     ),
     "pp2-z3-gpipe": (3, ["parallel.pp=2", "parallel.pp_schedule=gpipe", "training.micro_batch=2"]),
+    # zero-bubble: W computes dW = dY^T X, never reading the weight; a unit is reduced once its W has run
+    "pp2-z3-zb-h1": (3, ["parallel.pp=2", "parallel.pp_schedule=zb-h1", "training.micro_batch=2"]),
+    "pp2-z3-zb-h2": (3, ["parallel.pp=2", "parallel.pp_schedule=zb-h2", "training.micro_batch=1"]),
     "pp2v2-z3-interleaved": (
         3,
         [
@@ -198,7 +202,8 @@ def test_every_rank_holds_and_sends_what_the_planner_predicts(layout: str, runs:
 
 def test_zero3_holds_at_most_two_units_and_prefetch_is_optional(runs: dict) -> None:
     """The unit computing and the one prefetched, never the whole model; without prefetch, one."""
-    for name in ("z3-dp2", "z3-dp2-accum2", "z3-dp4-recompute", "pp2-z3-gpipe", "pp2v2-z3-interleaved"):
+    zero3 = ("z3-dp2", "z3-dp2-accum2", "z3-dp4-recompute", "pp2-z3-gpipe", "pp2v2-z3-interleaved")
+    for name in (*zero3, "pp2-z3-zb-h1", "pp2-z3-zb-h2"):  # zero-bubble: nothing kept gathered until W
         for r in runs[name][1]:
             assert r["zero3_peak_gathered_bytes"] <= 2 * r["zero3_unit_bytes_max"] < 4 * PSI / 2, name
     assert all(r["zero3_peak_gathered_bytes"] <= r["zero3_unit_bytes_max"] for r in runs["z3-dp2-no-prefetch"][1])
@@ -208,6 +213,21 @@ def test_zero3_holds_at_most_two_units_and_prefetch_is_optional(runs: dict) -> N
 @pytest.mark.parametrize("layout", list(PIPELINED))
 def test_zero_under_pipelining_matches_single_device(layout: str, runs: dict) -> None:
     assert_same_training(runs[layout][1], runs["single"][1], loss=1e-5, grad_norm=1e-5)
+
+
+def test_zero3_under_zero_bubble_schedules_gathers_for_f_and_b_only(runs: dict) -> None:
+    """Per microbatch each unit of the rank's stage is gathered for F and for B and reduce-scattered
+    once (after its W), as under 1F1B: the padded buffers torch.distributed was handed, on every rank
+    (ranks 0, 1 hold stage 0: embedding and blocks 0-1; ranks 2, 3 blocks 2-3 and norm + head).
+    Re-gathering a unit for W would add a third gather per microbatch; keeping it gathered until W
+    would raise the gathered peak (test above); reducing before W would lose the linears' gradients."""
+    stages = [[EMBED, BLOCK, BLOCK], [BLOCK, BLOCK, HEAD]]
+    for name, micro in (("pp2-z3-zb-h1", 2), ("pp2-z3-zb-h2", 4)):
+        run = runs[name][0]
+        for rank in range(4):
+            full = sum(4 * padded(u, 2) for u in stages[rank // 2])
+            seen = counted(run, rank)
+            assert (seen["all_gather"], seen["reduce_scatter"]) == (STEPS * 2 * micro * full, STEPS * micro * full)
 
 
 def test_bf16_zero3_pipelines_exchange_the_bf16_residual_stream(runs: dict) -> None:

@@ -11,11 +11,12 @@ nowhere else, in this order (torchtitan's, with the pipeline first):
                                runner cuts each micro-batch to this rank's share of the sequence
   4. activation checkpointing  chosen blocks recompute in backward; they are already parallel
   5. compile                   (planned)
-  6. data parallelism / ZeRO   owns the parameters and gradients the steps above produced
-  7. B/W split                 zero-bubble schedules: layers defer their weight gradients to W
+  6. B/W split                 zero-bubble schedules: layers defer their weight gradients to W (it
+                               swaps bias-free linears, so it comes before ZeRO-3 hooks modules)
+  7. data parallelism / ZeRO   owns the parameters and gradients the steps above produced
   8. the step runner           the plain micro-step loop, or the pipeline executor
   9. the optimizer             AdamW, or 1-bit Adam, whose engine decorator wraps the data-parallel
-                               engine in step 6 (it turns the gradient all-reduce off after the freeze)
+                               engine in step 7 (it turns the gradient all-reduce off after the freeze)
  10. DiLoCo's outer loop       a step hook over what the optimizer updates: every few steps it averages
                                the islands' pseudo-gradients across the outer group (parallel.diloco)
 
@@ -121,10 +122,14 @@ def build_parallel(cfg: Config, topo: Topology, device: torch.device, stats: Com
     # 4. activation checkpointing
     for part in parts:  # every part is a Llama (the whole model or a stage), with tp's layers swapped in
         apply_activation_checkpointing(cast(Llama, part).model.layers, t.activation_checkpointing, t.ac_every)
-    # 6. data parallelism or ZeRO, then what the earlier steps change about gradients
-    engine = _gradient_engine(
-        parts, topo, cfg, stats, deferred_weight_grads=pipe is not None and pipe.splits_backward, experts=ep
-    )
+    # 6. B/W split: before the engine, so that ZeRO-3 hooks the modules the stages will run
+    queue = WeightGradQueue()
+    split = pipe is not None and pipe.splits_backward
+    if split:
+        for part in parts:
+            split_weight_grads(part, queue)
+    # 7. data parallelism or ZeRO, then what the earlier steps change about gradients
+    engine = _gradient_engine(parts, topo, cfg, stats, deferred_weight_grads=queue if split else None, experts=ep)
     # 1-bit Adam's decorator sits on the data-parallel engine itself: the decorators below extend its norm
     onebit = _onebit_adam(engine, topo, cfg, stats)
     engine = onebit if onebit is not None else engine
@@ -135,11 +140,6 @@ def build_parallel(cfg: Config, topo: Topology, device: torch.device, stats: Com
     pp_group = topo.group("pp")
     if pp_group is not None:  # stages own disjoint parameters
         engine = DisjointParts(engine, pp_group, stats)
-    # 7. B/W split
-    queue = WeightGradQueue()
-    if pipe is not None and pipe.splits_backward:
-        for part in parts:
-            split_weight_grads(part, queue)
     # 8. the step runner
     loss_fn: LossFn = tp.loss_fn if tp is not None and tp.loss_fn is not None else cross_entropy_sum
     autocast = autocast_for(t.dtype, device)
@@ -280,7 +280,7 @@ def _gradient_engine(
     topo: Topology,
     cfg: Config,
     stats: CommStats,
-    deferred_weight_grads: bool,
+    deferred_weight_grads: WeightGradQueue | None,
     experts: ExpertParallel | None = None,
 ) -> GradEngine:
     t, p = cfg.training, cfg.parallel

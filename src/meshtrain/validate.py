@@ -477,12 +477,6 @@ def _check_zero(cfg: Config) -> None:
             "parallel.offload=true needs parallel.zero_stage >= 1 (it offloads the sharded optimizer state); "
             "set zero_stage or offload=false"
         )
-    if p.zero_stage == 3 and p.pp > 1 and splits_backward(p.pp_schedule):
-        raise ConfigError(
-            f"parallel.zero_stage=3 with parallel.pp_schedule={p.pp_schedule} is not supported: the "
-            f"zero-bubble W step computes weight gradients after ZeRO-3 has freed the block's gathered "
-            f"weights; use pp_schedule=1f1b, interleaved-1f1b or gpipe, or zero_stage<=2"
-        )
 
 
 def resolve_dp_shard(cfg: Config, world_size: int) -> int:

@@ -11,6 +11,11 @@ Other parameters (norms, embedding) are small and get their gradients in B as us
 
 Under sequence parallelism the column layers keep only the input's sequence shard, so their W
 re-gathers it: every tp rank of a stage runs the same actions, so those collectives line up.
+
+A W closure reads the saved input and output gradient, never the weight (dW = dY^T X; only B's
+dX = dY W needs it). A gradient engine that must know when a deferred gradient lands (ZeRO-3, which
+reduces a unit once its W has run) subscribes with `WeightGradQueue.watch`: it hears of each closure
+when B queues it and again when W has added it to `.grad`, where no autograd hook sees it.
 """
 
 from __future__ import annotations
@@ -22,11 +27,25 @@ import torch
 from torch import nn
 
 
+class WeightGradWatcher(Protocol):
+    def deferred(self, weight: nn.Parameter) -> None:
+        """A B queued `weight`'s gradient for W (its autograd hook still fires, with no gradient)."""
+        ...
+
+    def landed(self, weight: nn.Parameter) -> None:
+        """W has added the queued gradient to `weight.grad`."""
+        ...
+
+
 class WeightGradQueue:
     """Where deferred weight gradients go; `target` None means compute them at once."""
 
     def __init__(self) -> None:
         self.target: list[Callable[[], None]] | None = None
+        self.watchers: list[WeightGradWatcher] = []
+
+    def watch(self, watcher: WeightGradWatcher) -> None:
+        self.watchers.append(watcher)
 
 
 @runtime_checkable
@@ -51,9 +70,17 @@ def defer_weight_grad(queue: WeightGradQueue, weight: nn.Parameter, compute: Cal
             _accumulate(weight, compute())
 
     if queue.target is None:
+        weight_grad()  # inside backward (a BW): the weight's own autograd hook fires after this
+        return
+
+    def in_w() -> None:
         weight_grad()
-    else:
-        queue.target.append(weight_grad)
+        for watcher in queue.watchers:
+            watcher.landed(weight)
+
+    queue.target.append(in_w)
+    for watcher in queue.watchers:
+        watcher.deferred(weight)
 
 
 class _SplitLinear(torch.autograd.Function):

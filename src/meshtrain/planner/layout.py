@@ -105,7 +105,8 @@ def groups(lay: Layout, gpus_per_node: int) -> dict[str, Group]:
 
 def deferred_weight_grads(lay: Layout) -> bool:
     """Whether the pipeline schedule computes weight gradients in a separate W step, outside autograd:
-    ZeRO-2 then keeps whole gradients over the step and reduces them once (meshtrain.zero.stage12)."""
+    ZeRO-2 then keeps whole gradients over the step and reduces them once (meshtrain.zero.stage12);
+    ZeRO-3 reduces each unit after its W, holding its norms' gradients until then (zero.stage3)."""
     return lay.pp > 1 and splits_backward(lay.schedule)
 
 

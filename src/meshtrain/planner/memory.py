@@ -171,6 +171,10 @@ def rank_memory(shape: ModelShape, lay: Layout, mi: MemoryInputs, rp: RankParams
         # the block being computed and the prefetched next one, plus one block's unsharded grads
         out["zero3 gathered params"] = 2 * rp.unit * mi.dtypes.param
         out["zero3 unsharded grads"] = rp.unit * mi.dtypes.grad
+    if lay.zero == 3 and deferred_weight_grads(lay):
+        # a unit whose W is still to run keeps its norms' unsharded gradients from B (meshtrain.zero.stage3)
+        norms = 2 * layers_per_rank(shape, lay) + (1 if stage == lay.pp - 1 else 0)
+        out["zero3 norm grads until W (zero-bubble)"] = norms * shape.hidden * mi.dtypes.grad
     if lay.zero == 2 and deferred_weight_grads(lay):
         out["zero2 whole grads (zero-bubble)"] = rp.total * mi.dtypes.grad  # held until the step's one reduction
     if lay.grad_group > 1:

@@ -11,7 +11,9 @@ Data-parallel traffic per optimizer step (psi = params on this rank, m = microba
   ZeRO 2: reduce-scatter grads every microbatch (grads are kept sharded), all-gather params once;
           under a zero-bubble pipeline schedule once per step, like ZeRO 1 (its W step computes
           weight gradients outside autograd, so meshtrain reduces them once, in finish()).
-  ZeRO 3: all-gather params in every forward and every backward, reduce-scatter every microbatch.
+  ZeRO 3: all-gather params in every forward and every backward, reduce-scatter every microbatch;
+          under a zero-bubble schedule the same bytes (W reads no weight, so nothing is gathered
+          for it; a unit's reduce-scatter waits for its W instead of following its B).
   HSDP (dp_replicate > 1 with ZeRO): the grad shard is all-reduced across replicas once.
 With one microbatch these are the 2 psi, 2 psi and 3 psi of Rajbhandari et al. 2020.
 """

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from meshtrain.accounting import CommStats
+from meshtrain.core.weight_grads import WeightGradQueue
 from meshtrain.zero.base import ExpertShards, FlatUnit, ShardGroups, ZeroBase
 from meshtrain.zero.stage3 import Zero3, ZeroPP
 from meshtrain.zero.stage12 import Zero12
@@ -37,13 +38,14 @@ def build_zero_engine(
     bucket_bytes: int,
     offload: bool,
     prefetch: bool,
-    deferred_weight_grads: bool,
+    deferred_weight_grads: WeightGradQueue | None,
     experts: ExpertShards | None = None,
     zeropp: ZeroPP | None = None,
 ) -> Zero3 | Zero12:
     """The engine for ZeRO `stage` (1-3). `param_dtype` is what ZeRO-3 gathers and computes in.
-    `deferred_weight_grads`: some weight gradients are accumulated outside autograd, after backward
-    (a zero-bubble pipeline's W), where no hook sees them, so ZeRO-2 must reduce once, in finish().
+    `deferred_weight_grads`: the queue of a zero-bubble pipeline's W, which accumulates some weight
+    gradients outside autograd, after backward, where no hook sees them: ZeRO-2 then reduces once, in
+    finish(); ZeRO-3 watches the queue and reduces each unit once its W has run.
     `experts`: expert parallelism's parameters and the groups they shard over. `zeropp`: ZeRO++'s
     parts on ZeRO-3."""
     if stage == 3:
@@ -57,6 +59,7 @@ def build_zero_engine(
             prefetch=prefetch,
             experts=experts,
             zeropp=zeropp,
+            weight_grads=deferred_weight_grads,
         )
     return Zero12(
         parts,
@@ -66,6 +69,6 @@ def build_zero_engine(
         bucket_bytes,
         reduce_dtype,
         offload,
-        reduce_each_micro=not deferred_weight_grads,
+        reduce_each_micro=deferred_weight_grads is None,
         experts=experts,
     )

@@ -22,8 +22,17 @@ Pipeline stages: each of a rank's stages (a Llama holding some blocks, the embed
 norm and head on the last) is cut into units the same way, unit names keeping the global block
 index. Prefetching stays within a stage: the unit a stage computes next may be a different stage's
 only much later. Each microbatch's backward of a stage produces every gradient of its units, so
-units are reduced per microbatch as above. Zero-bubble schedules are refused by validation: their W
-produces the linear weights' gradients outside autograd, after the unit was already freed.
+units are reduced per microbatch as above.
+
+Zero-bubble schedules (any with W actions): a B leaves the linear weights' gradients to closures
+that W runs later, outside autograd. Those closures compute dW = dY^T X from the saved input and
+output gradient and never read the weight, so the unit is freed after its B as usual: no block is
+kept gathered until W and none is gathered again for it. What moves is the reduce-scatter: a unit
+whose B queued closures (the engine watches the WeightGradQueue) is reduced when the last of them
+has landed in W, with whatever its `.grad` holds by then (its norms' gradients from B included,
+perhaps from a later microbatch's B too: sums reduced in any grouping add up to the same shard).
+A unit whose B queued nothing (the embedding) is reduced after B, as before. So the traffic is
+1F1B's to the byte, and W's reduce-scatters overlap the next unit's W.
 
 Mixed precision: with bf16 compute the shards stay fp32 (they are the master weights) and the
 gather moves bf16, as FSDP2's param_dtype does; gradients are reduced in parallel.reduce_dtype.
@@ -41,6 +50,7 @@ ZeRO++ (`ZeroPP`, each part on its own flag; docs/compression.md):
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -53,6 +63,7 @@ from torch import nn
 from meshtrain.accounting import CommStats, human_bytes
 from meshtrain.core.comm import CompressedGather, TrackedWork
 from meshtrain.core.parts import as_parts
+from meshtrain.core.weight_grads import WeightGradQueue
 from meshtrain.model import Llama
 from meshtrain.zero.base import ExpertShards, FlatUnit, ShardGroups, Unit, ZeroBase, named_unique
 from meshtrain.zero.comm import all_gather, hierarchical_reduce_scatter, quantized_gather
@@ -90,6 +101,10 @@ class GatherUnit(Unit):
     """hpZ: this rank's slice of the unit as the last forward gathered it, in the compute dtype."""
     refresh: bool = False
     """hpZ: the gather in flight is a primary one, so its result rewrites the secondary."""
+    queued: int = 0
+    """Weight gradients the B running now left to W (zero-bubble schedules)."""
+    owed: deque[int] = field(default_factory=deque)
+    """Per finished B whose W has not run yet, how many of its weight gradients W still owes."""
 
 
 @dataclass(frozen=True)
@@ -154,6 +169,7 @@ class Zero3(ZeroBase[GatherUnit]):
         prefetch: bool = True,
         experts: ExpertShards | None = None,
         zeropp: ZeroPP | None = None,
+        weight_grads: WeightGradQueue | None = None,
     ) -> None:
         parts = as_parts(model)
         super().__init__(groups, stats, reduce_dtype, offload, next(parts[0].parameters()).device, experts)
@@ -165,6 +181,9 @@ class Zero3(ZeroBase[GatherUnit]):
         for part in parts:
             self._add_units(part)
         self.register_grad_hooks()
+        self.unit_of = {id(p): u for u in self.units for p in u.layout.params}
+        if weight_grads is not None:  # a zero-bubble schedule's W adds some gradients later
+            weight_grads.watch(self)
 
     def _add_units(self, part: nn.Module) -> None:
         """Units of one Llama (the model, or one pipeline stage), hooked, prefetching among themselves."""
@@ -279,8 +298,34 @@ class Zero3(ZeroBase[GatherUnit]):
         return True  # every micro-step's gradients are reduced (see the module docstring)
 
     def unit_grads_ready(self, unit: GatherUnit) -> None:
-        lay = unit.layout
         self._free(unit.index)
+        if unit.queued:  # its B is done, but W still owes some gradients: reduce once they land
+            unit.owed.append(unit.queued)
+            unit.queued = 0
+            return
+        self._reduce_unit(unit)
+
+    # ---- the WeightGradWatcher contract (meshtrain.core.weight_grads) -----------------------------
+    def deferred(self, weight: nn.Parameter) -> None:
+        self.unit_of[id(weight)].queued += 1
+
+    def landed(self, weight: nn.Parameter) -> None:
+        # A W runs all closures of one B, so the unit's count for that B reaches zero within it; every
+        # B of a unit queues as many, so the oldest count serves whichever W of the unit runs first.
+        unit = self.unit_of[id(weight)]
+        if not unit.owed:
+            raise RuntimeError(
+                f"ZeRO-3 unit {unit.layout.name}: a W ran before its B was done; every parameter of the "
+                f"unit must take part in the loss"
+            )
+        unit.owed[0] -= 1
+        if unit.owed[0] == 0:
+            unit.owed.popleft()
+            self._reduce_unit(unit)
+
+    def _reduce_unit(self, unit: GatherUnit) -> None:
+        """Reduce-scatter what the unit's .grad holds into its fp32 shard, and drop it."""
+        lay = unit.layout
         flat = lay.flatten([p.grad for p in lay.params], self.reduce_dtype, self.device)
         for p in lay.params:
             p.grad = None
@@ -298,6 +343,9 @@ class Zero3(ZeroBase[GatherUnit]):
                 f"ZeRO-3 units {partial_units} got gradients for only some of their parameters; "
                 f"every parameter must take part in the loss"
             )
+        unlanded = [u.layout.name for u in self.units if u.owed or u.queued]
+        if unlanded:
+            raise RuntimeError(f"ZeRO-3 units {unlanded} still wait for deferred weight gradients: a B had no W")
         self.drain()
         self.all_reduce_replicas()
         self.finish_units()
