@@ -77,6 +77,11 @@ PIPELINED = {  # pp2 x dp_shard2: name -> (stage, overrides); 2 or 4 microbatche
     # zero-bubble: W computes dW = dY^T X, never reading the weight; a unit is reduced once its W has run
     "pp2-z3-zb-h1": (3, ["parallel.pp=2", "parallel.pp_schedule=zb-h1", "training.micro_batch=2"]),
     "pp2-z3-zb-h2": (3, ["parallel.pp=2", "parallel.pp_schedule=zb-h2", "training.micro_batch=1"]),
+    # ZB-V: two chunks per rank on the V; rank 0 holds the first stage and the last
+    "pp2-z3-zb-v": (
+        3,
+        ["parallel.pp=2", "parallel.pp_chunks=2", "parallel.pp_schedule=zb-v", "training.micro_batch=1"],
+    ),
     "pp2v2-z3-interleaved": (
         3,
         [
@@ -203,7 +208,7 @@ def test_every_rank_holds_and_sends_what_the_planner_predicts(layout: str, runs:
 def test_zero3_holds_at_most_two_units_and_prefetch_is_optional(runs: dict) -> None:
     """The unit computing and the one prefetched, never the whole model; without prefetch, one."""
     zero3 = ("z3-dp2", "z3-dp2-accum2", "z3-dp4-recompute", "pp2-z3-gpipe", "pp2v2-z3-interleaved")
-    for name in (*zero3, "pp2-z3-zb-h1", "pp2-z3-zb-h2"):  # zero-bubble: nothing kept gathered until W
+    for name in (*zero3, "pp2-z3-zb-h1", "pp2-z3-zb-h2", "pp2-z3-zb-v"):  # zero-bubble: nothing kept gathered until W
         for r in runs[name][1]:
             assert r["zero3_peak_gathered_bytes"] <= 2 * r["zero3_unit_bytes_max"] < 4 * PSI / 2, name
     assert all(r["zero3_peak_gathered_bytes"] <= r["zero3_unit_bytes_max"] for r in runs["z3-dp2-no-prefetch"][1])
