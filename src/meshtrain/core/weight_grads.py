@@ -15,7 +15,7 @@ re-gathers it: every tp rank of a stage runs the same actions, so those collecti
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -45,10 +45,20 @@ def _accumulate(weight: nn.Parameter, grad: torch.Tensor) -> None:
 
 def defer_weight_grad(queue: WeightGradQueue, weight: nn.Parameter, compute: Callable[[], torch.Tensor]) -> None:
     """Add compute() to weight.grad now (outside a B), or queue that for W (inside one)."""
+    defer_weight_grads_of(queue, [weight], lambda: [compute()])
+
+
+def defer_weight_grads_of(
+    queue: WeightGradQueue, weights: Sequence[nn.Parameter], compute: Callable[[], Sequence[torch.Tensor | None]]
+) -> None:
+    """defer_weight_grad for several weights whose gradients one computation yields (async tensor
+    parallelism's ring gives a region's column weights theirs together); a None grad adds nothing."""
 
     def weight_grad() -> None:
         with torch.no_grad():  # W runs outside backward, where grad mode is on again
-            _accumulate(weight, compute())
+            for weight, grad in zip(weights, compute()):
+                if grad is not None:
+                    _accumulate(weight, grad)
 
     if queue.target is None:
         weight_grad()
