@@ -230,20 +230,22 @@ class _RingRow(torch.autograd.Function):
         deferred = ctx.queue is not None and ctx.queue.target is not None  # a zero-bubble B: W does it
         # in W the weight gradient needs the whole output gradient: keep the gathered chunks for it
         whole = grad.new_empty((*x.shape[:-1], grad.shape[-1])) if deferred else None
-        acc = torch.zeros(weight.shape, dtype=torch.float32, device=grad.device)
+        acc = None if deferred else torch.zeros(weight.shape, dtype=torch.float32, device=grad.device)
 
         def use(c: int, chunk: torch.Tensor) -> None:
             grad_x[:, _rows(c, size)] = chunk @ w
             if whole is not None:
                 whole[:, _rows(c, size)] = chunk
-            else:
+            if acc is not None:
                 acc.add_((chunk.flatten(0, -2).t() @ x[:, _rows(c, size)].flatten(0, -2).to(grad.dtype)).float())
 
         ring_gather(grad, ctx.comm, use)
 
         def weight_grad() -> torch.Tensor:
-            if whole is None:
+            if acc is not None:
                 return acc.to(weight.dtype)
+            if whole is None:
+                raise RuntimeError("_RingRow: neither a weight gradient nor the output gradient was kept")
             return (whole.flatten(0, -2).t() @ x.flatten(0, -2).to(whole.dtype)).to(weight.dtype)
 
         if ctx.queue is None:
