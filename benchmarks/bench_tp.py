@@ -5,11 +5,20 @@ vocab-sharded output under `loss_parallel`) and RowwiseParallel (o, down, and th
 embedding). Both step the same AdamW over their local shards. Prints tokens/s of each and their
 ratio, and the bytes one block hands to collectives per microbatch against Narayanan's count.
     python benchmarks/bench_tp.py [--rounds 5] [--steps 5] [--micro-batch 8] [--seq 128] [--sp]
+
+With --async-tp the contenders are our TP + SP with and without async TP (collective matmul), and
+it also reports how much communication async TP hides: SP's collectives of one step, replayed
+alone (the same kinds, sizes and order, no compute), take C seconds; plain SP blocks on every one
+of them (its backward re-gather aside), so a step without any waiting would be T_sp - C. The share
+hidden is (T_sp - T_async) / C: 1 when the rings cost nothing beyond the compute, 0 when they gain
+nothing, below 0 when the t-fold more, smaller messages cost more than the overlap saves.
+    python benchmarks/bench_tp.py --async-tp [--world 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import warnings
 from collections.abc import Callable
 
@@ -44,15 +53,18 @@ DTENSOR_PLAN = {
 
 
 class CountingStats(CommStats):
-    """CommStats that also counts the collectives."""
+    """CommStats that also counts the collectives, and with `trace` on lists them (kind, bytes)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.calls = 0
+        self.trace: list[tuple[str, float]] | None = None
 
-    def record(self, kind: str, nbytes: int, group_size: int) -> None:
-        super().record(kind, nbytes, group_size)
+    def record(self, kind: str, nbytes: float, group_size: int, ranks: tuple[int, ...] = ()) -> None:
+        super().record(kind, nbytes, group_size, ranks)
         self.calls += 1
+        if self.trace is not None:
+            self.trace.append((kind, nbytes))
 
 
 def dtensor_model(world: int, sp: bool, seq: int) -> nn.Module:
@@ -69,7 +81,7 @@ def dtensor_model(world: int, sp: bool, seq: int) -> nn.Module:
                 "model.layers.*.post_attention_layernorm": SequenceParallel(),
                 "model.norm": SequenceParallel(),
                 "model.layers.*.self_attn": PrepareModuleInput(
-                    input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)
+                    input_layouts=(Shard(1), None, None, None), desired_input_layouts=(Replicate(), None, None, None)
                 ),
                 "model.layers.*.mlp": PrepareModuleInput(
                     input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
@@ -222,12 +234,118 @@ def _report(
     )
 
 
+SP_KINDS = ("all_gather", "reduce_scatter")
+
+
+def _ring_step(sent: torch.Tensor, got: torch.Tensor) -> None:
+    r, t = dist.get_rank(), dist.get_world_size()
+    ops = [dist.P2POp(dist.isend, sent, (r - 1) % t), dist.P2POp(dist.irecv, got, (r + 1) % t)]
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+
+
+def _replay(trace: list[tuple[str, float]], world: int) -> Callable[[], None]:
+    """One step's all-gathers, reduce-scatters or ring steps (fp32, bytes as counted), alone."""
+    calls: list[Callable[[], object]] = []
+    for kind, nbytes in trace:
+        whole = torch.zeros(int(nbytes) // 4)
+        part = torch.zeros(whole.numel() // world)
+        if kind == "all_gather":
+            calls.append(lambda o=whole, i=part: dist.all_gather_single(o, i))
+        elif kind == "reduce_scatter":
+            calls.append(lambda o=part, i=whole: dist.reduce_scatter_single(o, i))
+        elif kind == "p2p":
+            calls.append(functools.partial(_ring_step, whole, torch.zeros_like(whole)))
+
+    def run() -> None:
+        for call in calls:
+            call()
+
+    return run
+
+
+def _traced(step: Callable[[], None], stats: CountingStats) -> list[tuple[str, float]]:
+    stats.trace = []
+    step()
+    trace, stats.trace = stats.trace, None
+    return trace
+
+
+def async_worker(rank: int, world: int, args: argparse.Namespace) -> None:
+    """Our TP + SP with and without async TP, and SP's collectives alone (module docstring)."""
+    cfg = bench_model_config()
+    torch.manual_seed(0)
+    data = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq + 1))
+    x, y = data[:, :-1], data[:, 1:]
+    tokens = args.micro_batch * args.seq
+    steps, traces = {}, {}
+    for name, ring in (("TP + SP", False), ("async TP", True)):
+        model, stats = build_model(cfg, seed=0), CountingStats()
+        tp = apply_tensor_parallel(model, dist.group.WORLD, LLAMA_PLAN, True, stats, async_tp=ring)
+        if tp.loss_fn is None:
+            raise RuntimeError("tensor parallelism found no head to shard")
+        steps[name] = step_fn(model, tp.loss_fn, x, y, tokens)
+        traces[name] = _traced(steps[name], stats)
+    replaced = [(k, n) for k, n in traces["TP + SP"] if k in SP_KINDS]
+    kept = sum(1 for k, _ in traces["async TP"] if k in SP_KINDS)  # the embedding's pair stays
+    steps["SP collectives alone"] = _replay(replaced, world)
+    steps["rings alone"] = _replay([(k, n) for k, n in traces["async TP"] if k == "p2p"], world)
+    timings = timed_rounds(steps, args.rounds, args.steps)
+    if rank == 0:
+        _report_async(timings, tokens, traces, len(replaced) - kept, args, world)
+
+
+def _report_async(
+    timings: dict[str, Timing],
+    tokens: int,
+    traces: dict[str, list[tuple[str, float]]],
+    rings: int,
+    args: argparse.Namespace,
+    world: int,
+) -> None:
+    cfg = bench_model_config()
+    t_sp, t_async, comm = (timings[n].median for n in ("TP + SP", "async TP", "SP collectives alone"))
+    print(
+        f"model: dim {cfg.dim}, {cfg.n_layers} layers | tp={world} gloo ranks + SP | {tokens} tokens per step | "
+        f"{rings} collectives per step become rings"
+    )
+    print(f"{'':22}{'ms/step':>10}{'p2p MB/step':>14}{'AG+RS MB/step':>15}")
+    for name in ("TP + SP", "async TP"):
+        p2p = sum(n for k, n in traces[name] if k == "p2p") / 1e6
+        coll = sum(n for k, n in traces[name] if k in SP_KINDS) / 1e6
+        print(f"{name:22}{1e3 * timings[name].median:10.1f}{p2p:14.2f}{coll:15.2f}")
+    print(f"{'SP collectives alone':22}{1e3 * comm:10.1f}")
+    print(f"{'rings alone':22}{1e3 * timings['rings alone'].median:10.1f}")
+    per_round = [
+        (s - a) / c for s, a, c in zip(*(timings[n].rounds for n in ("TP + SP", "async TP", "SP collectives alone")))
+    ]
+    hidden = (t_sp - t_async) / comm if comm > 0 else 0.0
+    print(
+        f"communication hidden: (T_sp - T_async) / C = {hidden:.2f} (per round min {min(per_round):.2f}, "
+        f"max {max(per_round):.2f}); C is {comm / t_sp:.0%} of the SP step"
+    )
+    record(
+        args,
+        [
+            ratio(
+                "async TP (collective matmul)",
+                timings,
+                "async TP",
+                "TP + SP",
+                tokens,
+                note=f"communication hidden {hidden:.2f} of C = {1e3 * comm:.1f} ms (SP's collectives alone)",
+            )
+        ],
+    )
+
+
 def main() -> None:
     p = bench_parser(__doc__, steps=5)
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--sp", action="store_true", help="sequence parallelism on both sides")
+    p.add_argument("--async-tp", action="store_true", help="our TP + SP with and without async TP")
     args = p.parse_args()
-    spawn(worker, args.world, args)
+    spawn(async_worker if args.async_tp else worker, args.world, args)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ BENCHMARKS = [  # (script, extra arguments)
     ("bench_zero.py", []),
     ("bench_tp.py", []),
     ("bench_tp.py", ["--sp"]),
+    ("bench_tp.py", ["--async-tp"]),
     ("bench_pp.py", []),
     ("bench_cp.py", []),
     ("bench_generate.py", []),

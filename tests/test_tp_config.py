@@ -40,6 +40,8 @@ def _error(world: int, *overrides: str) -> str:
             ["parallel.tp=4", "parallel.sequence_parallel=true", "training.seq_len=30"],
             ["training.seq_len=30", "sequence_parallel"],
         ),
+        (["parallel.tp=2", "parallel.async_tp=true"], ["parallel.async_tp=true", "sequence_parallel=false"]),
+        (["parallel.tp=1", "parallel.async_tp=true"], ["parallel.async_tp=true", "tp=1", "async_tp=false"]),
     ],
 )
 def test_tp_must_divide_the_model(overrides: list[str], fragments: list[str]) -> None:

@@ -1,5 +1,5 @@
-"""Tensor-parallel layouts train to the single-device losses: alone, with plain DP, and with ZeRO 1-3
-(and pipelining) over dp_shard; every rank sends and holds what the planner predicts, and what
+"""Tensor-parallel layouts train to the single-device losses: alone, with plain DP, with ZeRO 1-3
+(and pipelining) over dp_shard, and with async TP's collective matmuls; every rank sends and holds what the planner predicts, and what
 meshtrain reports is what torch.distributed was handed.
 
 All runs use 8 query and 4 kv heads (tiny.toml has 4 and 2), so that tp = 4 divides both and
@@ -59,6 +59,21 @@ ZERO_LAYOUTS = {  # tp2 x ZeRO over dp_shard=2, each tp rank's local shards shar
         ],
     ),
 }
+ASYNC = ("parallel.sequence_parallel=true", "parallel.async_tp=true")
+ASYNC_LAYOUTS = {  # collective matmul: tp4 is tp4-sp with rings; the pipeline's B/W split defers their W
+    "tp4-sp-async": (4, ["parallel.tp=4", *ASYNC, "training.micro_batch=8"]),
+    "pp2-zb-tp2-sp-async-recompute": (
+        4,
+        [
+            "parallel.pp=2",
+            "parallel.pp_schedule=zb-h1",
+            "parallel.tp=2",
+            *ASYNC,
+            "training.micro_batch=2",
+            "training.activation_checkpointing=full",
+        ],
+    ),
+}
 LAYOUTS = {  # name: (nproc, overrides)
     "tp2-accum2": (2, ["parallel.tp=2", "training.micro_batch=4"]),
     "tp4": (4, ["parallel.tp=4", "training.micro_batch=8"]),
@@ -75,6 +90,7 @@ LAYOUTS = {  # name: (nproc, overrides)
     ),
     "tp2-bf16": (2, ["parallel.tp=2", "training.micro_batch=4", "training.dtype=bf16"]),
     **ZERO_LAYOUTS,
+    **ASYNC_LAYOUTS,
 }
 EXACT = [name for name in LAYOUTS if "bf16" not in name]
 
@@ -102,6 +118,19 @@ def test_tp_block_traffic_is_reported_per_step(runs: dict) -> None:
         run, _ = runs[name]
         for rank in range(run.nproc):
             assert all(r["comm_tp_block_bytes"] == 4 * act for r in read_metrics(run.run_dir, rank))
+
+
+def test_async_tp_sends_rings_of_the_same_wire_volume(runs: dict) -> None:
+    """Every region collective of a block became ring steps: p2p only, t - 1 sends of one sequence
+    chunk per collective, ten collectives per block and microbatch (as SP's: gather in, scatter out,
+    and backward's gather, scatter and re-gather per region), so that the wire bytes equal plain
+    SP's; only the embedding's exit (not a matmul) stays a reduce-scatter / all-gather pair."""
+    t, act = 4, 8 * 32 * 64 * 4
+    for async_rank, plain_rank in zip(*(read_metrics(runs[name][0].run_dir, 0) for name in ("tp4-sp-async", "tp4-sp"))):
+        assert async_rank["comm_tp_block_bytes"] == 10 * (t - 1) * act / t
+        assert async_rank["comm_all_gather_bytes"] == async_rank["comm_reduce_scatter_bytes"] == act
+        assert async_rank["comm_p2p_bytes"] > 0 and plain_rank["comm_p2p_bytes"] == 0
+        assert async_rank["comm_wire_bytes"] == plain_rank["comm_wire_bytes"]
 
 
 @pytest.mark.parametrize("layout", ["tp2-bf16", "tp2-sp-bf16"])

@@ -94,11 +94,40 @@ def _check_sequence_parallel_region(comm: TPComm) -> None:
     torch.testing.assert_close(row.weight.grad, _chunk(gwr, comm, 1), **TOL)
 
 
-def _check_split_backward(comm: TPComm, sp: bool) -> None:
+def _async_pair(comm: TPComm, wc: torch.Tensor, wr: torch.Tensor, ring: bool) -> tuple[nn.Module, nn.Module]:
+    return ColumnParallelLinear(wc, comm, True, entry=True, async_tp=ring), RowParallelLinear(wr, comm, True, ring)
+
+
+def _check_async_region_matches_sp(comm: TPComm) -> None:
+    """Collective matmul against plain SP (and, through it, the single device): forward, input and
+    weight gradients within 1e-5, and only ring steps on the wire: t - 1 sends per decomposed
+    collective, of one chunk each, where plain SP issues one all-gather or reduce-scatter."""
+    x, wc, wr, ref, grad, *_ = _mlp_twin()
+    results = []
+    for ring in (False, True):
+        stats = CommStats()
+        ring_comm = TPComm(comm.group, stats)
+        col, row = _async_pair(ring_comm, wc, wr, ring)
+        xt = _leaf(x)
+        shard_out = row(F.gelu(col(scatter_seq(xt, ring_comm))))
+        shard_out.backward(_chunk(grad, comm, 1))
+        results.append((shard_out.detach(), xt.grad, col.weight.grad, row.weight.grad, dict(stats.payload)))
+    (out, gxs, gcs, grs, plain), (aout, agx, agc, agr, counted) = results
+    torch.testing.assert_close(aout, _chunk(ref, comm, 1), **TOL)
+    for got, want in ((aout, out), (agx, gxs), (agc, gcs), (agr, grs)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    t, chunk = comm.size, B * (8 // comm.size) * 12 * 4  # one sequence chunk of the region's input
+    # forward: gather in, reduce-scatter out; backward: the row's gather, the column's reduce-scatter
+    # and re-gather; the scatter_seq of this test's backward is an all-gather of its own
+    assert counted == {"p2p": 5 * (t - 1) * chunk, "all_gather": t * chunk}, counted
+    assert plain == {"all_gather": 4 * t * chunk, "reduce_scatter": 2 * t * chunk}, plain
+
+
+def _check_split_backward(comm: TPComm, sp: bool, ring: bool = False) -> None:
     """The pipeline's B/W split: B leaves the parallel layers' weight gradients to W (which, under SP,
     re-gathers the stored input shard) and the input gradient is complete without them."""
     x, wc, wr, _, grad, gx, gwc, gwr = _mlp_twin()
-    col, row = ColumnParallelLinear(wc, comm, sp, entry=True), RowParallelLinear(wr, comm, sp)
+    col, row = ColumnParallelLinear(wc, comm, sp, entry=True, async_tp=ring), RowParallelLinear(wr, comm, sp, ring)
     queue, deferred = WeightGradQueue(), []
     assert split_weight_grads(nn.ModuleList([col, row]), queue) == 2
     xt = _leaf(x)
@@ -146,23 +175,27 @@ def _check_cross_entropy_and_eval_head(comm: TPComm) -> None:
         torch.testing.assert_close(head.eval()(x), F.linear(x, all_gather_dim(head.weight, comm, 0)), **TOL)
 
 
-def _tp_model(sp: bool, seed: int = 3):
+def _tp_model(sp: bool, seed: int = 3, ring: bool = False):
     model, stats = build_model(CFG, seed=seed), CommStats()
-    tp = apply_tensor_parallel(model, dist.group.WORLD, LLAMA_PLAN, sp, stats)
+    tp = apply_tensor_parallel(model, dist.group.WORLD, LLAMA_PLAN, sp, stats, async_tp=ring)
     return model, tp, stats
 
 
-def block_traffic(b: int, s: int, h: int, sp: bool) -> dict[str, int]:
+def block_traffic(b: int, s: int, h: int, sp: bool, t: int, ring: bool = False) -> dict[str, int]:
     """Payload bytes of one block's TP collectives per microbatch, forward and backward (fp32).
     Narayanan et al.: two regions (attention, MLP), an all-reduce of b*s*h leaving each forward and
     one entering each backward. SP (Korthikanti et al.): each becomes an all-gather / reduce-scatter
-    pair, and each region's input, kept as a sequence shard, is all-gathered again in backward."""
+    pair, and each region's input, kept as a sequence shard, is all-gathered again in backward.
+    Async TP: each of those ten collectives is a ring of t - 1 sends of one chunk (b*s/t*h), and
+    q, k, v (gate, up) share their region's rings."""
     x = b * s * h * 4
+    if ring:
+        return {"p2p": 10 * (t - 1) * x // t}
     return {"all_gather": 6 * x, "reduce_scatter": 4 * x} if sp else {"all_reduce": 4 * x}
 
 
-def _check_block_comm(world: int, sp: bool) -> None:
-    model, tp, _ = _tp_model(sp)
+def _check_block_comm(world: int, sp: bool, ring: bool = False) -> None:
+    model, tp, _ = _tp_model(sp, ring=ring)
     data = torch.randint(0, CFG.vocab_size, (B, S + 1))
     counter = CommCounter().install()
     tp.loss_fn(model(data[:, :-1], torch.arange(S)), data[:, 1:]).backward()
@@ -170,7 +203,7 @@ def _check_block_comm(world: int, sp: bool) -> None:
         tp.sum_partial_grads()  # once per step: every norm weight, in one all-reduce
     counter.uninstall()
     for block in ("layers.0", "layers.1"):
-        assert dict(tp.scopes[block].payload) == block_traffic(B, S, CFG.dim, sp), block
+        assert dict(tp.scopes[block].payload) == block_traffic(B, S, CFG.dim, sp, world, ring), block
     if sp:
         norms = (2 * CFG.n_layers + 1) * CFG.dim * 4
         assert dict(tp.scopes["partial grads"].payload) == {"all_reduce": norms}
@@ -194,25 +227,26 @@ def tp_block_saved_bytes_per_token(cfg: ModelConfig, tp: int, sp: bool, act: int
     return replicated / rep + split / tp
 
 
-def _check_activations(world: int, sp: bool) -> None:
-    model, _, _ = _tp_model(sp)
+def _check_activations(world: int, sp: bool, ring: bool = False) -> None:
+    model, _, _ = _tp_model(sp, ring=ring)
     data = torch.randint(0, CFG.vocab_size, (B, S))
     per_block = saved_bytes_per_block(model, model.model.layers, lambda: model(data, torch.arange(S)))
     # the last block: the first one also holds the RoPE tables that SP indexes by position
     measured = per_block[str(CFG.n_layers - 1)]
     formula = B * S * tp_block_saved_bytes_per_token(CFG, world, sp)
-    assert measured == formula, (world, sp, measured, formula)
+    assert measured == formula, (world, sp, ring, measured, formula)
 
 
-def _check_tied_model_with_recompute(rank: int, world: int) -> None:
+def _check_tied_model_with_recompute(rank: int, world: int, ring: bool = False) -> None:
     """Tied embedding and head share one vocabulary shard; its gradient gets both contributions.
-    With SP and recomputation: the re-gathered shards come from the recomputed forward."""
+    With SP and recomputation: the re-gathered shards come from the recomputed forward (and, under
+    async TP, the recomputed rings' outputs)."""
     cfg = dataclasses.replace(CFG, tie_embeddings=True)
     data = torch.randint(0, CFG.vocab_size, (B, S + 1))
     ref = build_model(cfg, seed=5)
     F.cross_entropy(ref(data[:, :-1]).flatten(0, 1), data[:, 1:].flatten(), reduction="sum").backward()
     model = build_model(cfg, seed=5)
-    tp = apply_tensor_parallel(model, dist.group.WORLD, LLAMA_PLAN, True, CommStats())
+    tp = apply_tensor_parallel(model, dist.group.WORLD, LLAMA_PLAN, True, CommStats(), async_tp=ring)
     apply_activation_checkpointing(model.model.layers, "full", 1)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     tp.loss_fn(model(data[:, :-1], torch.arange(S)), data[:, 1:]).backward()
@@ -263,8 +297,13 @@ def _run_all(rank: int, world: int, tmp: str) -> None:
         _check_embedding(comm, sp)
         _check_block_comm(world, sp)
         _check_activations(world, sp)
+    _check_async_region_matches_sp(comm)
+    _check_split_backward(comm, True, ring=True)
+    _check_block_comm(world, True, ring=True)
+    _check_activations(world, True, ring=True)
     _check_cross_entropy_and_eval_head(comm)
-    _check_tied_model_with_recompute(rank, world)
+    for ring in (False, True):
+        _check_tied_model_with_recompute(rank, world, ring)
     _check_checkpoints(rank, Path(tmp))
 
 

@@ -239,7 +239,7 @@ def _tensor_parallel(
     if p.tp == 1:
         return None
     return apply_tensor_parallel_parts(
-        parts, _axis_group(topo, "tp"), LLAMA_PLAN, p.sequence_parallel, stats, strict=pipe is None
+        parts, _axis_group(topo, "tp"), LLAMA_PLAN, p.sequence_parallel, stats, strict=pipe is None, async_tp=p.async_tp
     )
 
 

@@ -106,6 +106,8 @@ class ParallelConfig:
     """Tensor-parallel degree (Megatron style); must divide the heads and kv heads."""
     sequence_parallel: bool = False
     """With tp > 1, split norms and residual activations along the sequence dimension."""
+    async_tp: bool = False
+    """With sequence_parallel, run its all-gathers and reduce-scatters as collective matmuls: ring steps whose transfers overlap the matmuls that use them."""
     pp: int = 1
     """Pipeline-parallel degree: number of pipeline stages."""
     pp_schedule: str = "1f1b"

@@ -516,6 +516,12 @@ def _check_layout(cfg: Config, world_size: int) -> None:
         raise ConfigError(
             "parallel.sequence_parallel=true needs parallel.tp > 1; set sequence_parallel=false or raise tp"
         )
+    if p.async_tp and not (p.tp > 1 and p.sequence_parallel):
+        raise ConfigError(
+            f"parallel.async_tp=true needs parallel.tp > 1 and parallel.sequence_parallel=true (got tp={p.tp}, "
+            f"sequence_parallel={str(p.sequence_parallel).lower()}): it decomposes SP's collectives; set "
+            f"sequence_parallel=true with tp > 1, or async_tp=false"
+        )
     dp = p.degrees.dp * p.diloco  # the global batch counts the sequences of every island
     if t.grad_accum == -1:
         if t.global_batch % (t.micro_batch * dp):

@@ -20,7 +20,7 @@ when B queues it and again when W has added it to `.grad`, where no autograd hoo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -64,10 +64,20 @@ def _accumulate(weight: nn.Parameter, grad: torch.Tensor) -> None:
 
 def defer_weight_grad(queue: WeightGradQueue, weight: nn.Parameter, compute: Callable[[], torch.Tensor]) -> None:
     """Add compute() to weight.grad now (outside a B), or queue that for W (inside one)."""
+    defer_weight_grads_of(queue, [weight], lambda: [compute()])
+
+
+def defer_weight_grads_of(
+    queue: WeightGradQueue, weights: Sequence[nn.Parameter], compute: Callable[[], Sequence[torch.Tensor | None]]
+) -> None:
+    """defer_weight_grad for several weights whose gradients one computation yields (async tensor
+    parallelism's ring gives a region's column weights theirs together); a None grad adds nothing."""
 
     def weight_grad() -> None:
         with torch.no_grad():  # W runs outside backward, where grad mode is on again
-            _accumulate(weight, compute())
+            for weight, grad in zip(weights, compute()):
+                if grad is not None:
+                    _accumulate(weight, grad)
 
     if queue.target is None:
         weight_grad()  # inside backward (a BW): the weight's own autograd hook fires after this

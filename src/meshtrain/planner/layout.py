@@ -33,6 +33,7 @@ KNOBS = (
     "micro_batch",
     "recompute",
     "sp",
+    "async_tp",
     "offload",
 )
 """Every field of a Layout, in the order the search breaks ties and explanations list them."""
@@ -50,6 +51,8 @@ class Layout(Degrees):
     micro_batch: int = 1
     recompute: str = "none"
     sp: bool = False
+    async_tp: bool = False
+    """SP's collectives run as collective-matmul rings (p2p); the search leaves it off."""
     offload: bool = False
 
     def sort_key(self) -> tuple[int | str | bool, ...]:

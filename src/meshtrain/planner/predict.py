@@ -49,6 +49,7 @@ def config_layout(cfg: Config) -> Layout:
         micro_batch=t.micro_batch,
         recompute="full" if t.activation_checkpointing == "full" else "none",
         sp=p.sequence_parallel,
+        async_tp=p.async_tp,
         offload=p.offload,
     )
 

@@ -82,7 +82,8 @@ def _tp_collectives(
     norms' partial weight gradients are all-reduced once per step. The vocab-parallel loss reduces
     three fp32 values per token (max, sum of exponentials, target logit). Full recomputation replays
     each block's forward only as far as backward needs it (torch's checkpoint stops early): through
-    the attention exit and the MLP's entry, not the MLP's exit.
+    the attention exit and the MLP's entry, not the MLP's exit (under async TP the exit too, see
+    the replay below). Async TP turns SP's region collectives into rings (`_sp_collective`).
     """
     if lay.tp == 1:
         return []
@@ -95,11 +96,11 @@ def _tp_collectives(
     out: list[Collective] = []
     if lay.sp:
         out += [
-            Collective("tp all_gather", "all_gather", hidden, "tp", entries, "exposed_fwd"),
-            Collective("tp reduce_scatter", "reduce_scatter", hidden, "tp", exits, "exposed_fwd"),
-            Collective("tp all_gather", "all_gather", hidden, "tp", exits, "exposed_bwd"),
-            Collective("tp reduce_scatter", "reduce_scatter", hidden, "tp", entries, "exposed_bwd"),
-            Collective("tp sp regather", "all_gather", hidden, "tp", entries, "exposed_bwd"),
+            _sp_collective(lay, "tp all_gather", "all_gather", hidden, entries, "exposed_fwd"),
+            _sp_collective(lay, "tp reduce_scatter", "reduce_scatter", hidden, exits, "exposed_fwd"),
+            _sp_collective(lay, "tp all_gather", "all_gather", hidden, exits, "exposed_bwd"),
+            _sp_collective(lay, "tp reduce_scatter", "reduce_scatter", hidden, entries, "exposed_bwd"),
+            _sp_collective(lay, "tp sp regather", "all_gather", hidden, entries, "exposed_bwd"),
         ]
         if first:
             out += [
@@ -117,13 +118,24 @@ def _tp_collectives(
             out.append(Collective("tp embedding", "all_reduce", resid, "tp", m, "exposed_fwd"))
     if redo > 1:
         replay = [("all_gather", 2), ("reduce_scatter", 1)] if lay.sp else [("all_reduce", 1)]
+        if lay.async_tp:  # the MLP's exit ring replays too: it saves its input only once it has run
+            replay = [("all_gather", 2), ("reduce_scatter", 2)]
         out += [
-            Collective(f"tp recompute {kind}", kind, hidden, "tp", per_block * layers * m, "exposed_bwd")
+            _sp_collective(lay, f"tp recompute {kind}", kind, hidden, per_block * layers * m, "exposed_bwd")
             for kind, per_block in replay
         ]
     if last:
         out.append(Collective("tp vocab loss", "all_reduce", 3 * tokens * 4, "tp", m, "exposed_fwd"))
     return out
+
+
+def _sp_collective(lay: Layout, name: str, kind: str, hidden: float, calls: float, phase: str) -> Collective:
+    """One of SP's region collectives; under async TP its ring instead: t - 1 sends of one sequence
+    chunk (p2p payload (t-1)/t of the collective's, the same wire bytes). The rings overlap their
+    matmuls, which the time model does not credit: they stay in the exposed phases."""
+    if lay.async_tp and kind != "all_reduce":
+        return Collective(f"{name} ring", "p2p", hidden * (lay.tp - 1) / lay.tp, "tp", calls, phase)
+    return Collective(name, kind, hidden, "tp", calls, phase)
 
 
 def _cp_collectives(

@@ -1,5 +1,6 @@
 """The collectives tensor parallelism needs, as small autograd functions (Megatron's f, g and their
-sequence-parallel conjugates), each one counted and logged by the communication layer (core/comm.py).
+sequence-parallel conjugates), each one counted and logged by the communication layer (core/comm.py),
+and the two rings that async tensor parallelism decomposes SP's all-gather and reduce-scatter into.
 
 Activations are batch-first, (b, s, ...), and sequence parallelism shards dim 1. Gloo's single-tensor
 collectives work along dim 0, so the sequence chunks are moved to the front before a collective and
@@ -84,6 +85,49 @@ def reduce_scatter_seq(x: torch.Tensor, comm: TPComm) -> torch.Tensor:
 def split_dim(x: torch.Tensor, comm: TPComm, dim: int = 1) -> torch.Tensor:
     """This rank's chunk along `dim` of a tensor every rank holds whole: no communication."""
     return x.chunk(comm.size, dim=dim)[comm.rank].contiguous()
+
+
+def ring_gather(shard: torch.Tensor, comm: TPComm, use: Callable[[int, torch.Tensor], None]) -> None:
+    """SP's all-gather as t ring steps: use(c, chunk c) runs on each rank's sequence chunk in turn,
+    this rank's own first, while the next chunk is already travelling (collective matmul's gather).
+
+    At step s rank r holds chunk (r + s) mod t; it passes it to r - 1 and takes (r + s + 1) mod t from
+    r + 1. Each rank sends t - 1 chunks: the wire bytes of the all-gather it replaces, as p2p.
+    """
+    t, r = comm.size, comm.rank
+    held = shard.contiguous()
+    for step in range(t):
+        pending = None
+        if step < t - 1:
+            arriving = torch.empty_like(held)
+            pending = layer.exchange([(held, (r - 1) % t)], [(arriving, (r + 1) % t)], comm.group, comm.stats, True)
+        use((r + step) % t, held)
+        if pending is not None:
+            pending.wait()
+            held = arriving
+
+
+def ring_reduce_scatter(partial: Callable[[int], torch.Tensor], comm: TPComm) -> torch.Tensor:
+    """SP's reduce-scatter as t ring steps: partial(c) is this rank's summand of sequence chunk c;
+    returns this rank's chunk of the sum over ranks (collective matmul's reduce-scatter).
+
+    At step s rank r computes its summand of chunk (r - s - 1) mod t while the running sum of that
+    chunk travels from r - 1, adds the two and sends the sum on to r + 1; after t steps the chunk it
+    holds is its own, summed over every rank. t - 1 sends of one chunk each, like the all-gather.
+    """
+    t, r = comm.size, comm.rank
+    pending, arriving = None, None
+    for step in range(t):
+        total = partial((r - step - 1) % t)
+        if pending is not None and arriving is not None:
+            pending.wait()
+            total = total + arriving
+        if step == t - 1:
+            return total
+        sending = total.contiguous()  # named, so it stays alive until the send is waited on
+        arriving = torch.empty_like(sending)
+        pending = layer.exchange([(sending, (r + 1) % t)], [(arriving, (r - 1) % t)], comm.group, comm.stats, True)
+    raise RuntimeError("ring_reduce_scatter needs a group of at least one rank")
 
 
 Op = Callable[[torch.Tensor, TPComm], torch.Tensor]

@@ -130,6 +130,7 @@ class TensorParallelEngine(EngineDecorator):
 
     def describe(self) -> str:
         sp = " with sequence parallelism" if self.tp.sequence_parallel else ""
+        sp += " as collective matmuls (async TP)" if self.tp.async_tp else ""
         return (
             f"tensor parallel over {self.tp.size} ranks{sp}: {len(self.tp.shard_dims)} weights sharded, "
             f"the rest replicated | {self.inner.describe()}"

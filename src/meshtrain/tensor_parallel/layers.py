@@ -9,6 +9,16 @@ reduce-scatters. The column-parallel layers of a sequence-parallel region keep o
 sequence shard for backward and all-gather it again there (Korthikanti et al. 2022, sec. 4.2.2), so
 every activation a block stores is split by the tensor-parallel degree.
 
+Async tensor parallelism (`async_tp`, on top of SP) turns each of those collectives into a collective
+matmul (Wang et al. 2022): a region's entry gathers the sequence chunks around a ring, and every
+column layer of the region multiplies each chunk as it arrives while the next one travels; a row
+layer computes its output chunk by chunk and sends the running sums around the ring, each rank
+adding its own product, so that each chunk's sum ends on the rank that keeps it. Backward is
+decomposed alike: a column region's input gradient is a ring reduce-scatter of per-chunk products,
+its weight gradients multiply the re-gathered chunks as they arrive, and a row layer's output
+gradient is ring-gathered into its input and weight gradients chunk by chunk. What is saved for
+backward is what plain SP saves: the region's input shard, the row layers' inputs, the weights.
+
 Sequence parallelism is a training-time memory saving: in eval mode the layers run plain tensor
 parallelism, so sequences of any length work (generation grows them one token at a time), and the
 vocab-parallel head returns whole logits, like Megatron's parallel_output=False for inference.
@@ -16,11 +26,13 @@ vocab-parallel head returns whole logits, like Megatron's parallel_output=False 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meshtrain.core.weight_grads import WeightGradQueue, defer_weight_grad, split_linear
+from meshtrain.core.weight_grads import WeightGradQueue, defer_weight_grad, defer_weight_grads_of, split_linear
 from meshtrain.tensor_parallel.comm import (
     PendingGather,
     TPComm,
@@ -30,9 +42,12 @@ from meshtrain.tensor_parallel.comm import (
     gather_seq_to_region,
     reduce_from_region,
     reduce_scatter_from_region,
+    ring_gather,
+    ring_reduce_scatter,
 )
 
 _SHARD_ATTR = "_tp_sequence_shard"
+_RING_ATTR = "_tp_ring_outputs"
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -65,13 +80,22 @@ class _Regather:
         return full
 
 
-def enter_region(x: torch.Tensor, comm: TPComm, sequence_parallel: bool) -> torch.Tensor:
-    """The input of a tensor-parallel region: whole on every rank (f), or gathered from shards."""
+def enter_region(
+    x: torch.Tensor, comm: TPComm, sequence_parallel: bool, ring: Sequence[ColumnParallelLinear] = ()
+) -> torch.Tensor:
+    """The input of a tensor-parallel region: whole on every rank (f), or gathered from shards.
+    With `ring` (async TP), the gather is a collective matmul that also computes those column layers'
+    outputs; each of them then finds its own riding on the gathered tensor."""
     dtype = _autocast_dtype(x)
     if dtype is not None:  # the linears would cast anyway; casting first halves the bytes sent
         x = x.to(dtype)
     if not sequence_parallel:
         return copy_to_region(x, comm)
+    if ring:
+        queue = ring[0].weight_grad_queue  # one queue per stage: every layer of a part shares it
+        full, *outputs = _RingColumn.apply(x, comm, queue, *[layer.weight for layer in ring])
+        setattr(full, _RING_ATTR, {id(layer): y for layer, y in zip(ring, outputs)})
+        return full
     full = gather_seq_to_region(x, comm)
     regather = _Regather(comm)
     setattr(full, _SHARD_ATTR, (x, regather))
@@ -117,6 +141,119 @@ class _ShardSavingLinear(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
+def _rows(c: int, size: int) -> slice:
+    return slice(c * size, (c + 1) * size)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return _autocast_dtype(x) or x.dtype
+
+
+class _RingColumn(torch.autograd.Function):
+    """The gathered input x and x @ w.T for each column weight w of a region, from this rank's
+    sequence shard: each arriving chunk is multiplied while the next travels (ring_gather)."""
+
+    @staticmethod
+    def forward(
+        ctx, shard: torch.Tensor, comm: TPComm, queue: WeightGradQueue | None, *weights: nn.Parameter
+    ) -> tuple[torch.Tensor, ...]:
+        ctx.save_for_backward(shard, *weights)
+        ctx.comm, ctx.queue, ctx.weights = comm, queue, weights
+        b, size = shard.shape[0], shard.shape[1]
+        full = shard.new_empty((b, size * comm.size, *shard.shape[2:]))
+        outputs = [shard.new_empty((b, size * comm.size, w.shape[0])) for w in weights]
+        cast = [w.to(shard.dtype) for w in weights]
+
+        def use(c: int, chunk: torch.Tensor) -> None:
+            full[:, _rows(c, size)] = chunk
+            for y, w in zip(outputs, cast):
+                y[:, _rows(c, size)] = F.linear(chunk, w)
+
+        with torch.autocast(shard.device.type, enabled=False):
+            ring_gather(shard, comm, use)
+        return (full, *outputs)
+
+    @staticmethod
+    def backward(ctx, grad_full: torch.Tensor | None, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        shard, *weights = ctx.saved_tensors
+        size, live = shard.shape[1], [(k, g) for k, g in enumerate(grads) if g is not None]
+        cast = {k: weights[k].to(g.dtype) for k, g in live}
+
+        def partial(c: int) -> torch.Tensor:
+            # this rank's summand of chunk c's input gradient: every consumer's, plus any direct use
+            terms = [g[:, _rows(c, size)] @ cast[k] for k, g in live]
+            if grad_full is not None:
+                terms.append(grad_full[:, _rows(c, size)])
+            if not terms:
+                return shard.new_zeros(shard.shape)
+            return torch.stack(terms).sum(0) if len(terms) > 1 else terms[0]
+
+        grad_shard = ring_reduce_scatter(partial, ctx.comm)
+
+        def weight_grads() -> list[torch.Tensor | None]:
+            acc = {k: torch.zeros(weights[k].shape, dtype=torch.float32, device=shard.device) for k, _ in live}
+
+            def use(c: int, chunk: torch.Tensor) -> None:
+                for k, g in live:
+                    acc[k] += (g[:, _rows(c, size)].flatten(0, -2).t() @ chunk.flatten(0, -2).to(g.dtype)).float()
+
+            ring_gather(shard, ctx.comm, use)  # the input was saved as a shard: gather it again
+            return [acc[k].to(w.dtype) if k in acc else None for k, w in enumerate(weights)]
+
+        if ctx.queue is None:
+            return grad_shard, None, None, *weight_grads()
+        defer_weight_grads_of(ctx.queue, ctx.weights, weight_grads)  # at once, or in W (a zero-bubble B)
+        return grad_shard, None, None, *([None] * len(weights))
+
+
+class _RingRow(torch.autograd.Function):
+    """A row layer's matmul and SP's reduce-scatter as one ring: this rank's chunk of the sum over
+    ranks of x @ w.T, each chunk's product computed while the running sums travel."""
+
+    @staticmethod
+    def forward(
+        ctx, x: torch.Tensor, weight: nn.Parameter, comm: TPComm, queue: WeightGradQueue | None
+    ) -> torch.Tensor:
+        dtype = _compute_dtype(x)
+        x = x.to(dtype)  # what F.linear under autocast would save
+        ctx.save_for_backward(x, weight)
+        ctx.comm, ctx.queue, ctx.weight = comm, queue, weight
+        w, size = weight.to(dtype), x.shape[1] // comm.size
+        with torch.autocast(x.device.type, enabled=False):
+            return ring_reduce_scatter(lambda c: F.linear(x[:, _rows(c, size)], w), comm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None, None]:
+        x, weight = ctx.saved_tensors
+        w, size = weight.to(grad.dtype), grad.shape[1]
+        grad_x = x.new_empty(x.shape, dtype=grad.dtype)
+        deferred = ctx.queue is not None and ctx.queue.target is not None  # a zero-bubble B: W does it
+        # in W the weight gradient needs the whole output gradient: keep the gathered chunks for it
+        whole = grad.new_empty((*x.shape[:-1], grad.shape[-1])) if deferred else None
+        acc = None if deferred else torch.zeros(weight.shape, dtype=torch.float32, device=grad.device)
+
+        def use(c: int, chunk: torch.Tensor) -> None:
+            grad_x[:, _rows(c, size)] = chunk @ w
+            if whole is not None:
+                whole[:, _rows(c, size)] = chunk
+            if acc is not None:
+                acc.add_((chunk.flatten(0, -2).t() @ x[:, _rows(c, size)].flatten(0, -2).to(grad.dtype)).float())
+
+        ring_gather(grad, ctx.comm, use)
+
+        def weight_grad() -> torch.Tensor:
+            if acc is not None:
+                return acc.to(weight.dtype)
+            if whole is None:
+                raise RuntimeError("_RingRow: neither a weight gradient nor the output gradient was kept")
+            return (whole.flatten(0, -2).t() @ x.flatten(0, -2).to(whole.dtype)).to(weight.dtype)
+
+        if ctx.queue is None:
+            return grad_x, weight_grad(), None, None
+        defer_weight_grad(ctx.queue, ctx.weight, weight_grad)
+        return grad_x, None, None, None
+
+
 def region_linear(x: torch.Tensor, weight: nn.Parameter, queue: WeightGradQueue | None = None) -> torch.Tensor:
     """F.linear, except on a gathered sequence-parallel input, where only the shard is saved; with a
     `queue` (pipeline B/W split), the weight gradient of a backward inside a B waits for W.
@@ -139,6 +276,7 @@ class ColumnParallelLinear(nn.Module):
 
     `entry=False` when an enclosing region already entered (q, k, v share the attention's entry).
     `gather_in_eval`: in eval mode, return every rank's features (the head's whole logits).
+    `async_tp`: an own entry is a collective matmul (with SP, in training).
     """
 
     def __init__(
@@ -148,10 +286,11 @@ class ColumnParallelLinear(nn.Module):
         sequence_parallel: bool,
         entry: bool,
         gather_in_eval: bool = False,
+        async_tp: bool = False,
     ) -> None:
         super().__init__()
         self.comm, self.sequence_parallel, self.entry = comm, sequence_parallel, entry
-        self.gather_in_eval = gather_in_eval
+        self.gather_in_eval, self.async_tp = gather_in_eval, async_tp
         self.weight = nn.Parameter(_local_rows(full_weight, 0, comm))
         self.weight_grad_queue: WeightGradQueue | None = None
 
@@ -161,7 +300,10 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.entry:
-            x = enter_region(x, self.comm, self.sequence_parallel and self.training)
+            x = enter_region(x, self.comm, self.sequence_parallel and self.training, [self] if self.async_tp else ())
+        ready = getattr(x, _RING_ATTR, None)
+        if ready is not None and id(self) in ready:  # the region's collective matmul computed it
+            return ready.pop(id(self))  # popped: a second call on the same input multiplies again
         y = region_linear(x, self.weight, self.weight_grad_queue)
         return gather_last_dim(y, self.comm) if self.gather_in_eval and not self.training else y
 
@@ -169,9 +311,11 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """y = sum over ranks of x[..., shard] @ W[:, shard].T: the region's exit collective."""
 
-    def __init__(self, full_weight: torch.Tensor, comm: TPComm, sequence_parallel: bool) -> None:
+    def __init__(
+        self, full_weight: torch.Tensor, comm: TPComm, sequence_parallel: bool, async_tp: bool = False
+    ) -> None:
         super().__init__()
-        self.comm, self.sequence_parallel = comm, sequence_parallel
+        self.comm, self.sequence_parallel, self.async_tp = comm, sequence_parallel, async_tp
         self.weight = nn.Parameter(_local_rows(full_weight, 1, comm))
         self.weight_grad_queue: WeightGradQueue | None = None
 
@@ -180,6 +324,8 @@ class RowParallelLinear(nn.Module):
         self.weight_grad_queue = queue
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.async_tp and self.sequence_parallel and self.training:
+            return _RingRow.apply(x, self.weight, self.comm, self.weight_grad_queue)
         partial = region_linear(x, self.weight, self.weight_grad_queue)  # x is feature-split: never a shard
         if self.sequence_parallel and self.training:
             return reduce_scatter_from_region(partial, self.comm)

@@ -100,6 +100,8 @@ class TensorParallel:
     """'layers.3', 'model.embed_tokens', 'lm_head', 'loss', 'partial grads' -> bytes that scope sent."""
     partial_grads: list[nn.Parameter] = field(default_factory=list)
     """Replicated weights whose gradient each rank computes from its sequence shard only (SP norms)."""
+    async_tp: bool = False
+    """SP's collectives run as collective matmuls (meshtrain.tensor_parallel.layers)."""
     grad_comm: TPComm | None = None
     loss_fn: LossFn | None = None
     """The vocab-parallel cross-entropy over the head's sharded logits; None when no part holds the head."""
@@ -128,13 +130,17 @@ def scope_of(module_name: str) -> str:
 
 
 class _RegionEntry:
-    """A forward pre-hook: the module's first argument enters the tensor-parallel region."""
+    """A forward pre-hook: the module's first argument enters the tensor-parallel region. Under async
+    TP the entry's ring multiplies by the weights of the column layers inside the module (q, k, v)."""
 
-    def __init__(self, comm: TPComm, sequence_parallel: bool) -> None:
-        self.comm, self.sequence_parallel = comm, sequence_parallel
+    def __init__(self, comm: TPComm, sequence_parallel: bool, async_tp: bool) -> None:
+        self.comm, self.sequence_parallel, self.async_tp = comm, sequence_parallel, async_tp
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (enter_region(args[0], self.comm, self.sequence_parallel and module.training), *args[1:])
+        ring: list[ColumnParallelLinear] = []
+        if self.async_tp:  # looked up per call: the plan swaps the column layers in after this hook
+            ring = [m for m in module.modules() if isinstance(m, ColumnParallelLinear) and not m.entry]
+        return (enter_region(args[0], self.comm, self.sequence_parallel and module.training, ring), *args[1:])
 
 
 def match_plan(model: nn.Module, plan: dict[str, str], strict: bool = True) -> list[tuple[str, nn.Module, str]]:
@@ -175,13 +181,13 @@ def _parallel_module(
     if getattr(module, "bias", None) is not None:
         raise ValueError(f"{name}: tensor-parallel layers here have no bias; the Llama model uses none")
     _check_divisible(name, weight.shape[dim], "vocabulary size" if style.startswith("vocab") else "features", tp.size)
-    sp = tp.sequence_parallel
+    sp, ring = tp.sequence_parallel, tp.async_tp
     if style == "colwise":
         return ColumnParallelLinear(weight, comm, sp, entry=False)
     if style == "vocab_head":
-        return ColumnParallelLinear(weight, comm, sp, entry=True, gather_in_eval=True)
+        return ColumnParallelLinear(weight, comm, sp, entry=True, gather_in_eval=True, async_tp=ring)
     if style == "rowwise":
-        return RowParallelLinear(weight, comm, sp)
+        return RowParallelLinear(weight, comm, sp, async_tp=ring)
     return VocabParallelEmbedding(weight, comm, sp)
 
 
@@ -195,7 +201,7 @@ def _apply_hook_style(name: str, module: nn.Module, style: str, tp: TensorParall
         _check_divisible(name, heads.n_heads, "n_heads", tp.size)
         _check_divisible(name, heads.n_kv_heads, "n_kv_heads", tp.size)
         heads.n_heads, heads.n_kv_heads = heads.n_heads // tp.size, heads.n_kv_heads // tp.size
-    module.register_forward_pre_hook(_RegionEntry(comm, tp.sequence_parallel))
+    module.register_forward_pre_hook(_RegionEntry(comm, tp.sequence_parallel, tp.async_tp))
 
 
 def apply_tensor_parallel(
@@ -205,9 +211,10 @@ def apply_tensor_parallel(
     sequence_parallel: bool,
     stats: Recorder,
     strict: bool = True,
+    async_tp: bool = False,
 ) -> TensorParallel:
     """Rewrite `model` in place into this rank's tensor-parallel part; return what was sharded."""
-    return apply_tensor_parallel_parts([model], tp_group, plan, sequence_parallel, stats, strict)
+    return apply_tensor_parallel_parts([model], tp_group, plan, sequence_parallel, stats, strict, async_tp)
 
 
 def apply_tensor_parallel_parts(
@@ -217,11 +224,14 @@ def apply_tensor_parallel_parts(
     sequence_parallel: bool,
     stats: Recorder,
     strict: bool = True,
+    async_tp: bool = False,
 ) -> TensorParallel:
     """`apply_tensor_parallel` over several disjoint parts of one model (a rank's pipeline stages),
     recorded in one TensorParallel. A stage holds a subset of the modules, so pass strict=False there:
-    the embedding's, final norm's and head's entries then match nothing on most stages."""
+    the embedding's, final norm's and head's entries then match nothing on most stages. `async_tp`
+    (with SP): the regions' collectives become collective matmuls."""
     tp = TensorParallel(tp_group, sequence_parallel, dist.get_world_size(tp_group), dist.get_rank(tp_group))
+    tp.async_tp = async_tp and sequence_parallel
     tp.grad_comm = tp.comm(stats, "partial grads")
     for part in parts:
         _rewrite(part, tp, plan, stats, strict)
