@@ -86,11 +86,13 @@ def defer_weight_grads_of(
     def in_w() -> None:
         weight_grad()
         for watcher in queue.watchers:
-            watcher.landed(weight)
+            for weight in weights:
+                watcher.landed(weight)
 
     queue.target.append(in_w)
-    for watcher in queue.watchers:
-        watcher.deferred(weight)
+    for watcher in queue.watchers:  # per weight: ZeRO-3 counts what each unit's W still owes it
+        for weight in weights:
+            watcher.deferred(weight)
 
 
 class _SplitLinear(torch.autograd.Function):
