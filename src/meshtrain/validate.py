@@ -18,7 +18,7 @@ from meshtrain.config import SECTIONS, Config, ConfigError, ParallelConfig, laun
 from meshtrain.data.shards import has_val_split, read_meta
 from meshtrain.hf.config import hf_dir, read_hf_config
 from meshtrain.hf.files import expected_params, header_shapes, missing_or_misshaped
-from meshtrain.pipeline.schedules import SCHEDULES, ScheduleError, build_schedule, is_custom, splits_backward
+from meshtrain.pipeline.schedules import SCHEDULES, TWO_BW, ScheduleError, build_schedule, is_custom, splits_backward
 from meshtrain.preflight import tokenizer_vocab
 from meshtrain.tools.schedule_check import validate_schedule
 from meshtrain.validate_comm import check_diloco, check_onebit_adam, check_zeropp, resolve_islands
@@ -28,7 +28,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "training.lr_schedule": ("cosine", "wsd", "constant"),
     "training.activation_checkpointing": ("none", "full"),
     "training.device": ("auto", "cpu", "cuda"),
-    "parallel.pp_schedule": tuple(SCHEDULES),
+    "parallel.pp_schedule": (*SCHEDULES, TWO_BW),
     "parallel.reduce_dtype": ("fp32", "bf16"),
     "parallel.cp_mode": ("ring", "ulysses"),
     "parallel.cp_balance": ("zigzag", "contiguous"),
@@ -386,6 +386,35 @@ def _check_pipeline(cfg: Config) -> None:
             )
 
 
+def _check_two_bw(cfg: Config) -> None:
+    """PipeDream-2BW runs plain pipelining, with or without plain data parallelism, and nothing else."""
+    p, t = cfg.parallel, cfg.training
+    if p.pp == 1 or p.pp_schedule != TWO_BW:
+        return
+    if t.grad_accum < p.pp:
+        raise ConfigError(
+            f"parallel.pp_schedule=2bw needs training.grad_accum >= parallel.pp (got grad_accum={t.grad_accum}, "
+            f"pp={p.pp}): 2BW accumulates a version's gradient over at least pp microbatches; raise global_batch"
+        )
+    unsupported = {
+        "parallel.tp": (p.tp, 1),
+        "parallel.cp": (p.cp, 1),
+        "parallel.ep": (p.ep, 1),
+        "parallel.zero_stage": (p.zero_stage, 0),
+        "parallel.diloco": (p.diloco, 1),
+        "model.n_experts": (cfg.model.n_experts, 0),
+        "optimizer.name": (cfg.optimizer.name, "adamw"),
+        # the stashed version and the gradient in flight are not in a checkpoint: a resume would not be exact
+        "checkpoint.resume": (cfg.checkpoint.resume, "never"),
+    }
+    for name, (value, fix) in unsupported.items():
+        if value != fix:
+            raise ConfigError(
+                f"{name}={value!r} is not supported with parallel.pp_schedule=2bw (plain pipelining with "
+                f"optional data parallelism only); set {name}={fix!r} or use pp_schedule=1f1b"
+            )
+
+
 def _check_custom_schedule(cfg: Config) -> None:
     p, t = cfg.parallel, cfg.training
     where = f"parallel.pp_schedule={p.pp_schedule!r}"
@@ -516,6 +545,7 @@ def validate(cfg: Config, world_size: int, local_world: int = 0) -> Config:
     _check_context(cfg)
     _check_experts(cfg)
     _check_pipeline(cfg)
+    _check_two_bw(cfg)
     _check_zero(cfg)
     check_zeropp(cfg, local_world or world_size)
     check_onebit_adam(cfg)
