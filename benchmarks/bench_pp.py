@@ -21,7 +21,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
 from common import Timing, bench_model_config, bench_parser, ratio, record, spawn, timed_rounds
 from meshtrain.accounting import CommStats
-from meshtrain.config import OptimizerConfig
+from meshtrain.config import ModelConfig, OptimizerConfig
 from meshtrain.core.runner import Batch
 from meshtrain.loss import cross_entropy_sum
 from meshtrain.optim import AdamW
@@ -44,16 +44,22 @@ def _optimizer_step(stage: torch.nn.Module) -> callable:
     return step
 
 
-def worker(rank: int, world: int, args: argparse.Namespace) -> None:
+def _setup(rank: int, world: int, args: argparse.Namespace) -> tuple[ModelConfig, list[Batch], list[torch.nn.Module]]:
+    """The default model, m random microbatches, and two identical copies of this rank's stage."""
     cfg = bench_model_config()
     m, mb, seq = args.microbatches, args.micro_batch, args.seq
     torch.manual_seed(0)
     data = torch.randint(0, cfg.vocab_size, (m, mb, seq + 1))
-    tokens, targets = list(data[..., :-1]), list(data[..., 1:])
-    scale = 1.0 / (m * mb * seq)
     ranges = stage_ranges(split_blocks(cfg, world, "params"))
-    ours_stage = build_stage(cfg, rank, ranges[rank], world, torch.device("cpu"), seed=0)
-    torch_stage = build_stage(cfg, rank, ranges[rank], world, torch.device("cpu"), seed=0)
+    stages = [build_stage(cfg, rank, ranges[rank], world, torch.device("cpu"), seed=0) for _ in range(2)]
+    return cfg, [Batch(x, y) for x, y in zip(data[..., :-1], data[..., 1:])], stages
+
+
+def worker(rank: int, world: int, args: argparse.Namespace) -> None:
+    m, mb, seq = args.microbatches, args.micro_batch, args.seq
+    cfg, batches, (ours_stage, torch_stage) = _setup(rank, world, args)
+    tokens, targets = [b.tokens for b in batches], [b.targets for b in batches]
+    scale = 1.0 / (m * mb * seq)
     schedule = SCHEDULES["1f1b"](world, m)
     ex = PipelineExecutor(
         {rank: ours_stage},
@@ -66,7 +72,6 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> None:
         torch.device("cpu"),
         scale=scale,
     )
-    batches = [Batch(x, y) for x, y in zip(tokens, targets)]
     ours_opt, torch_opt = _optimizer_step(ours_stage), _optimizer_step(torch_stage)
     pipe = Schedule1F1B(
         PipelineStage(torch_stage, rank, world, torch.device("cpu")),
@@ -130,12 +135,8 @@ def _stepped(stage: torch.nn.Module, runner: PipelineExecutor) -> Callable[[list
 
 def two_bw_worker(rank: int, world: int, args: argparse.Namespace) -> None:
     """2BW's row: its executor against our 1F1B on the same stages, data and optimizer."""
-    cfg = bench_model_config()
     m, mb, seq = args.microbatches, args.micro_batch, args.seq
-    torch.manual_seed(0)
-    data = torch.randint(0, cfg.vocab_size, (m, mb, seq + 1))
-    batches = [Batch(x, y) for x, y in zip(data[..., :-1], data[..., 1:])]
-    ranges = stage_ranges(split_blocks(cfg, world, "params"))
+    cfg, batches, stages = _setup(rank, world, args)
     common = dict(
         layout=Layout.looped(world),
         group=dist.group.WORLD,
@@ -146,7 +147,6 @@ def two_bw_worker(rank: int, world: int, args: argparse.Namespace) -> None:
         scale=1.0 / (m * mb * seq),
     )
     windows = {(a, b): two_bw_window(world, m, a, b)[rank] for a in (False, True) for b in (False, True)}
-    stages = [build_stage(cfg, rank, ranges[rank], world, torch.device("cpu"), seed=0) for _ in range(2)]
     flush = PipelineExecutor({rank: stages[0]}, SCHEDULES["1f1b"](world, m)[rank], **common)
     # a run that never reaches its last step: the bench keeps stepping, the drain is not timed
     two = TwoBWExecutor(
