@@ -34,7 +34,8 @@ class Reference:
     """The weights after the last step, by name."""
 
 
-def simulate(cfg: Config, dp: int = 1, delay: int = 1) -> Reference:
+def simulate(cfg: Config, dp: int = 1, delay: int = 1, upto: int | None = None) -> Reference:
+    """The run's first `upto` steps (all of training.steps by default), the lr schedule the whole run's."""
     t = cfg.training
     if delay not in (0, 1):
         raise ValueError(f"delay is 0 or 1 (got {delay})")
@@ -45,7 +46,7 @@ def simulate(cfg: Config, dp: int = 1, delay: int = 1) -> Reference:
     tokens_per_step = t.global_batch * t.seq_len
     ref = Reference([], [], {})
     late: list[torch.Tensor] | None = None  # the gradient waiting one version
-    for k in range(t.steps):
+    for k in range(t.steps if upto is None else upto):
         loss_sum = 0.0
         for rank in range(dp):
             sampler = BatchSampler(len(dataset), t.global_batch, t.micro_batch, rank, dp, t.seed)
