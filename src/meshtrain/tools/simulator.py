@@ -142,18 +142,24 @@ def simulate(schedule: Schedule, costs: Costs = Costs(), layout: Layout | None =
     return SimResult.from_spans(spans, layout.pp, layout.chunks)
 
 
-def simulate_steps(steps: Sequence[Schedule], microbatches: int, costs: Costs = Costs(), carried: int = 0) -> SimResult:
+def simulate_steps(
+    steps: Sequence[Schedule], microbatches: int, costs: Costs | Sequence[Costs] = Costs(), carried: int = 0
+) -> SimResult:
     """Time consecutive optimizer steps, each list starting once every rank has finished the last
     (the trainer's step-end collectives are a barrier). Microbatch id j of step k is the stream's
     (k - carried) * microbatches + j: `carried` 1 for 2BW's windows, whose ids 0..m-1 are the previous
-    step's batch; compute a window needs from earlier steps counts as done before it starts."""
+    step's batch; compute a window needs from earlier steps counts as done before it starts.
+    `costs` may be one per rank (unequal stages, e.g. measured from a trace); comm latency is rank 0's."""
     layout = Layout.infer(steps[-1])
+    per_rank = [costs] * layout.pp if isinstance(costs, Costs) else list(costs)
     spans: list[Span] = []
     start = 0.0
     for k, schedule in enumerate(steps):
         provided = {key for actions in schedule for a in actions for key in provides(a)}
         given = {d for actions in schedule for a in actions for d in needs(a, layout.num_stages)} - provided
-        times = dataflow_times(schedule, layout, lambda a: costs.duration(a.kind), costs.comm, given)
+        times = dataflow_times(
+            schedule, layout, lambda a: per_rank[layout.rank_of(a.stage)].duration(a.kind), per_rank[0].comm, given
+        )
         shift = (k - carried) * microbatches
         spans += [
             Span(rank, a.kind, a.stage, a.microbatch + shift, start + t0, start + t1)
