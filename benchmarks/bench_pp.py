@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import statistics
 from collections.abc import Callable
 
 import torch
@@ -114,6 +115,9 @@ def _report(
     record(args, [ratio("PP (1F1B)", timings, "meshtrain 1F1B", "torch Schedule1F1B", tokens, note=bubble)])
 
 
+TRACED = 7  # steady steps traced per executor for the bubble figures
+
+
 def _stepped(stage: torch.nn.Module, runner: PipelineExecutor) -> Callable[[list[Batch]], None]:
     """One trainer-like step: the runner's passes, the step-end barrier (the trainer's loss and norm
     collectives), then AdamW when the runner has a gradient; gradients live in fixed buffers."""
@@ -154,12 +158,13 @@ def two_bw_worker(rank: int, world: int, args: argparse.Namespace) -> None:
     )
     runners = {"meshtrain 2BW": _stepped(stages[1], two), "meshtrain 1F1B": _stepped(stages[0], flush)}
     timings = timed_rounds({k: functools.partial(f, batches) for k, f in runners.items()}, args.rounds, args.steps)
-    traces: dict[str, list] = {}
-    for name, runner in (("2bw", two), ("1f1b", flush)):
-        runners[f"meshtrain {name.upper()}"](batches)  # a steady step, traced
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, (runner.trace, runner.peak_inflight))
-        traces[name] = gathered
+    traces: dict[str, list] = {"2bw": [], "1f1b": []}
+    for _ in range(TRACED):  # steady steps, traced; one alone is a noisy sample on a shared machine
+        for name, runner in (("2bw", two), ("1f1b", flush)):
+            runners[f"meshtrain {name.upper()}"](batches)
+            gathered: list = [None] * world
+            dist.all_gather_object(gathered, (runner.trace, runner.peak_inflight))
+            traces[name].append(gathered)
     held = sum(p.numel() * 4 for p in stages[1].parameters())
     if rank == 0:
         _two_bw_report(args, timings, m * mb * seq, traces, world, m, held)
@@ -170,16 +175,19 @@ def _two_bw_report(
 ) -> None:
     notes = []
     for name, schedule in (("2bw", [two_bw_window(pp, m, False, False)]), ("1f1b", [SCHEDULES["1f1b"](pp, m)])):
-        records = [t for t, _ in traces[name]]
-        measured = from_trace(records, chunks=1)
-        # each rank's own costs: the stages are not equally fast (the last one computes the loss)
-        costs = [measured_costs([rows], 1) for rows in records]
-        predicted = simulate_steps(schedule, m, costs, carried=1 if name == "2bw" else 0)
-        peaks = ", ".join(f"{peak:g}" for _, peak in traces[name])
+        measured, predicted = [], []
+        for sample in traces[name]:
+            records = [t for t, _ in sample]
+            measured.append(from_trace(records, chunks=1).bubble_rate)
+            # each rank's own costs: the stages are not equally fast (the last one computes the loss)
+            costs = [measured_costs([rows], 1) for rows in records]
+            predicted.append(simulate_steps(schedule, m, costs, carried=1 if name == "2bw" else 0).bubble_rate)
+        peaks = ", ".join(f"{peak:g}" for _, peak in traces[name][-1])
+        per_rank = ", ".join(f"{1e3 * c.f:.0f}/{1e3 * c.b:.0f}" for c in costs)
         notes.append(
-            f"{name}: bubble measured {measured.bubble_rate:.1%}, simulated from each rank's costs "
-            f"{predicted.bubble_rate:.1%}; "
-            f"in flight per rank {peaks} microbatches"
+            f"{name}: bubble measured {statistics.median(measured):.1%}, simulated from each rank's costs "
+            f"{statistics.median(predicted):.1%} (medians of {len(measured)} steps); "
+            f"F/BW ms per rank {per_rank}; in flight per rank {peaks} microbatches"
         )
     notes.append(f"2bw holds two weight copies beside the master: +{2 * held / 2**20:.1f} MiB on rank 0")
     print(f"model: default config, {pp} stages x {m} microbatches, {tokens} tokens per step")
