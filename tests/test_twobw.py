@@ -28,10 +28,13 @@ BASE = [
     "checkpoint.resume=never",
     "model.n_layers=4",
     "training.grad_clip=0.5",  # low enough that clipping acts on some steps
+    "data.val_fraction=0.1",
 ]
 CASES = {  # name: (nproc, dp, overrides); two stages are covered by the data-parallel case
-    "pp4": (4, 1, ["parallel.pp=4"]),
-    "pp2-dp2": (4, 2, ["parallel.pp=2"]),
+    # recomputation runs inside a weight version's copy of the stage
+    "pp4": (4, 1, ["parallel.pp=4", "training.activation_checkpointing=full"]),
+    # an evaluation between steps sets the microbatches in flight aside and runs on the master weights
+    "pp2-dp2": (4, 2, ["parallel.pp=2", "training.eval_interval=2"]),
 }
 
 
@@ -74,6 +77,8 @@ def test_2bw_meets_its_oracle(name: str, runs: dict[str, Run]) -> None:
     ref = reference(CASES[name][1])
     records = read_metrics(runs[name].run_dir)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    if name == "pp2-dp2":
+        assert [r["step"] for r in records if "val_loss" in r] == [2, 4, 5]
     for r, want, norm in zip(records, ref.losses, ref.grad_norms):
         assert rel(r["loss"], want) < TOL, f"step {r['step']}: loss {r['loss']} vs the oracle's {want}"
         assert abs(r["grad_norm"] - norm) < TOL * max(norm, 1.0), (

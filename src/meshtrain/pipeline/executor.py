@@ -295,10 +295,8 @@ class TwoBWExecutor(PipelineExecutor):
         self.grads = {(s, mb - m): t for (s, mb), t in self.grads.items()}
 
     def _module(self, key: Key) -> nn.Module:
-        if not self.training:
-            return self.stages[key[0]]
-        batch = self.step_index - (1 if key[1] < self.microbatches else 0)
-        return self.versions[key[0]][batch % 2]
+        # a training step's forwards are all its own batch's (ids m..2m-1): version slot k % 2
+        return self.versions[key[0]][self.step_index % 2] if self.training else self.stages[key[0]]
 
     def evaluate(self, batches: list[Batch]) -> torch.Tensor:
         """Forward only on the master weights, the microbatches in flight set aside meanwhile."""
