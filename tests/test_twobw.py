@@ -112,3 +112,15 @@ def test_two_weight_versions_and_1f1b_activations(runs: dict[str, Run]) -> None:
             assert last["pp_weight_versions_bytes"] == pytest.approx(2 * params_bytes)
             peaks = {r["pp_peak_inflight"] for r in read_metrics(runs[name].run_dir, rank)}
             assert max(peaks) == pp - rank, (name, rank, peaks)
+
+
+def test_the_trace_is_the_last_window_and_the_schedule_tool_reads_it(runs: dict[str, Run]) -> None:
+    from meshtrain.pipeline.schedules import two_bw_window
+    from meshtrain.tools.trace import compare
+
+    measured, predicted, meta = compare(runs["pp4"].run_dir)
+    assert (meta["schedule"], meta["pp"], meta["microbatches"]) == ("2bw", 4, 4)
+    window = two_bw_window(4, 4, False, True)
+    want = sorted((a.kind.value, a.stage, a.microbatch) for acts in window for a in acts if not a.kind.is_comm)
+    assert sorted((s.kind.value, s.stage, s.microbatch) for s in measured.spans) == want
+    assert sorted((s.kind.value, s.stage, s.microbatch) for s in predicted.spans) == want

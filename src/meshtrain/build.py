@@ -363,7 +363,13 @@ def _pipeline_executor(
     # One trace per stage: from the first data-parallel replica's first tp and cp rank.
     traced = topo.local_rank("dp") == 0 and topo.local_rank("tp") == 0 and topo.local_rank("cp") == 0
     trace_path = Path(cfg.logging.run_dir) / "pp_trace" / f"rank{me}.json" if traced else None
-    meta = {"schedule": p.pp_schedule, "pp": p.pp, "chunks": p.pp_chunks, "microbatches": t.grad_accum}
+    meta = {
+        "schedule": p.pp_schedule,
+        "pp": p.pp,
+        "chunks": p.pp_chunks,
+        "microbatches": t.grad_accum,
+        "steps": t.steps,
+    }
     pp_group = topo.group("pp")
     if pp_group is None:
         raise ValueError("a pipeline executor needs a pipeline group (parallel.pp > 1)")
