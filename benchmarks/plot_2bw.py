@@ -50,7 +50,7 @@ def plot(runs: dict[str, list[dict]], out: Path) -> None:
             label=f"{name} (median, 2nd half: {tps:,.0f})",
         )
     loss_ax.set(xlabel="step", ylabel="training loss", title="loss per step", yscale="log")
-    tps_ax.set(xlabel="step", ylabel="tokens/s (running median of 9)", title="throughput (2 CPU ranks, loaded machine)")
+    tps_ax.set(xlabel="step", ylabel="tokens/s (running median of 9)", title="throughput (2 CPU ranks, shared machine)")
     for ax in (loss_ax, tps_ax):
         ax.grid(alpha=0.3)
         ax.legend()
