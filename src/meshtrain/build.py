@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -62,8 +62,8 @@ from meshtrain.loss import cross_entropy_sum
 from meshtrain.model import Llama, build_model
 from meshtrain.model.moe import LossScale, moe_layers
 from meshtrain.optim import AdamW
-from meshtrain.pipeline.executor import PipelineExecutor
-from meshtrain.pipeline.schedules import Kind, Layout, Schedule, build_schedule
+from meshtrain.pipeline.executor import PipelineExecutor, TwoBWExecutor
+from meshtrain.pipeline.schedules import TWO_BW, Kind, Layout, Schedule, build_schedule, two_bw_window
 from meshtrain.pipeline.stage import build_stage, describe_split, split_blocks, stage_ranges
 from meshtrain.tensor_parallel import LLAMA_PLAN, TensorParallel, TensorParallelEngine, apply_tensor_parallel_parts
 from meshtrain.topology import Topology
@@ -95,6 +95,8 @@ class PipelinePlan:
     layout: Layout
     ranges: list[range]
     """Blocks of each virtual stage."""
+    windows: dict[tuple[bool, bool], Schedule] | None = None
+    """PipeDream-2BW's schedule per (first, last) step (schedules.two_bw_window); None for the others."""
 
     @property
     def splits_backward(self) -> bool:
@@ -260,6 +262,9 @@ def _axis_group(topo: Topology, axis: str) -> dist.ProcessGroup:
 def _pipeline_plan(cfg: Config) -> PipelinePlan:
     p, t = cfg.parallel, cfg.training
     ranges = stage_ranges(split_blocks(cfg.model, p.pp * p.pp_chunks, p.pp_split))
+    if p.pp_schedule == TWO_BW:  # one window per kind of step; the steady one stands for the schedule
+        windows = {(a, b): two_bw_window(p.pp, t.grad_accum, a, b) for a in (False, True) for b in (False, True)}
+        return PipelinePlan(windows[(False, False)], Layout.looped(p.pp), ranges, windows)
     schedule, layout = build_schedule(p.pp_schedule, p.pp, t.grad_accum, p.pp_chunks, p.pp_slices)
     return PipelinePlan(schedule, layout, ranges)
 
@@ -364,11 +369,16 @@ def _pipeline_executor(
         "chunks": p.pp_chunks,
         "microbatches": t.grad_accum,
         "slices": p.pp_slices,
+        "steps": t.steps,
     }
     pp_group = topo.group("pp")
     if pp_group is None:
         raise ValueError("a pipeline executor needs a pipeline group (parallel.pp > 1)")
-    return PipelineExecutor(
+    kwargs: dict[str, Any] = {}
+    if pipe.windows is not None:
+        windows = {key: schedule[me] for key, schedule in pipe.windows.items()}
+        kwargs = {"windows": windows, "microbatches": t.grad_accum, "total_steps": t.steps}
+    return (TwoBWExecutor if pipe.windows is not None else PipelineExecutor)(
         stages=stages,
         actions=pipe.schedule[me],
         layout=pipe.layout,
@@ -387,4 +397,5 @@ def _pipeline_executor(
         trace_meta=meta,
         summary=f"{p.pp_schedule}{f' ({p.pp_slices} token slices)' if p.pp_slices > 1 else ''} over {describe_split(pipe.ranges)}",
         prepare=prepare,
+        **kwargs,
     )

@@ -111,7 +111,7 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel degree: number of pipeline stages."""
     pp_schedule: str = "1f1b"
-    """Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-h2, zb-v (needs pp_chunks=2), terapipe (token slices, see pp_slices), or a path to your own schedule as a .csv file (see `meshtrain schedule --csv-out`)."""
+    """Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-h2, zb-v (needs pp_chunks=2), terapipe (token slices, see pp_slices), 2bw (PipeDream-2BW: no flush, two weight versions, gradients one version late; see docs/pipeline.md), or a path to your own schedule as a .csv file (see `meshtrain schedule --csv-out`)."""
     pp_chunks: int = 1
     """Virtual stages per pipeline rank (v) for interleaved schedules; zb-v needs 2."""
     pp_slices: int = 1

@@ -201,15 +201,17 @@ class Trainer:
         applied = self.guard.check(self.step + 1, loss_mean, grad_norm)
         for hook in self.parallel.hooks:
             hook.before_step(applied)
-        if applied:
+        # a runner may hold its gradient back a step (2BW's first step has none to apply yet)
+        stepped = applied and self.runner.gradient_ready()
+        if stepped:
             if t.grad_clip and grad_norm > t.grad_clip:
                 self.engine.scale_grads(t.grad_clip / (grad_norm + 1e-6))
             self.optim.step(self.engine.optim_grads(), lr)
-        else:
+        elif not applied:
             self.log.warning(f"step {self.step + 1} skipped: {self.guard.last_reason}")
         # every hook runs (a list, not a short-circuiting any()): an outer step may change parameters too
         changed = [hook.after_optimizer(self.step + 1) for hook in self.parallel.hooks]
-        if applied or any(changed):
+        if stepped or any(changed):
             self.engine.after_step()
         self.engine.zero_grad()
         elapsed = time.perf_counter() - start

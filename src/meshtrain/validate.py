@@ -18,25 +18,17 @@ from meshtrain.config import SECTIONS, Config, ConfigError, ParallelConfig, laun
 from meshtrain.data.shards import has_val_split, read_meta
 from meshtrain.hf.config import hf_dir, read_hf_config
 from meshtrain.hf.files import expected_params, header_shapes, missing_or_misshaped
-from meshtrain.pipeline.schedules import (
-    SCHEDULES,
-    SLICED,
-    V_SHAPED,
-    ScheduleError,
-    build_schedule,
-    is_custom,
-    splits_backward,
-)
+from meshtrain.pipeline.schedules import SCHEDULES, TWO_BW, is_custom, splits_backward
 from meshtrain.preflight import tokenizer_vocab
-from meshtrain.tools.schedule_check import validate_schedule
 from meshtrain.validate_comm import check_diloco, check_onebit_adam, check_zeropp, resolve_islands
+from meshtrain.validate_pipeline import check_pipeline, check_slices, check_two_bw
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "training.dtype": ("fp32", "bf16"),
     "training.lr_schedule": ("cosine", "wsd", "constant"),
     "training.activation_checkpointing": ("none", "full"),
     "training.device": ("auto", "cpu", "cuda"),
-    "parallel.pp_schedule": tuple(SCHEDULES),
+    "parallel.pp_schedule": (*SCHEDULES, TWO_BW),
     "parallel.reduce_dtype": ("fp32", "bf16"),
     "parallel.cp_mode": ("ring", "ulysses"),
     "parallel.cp_balance": ("zigzag", "contiguous"),
@@ -222,7 +214,7 @@ def _get(cfg: Config, dotted: str) -> Any:
 def _check_fields(cfg: Config) -> None:
     for key, options in CHOICES.items():
         if key == "parallel.pp_schedule" and is_custom(cfg.parallel.pp_schedule):
-            continue  # a user's schedule file, checked against the layout in _check_custom_schedule
+            continue  # a user's schedule file, checked against the layout in check_custom_schedule
         if _get(cfg, key) not in options:
             raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {', '.join(options)}")
     for key in POSITIVE:
@@ -354,122 +346,6 @@ def _check_expert_parallel(cfg: Config) -> None:
         )
 
 
-def _check_pipeline(cfg: Config) -> None:
-    p, m, t = cfg.parallel, cfg.model, cfg.training
-    if p.pp == 1:
-        defaults = ParallelConfig()
-        for key in ("pp_chunks", "pp_schedule", "pp_split", "pp_slices"):
-            if getattr(p, key) != getattr(defaults, key):
-                raise ConfigError(
-                    f"parallel.{key}={getattr(p, key)!r} has no effect with parallel.pp=1; set "
-                    f"parallel.pp > 1 or leave {key} at {getattr(defaults, key)!r}"
-                )
-        return
-    if is_custom(p.pp_schedule):
-        _check_custom_schedule(cfg)
-    elif p.pp_schedule in V_SHAPED and p.pp_chunks != 2:
-        raise ConfigError(
-            f"parallel.pp_schedule={p.pp_schedule} runs two chunks per rank (a V), but parallel.pp_chunks="
-            f"{p.pp_chunks}; set parallel.pp_chunks=2"
-        )
-    elif p.pp_chunks > 1 and p.pp_schedule != "interleaved-1f1b" and p.pp_schedule not in V_SHAPED:
-        raise ConfigError(
-            f"parallel.pp_chunks={p.pp_chunks} needs parallel.pp_schedule=interleaved-1f1b "
-            f"(got {p.pp_schedule!r}); set pp_chunks=1 or switch the schedule"
-        )
-    if p.pp_schedule == "interleaved-1f1b" and t.grad_accum % p.pp:
-        raise ConfigError(
-            f"interleaved-1f1b needs the microbatches (training.grad_accum={t.grad_accum}) to be a "
-            f"multiple of parallel.pp={p.pp}; set grad_accum to {p.pp * max(1, t.grad_accum // p.pp)} "
-            f"or {p.pp * (t.grad_accum // p.pp + 1)} and adjust global_batch"
-        )
-    if m.tie_embeddings:
-        raise ConfigError(
-            "model.tie_embeddings=true is not supported with parallel.pp > 1 (the embedding and "
-            "lm_head live on different stages); set tie_embeddings=false"
-        )
-    if p.pp_split not in ("params", "uniform"):
-        try:
-            sizes = [int(x) for x in p.pp_split.split(",")]
-        except ValueError:
-            sizes = []
-        if len(sizes) != p.pp * p.pp_chunks or sum(sizes) != m.n_layers or min(sizes, default=0) < 1:
-            raise ConfigError(
-                f"parallel.pp_split={p.pp_split!r} must be params, uniform, or {p.pp * p.pp_chunks} "
-                f"positive block counts summing to model.n_layers={m.n_layers}"
-            )
-
-
-def _check_slices(cfg: Config) -> None:
-    """Token-level pipelining (terapipe): its slices divide the sequence, and it runs under plain pp and dp."""
-    p, t, m = cfg.parallel, cfg.training, cfg.model
-    if p.pp_schedule not in SLICED:
-        if p.pp_slices != 1:
-            raise ConfigError(
-                f"parallel.pp_slices={p.pp_slices} needs parallel.pp_schedule=terapipe (got {p.pp_schedule!r}); "
-                "set pp_slices=1 or pp_schedule=terapipe"
-            )
-        return
-    if t.seq_len % p.pp_slices:
-        raise ConfigError(
-            f"parallel.pp_slices={p.pp_slices} must divide training.seq_len={t.seq_len} (every slice has "
-            "the same length); change pp_slices or seq_len"
-        )
-    # Each refusal: (field, value, is it set, why the slices cannot run with it, what to set)
-    refused = (
-        ("parallel.cp", p.cp, p.cp > 1, "context parallelism shards the sequence that the slices cut", "cp=1"),
-        (
-            "parallel.tp",
-            p.tp,
-            p.tp > 1,
-            "its sharded heads with kept keys and values are a path this build has not verified",
-            "tp=1",
-        ),
-        (
-            "parallel.zero_stage",
-            p.zero_stage,
-            p.zero_stage == 3,
-            "ZeRO-3 gathers each block once per slice, a path this build has not verified",
-            "zero_stage<=2",
-        ),
-        (
-            "model.n_experts",
-            m.n_experts,
-            m.n_experts > 0,
-            "expert routing and its balancing are per whole sequence",
-            "n_experts=0",
-        ),
-        (
-            "training.activation_checkpointing",
-            t.activation_checkpointing,
-            t.activation_checkpointing != "none",
-            "recomputing a block would store its slice's keys and values twice",
-            "activation_checkpointing=none",
-        ),
-    )
-    for field, value, on, why, fix in refused:
-        if on:
-            raise ConfigError(
-                f"parallel.pp_schedule={p.pp_schedule} with {field}={value!r} is not supported ({why}); set {fix}"
-            )
-
-
-def _check_custom_schedule(cfg: Config) -> None:
-    p, t = cfg.parallel, cfg.training
-    where = f"parallel.pp_schedule={p.pp_schedule!r}"
-    try:
-        schedule, layout = build_schedule(p.pp_schedule, p.pp, t.grad_accum, p.pp_chunks)
-        found = 1 + max(a.microbatch for actions in schedule for a in actions)
-        if (layout.pp, layout.chunks, found) != (p.pp, p.pp_chunks, t.grad_accum):
-            raise ScheduleError(
-                f"it has pp={layout.pp}, {layout.chunks} chunks and {found} microbatches but the run has "
-                f"parallel.pp={p.pp}, parallel.pp_chunks={p.pp_chunks}, training.grad_accum={t.grad_accum}"
-            )
-        validate_schedule(schedule, p.pp, p.pp_chunks, t.grad_accum, layout)
-    except (OSError, ValueError) as e:  # ScheduleError is a ValueError
-        raise ConfigError(f"{where}: {e}") from None
-
-
 def _check_zero(cfg: Config) -> None:
     p = cfg.parallel
     if p.offload and p.zero_stage == 0:
@@ -583,8 +459,9 @@ def validate(cfg: Config, world_size: int, local_world: int = 0) -> Config:
     _check_layout(cfg, world_size)
     _check_context(cfg)
     _check_experts(cfg)
-    _check_pipeline(cfg)
-    _check_slices(cfg)
+    check_pipeline(cfg)
+    check_slices(cfg)
+    check_two_bw(cfg)
     _check_zero(cfg)
     check_zeropp(cfg, local_world or world_size)
     check_onebit_adam(cfg)

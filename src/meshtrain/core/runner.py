@@ -109,6 +109,11 @@ class StepRunner(Protocol):
         """The runner's own figures for the step just run (e.g. the pipeline's in-flight peak)."""
         ...
 
+    def gradient_ready(self) -> bool:
+        """Whether the step just run left a gradient for the optimizer (PipeDream-2BW's first step
+        does not: its batch's gradient completes in the next step)."""
+        ...
+
     def describe(self) -> str:
         """A clause for the start-of-training summary ('' when there is nothing to say)."""
         ...
@@ -175,6 +180,9 @@ class MicroStepRunner:
 
     def metrics(self) -> dict[str, float]:
         return {}
+
+    def gradient_ready(self) -> bool:
+        return True
 
     def describe(self) -> str:
         return ""

@@ -29,6 +29,7 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,7 @@ class PipelineExecutor:
         self.steps = group_steps(self.actions)
         self.slices = self.layout.slices
         self.whole = Layout(self.layout.pp, self.layout.ranks)  # evaluation's: whole sequences
+        self.sliced, self.recv_shape = False, self.act_shape
 
     # ---- the StepRunner contract (meshtrain.core.runner) ----------------------------------------
     def run(self, batches: list[Batch]) -> torch.Tensor:
@@ -124,19 +126,36 @@ class PipelineExecutor:
     def _execute(
         self, actions: list[Action], steps: list[list[int]], batches: list[Batch], training: bool
     ) -> torch.Tensor:
-        self.training = training
         self.batches = [self.prepare(with_positions(b, self.device)) for b in batches]
+        self._slice(training)
+        self._clear()
+        self._walk(actions, steps, training)
+        if self.in_flight():
+            raise RuntimeError("pipeline schedule left work undone: it does not cover every microbatch")
+        return self.loss_sum
+
+    def _slice(self, training: bool) -> None:
+        """TeraPipe: a training step's microbatches are cut into token slices, received slice by slice."""
         self.sliced = training and self.slices > 1
         b, seq, *rest = self.act_shape
         self.recv_shape = (b, seq // self.slices, *rest) if self.sliced else self.act_shape
         if self.sliced:
             self.batches = [part for b in self.batches for part in slice_batch(b, self.slices)]
+
+    def _clear(self) -> None:
         self.kv: dict[Key, SliceKV] = {}  # (stage, microbatch): the keys and values its slices made
         self.inputs: dict[Key, torch.Tensor] = {}
         self.outputs: dict[Key, torch.Tensor] = {}
         self.grads: dict[Key, torch.Tensor] = {}
         self.outbox: dict[tuple[Kind, int, int], torch.Tensor] = {}
         self.deferred: dict[Key, list[Callable[[], None]]] = defaultdict(list)
+
+    def in_flight(self) -> bool:
+        """Whether any microbatch still holds state here (a stage input, an output, a gradient)."""
+        return bool(self.inputs or self.outputs or self.grads or self.outbox or self.kv or any(self.deferred.values()))
+
+    def _walk(self, actions: list[Action], steps: list[list[int]], training: bool) -> None:
+        self.training = training
         self.loss_sum = torch.zeros((), dtype=torch.float64)
         for step in steps:
             acts = [actions[i] for i in step]
@@ -149,12 +168,12 @@ class PipelineExecutor:
                 self.trace.append((acts[0].kind.value, acts[0].stage, acts[0].microbatch, start, time.perf_counter()))
             else:
                 self._compute(acts[0])
-        if self.inputs or self.outputs or self.grads or self.outbox or self.kv or any(self.deferred.values()):
-            raise RuntimeError("pipeline schedule left work undone: it does not cover every microbatch")
-        return self.loss_sum
 
     def metrics(self) -> dict[str, float]:
         return {"pp_peak_inflight": self.peak_inflight}
+
+    def gradient_ready(self) -> bool:
+        return True
 
     def describe(self) -> str:
         return self.summary
@@ -206,9 +225,9 @@ class PipelineExecutor:
         with self.autocast():
             if self.sliced:  # positions continue from the sequence's earlier slices, kept with their keys
                 kv = self.kv.setdefault((stage, mb // self.slices), SliceKV(x.shape[1] * self.slices))
-                out = self.stages[stage](x, cache=kv)
+                out = self._module(key)(x, cache=kv)
             else:
-                out = self.stages[stage](x, batch.positions)
+                out = self._module(key)(x, batch.positions)
         if stage == self.last:
             loss = self.loss_fn(out, batch.targets)
             self.loss_sum += loss.detach().double().cpu()
@@ -222,6 +241,10 @@ class PipelineExecutor:
         self.outputs[key] = out
         self.inflight += 1 / (self.layout.chunks * self.slices)
         self.peak_inflight = max(self.peak_inflight, self.inflight)
+
+    def _module(self, key: Key) -> nn.Module:
+        """The module that runs this forward: the stage itself (2BW: the weight version of its batch)."""
+        return self.stages[key[0]]
 
     def _backward(self, key: Key, split: bool) -> None:
         stage, mb = key
@@ -250,3 +273,114 @@ class PipelineExecutor:
             self.grads[(stage - 1, mb)] = grad_in
         else:
             self.outbox[(Kind.SEND_B, stage, mb)] = grad_in
+
+
+@dataclass
+class TwoBWExecutor(PipelineExecutor):
+    """PipeDream-2BW over the same machinery: no flush, two weight versions per stage, delay one.
+
+    Step k runs `schedules.two_bw_window`: batch k's forwards, and the backwards of batch k-1's last
+    microbatches beside batch k's first. Batch k runs on a copy of the weights as they are when step k
+    begins, W(k-1) (the first two batches both on W(0)), kept in version slot k % 2 until its last
+    backward here, so the optimizer may change the stage's own weights while microbatches are in
+    flight. Each slot accumulates its batch's gradient; at the end of step k (k >= 1) batch k-1's
+    is complete on every rank and becomes the engine's gradient, so the trainer's optimizer makes
+    W(k) = W(k-1) - lr * grad f(W(k-2)): 2BW's W(t+1) = W(t) - lr * grad f(W(t-1)). Step 0 has no
+    gradient to apply (`gradient_ready`); the last step drains, its batch's gradient unused (it would
+    make a version no batch runs on). The stage modules hold the master weights the optimizer steps,
+    and evaluation runs on them.
+    """
+
+    windows: dict[tuple[bool, bool], list[Action]] = field(default_factory=dict)
+    """This rank's window by (first, last) step (schedules.two_bw_window)."""
+    microbatches: int = 1
+    total_steps: int = 1
+    versions: dict[int, tuple[nn.Module, nn.Module]] = field(default_factory=dict)
+    """Per stage, the two weight-version copies (built from the stage in __post_init__)."""
+    step_index: int = 0
+    previous: list[Batch] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.window_steps = {key: group_steps(acts) for key, acts in self.windows.items()}
+        self.versions = {s: (_version_copy(mod), _version_copy(mod)) for s, mod in self.stages.items()}
+        self.inflight = 0.0
+        self._clear()
+
+    def run(self, batches: list[Batch]) -> torch.Tensor:
+        if self.engine is not None:
+            self.engine.set_sync(False)
+        k, m = self.step_index, self.microbatches
+        if k >= self.total_steps:
+            raise RuntimeError(f"2bw was built for {self.total_steps} steps; step {k + 1} has no window")
+        self._rekey(m)
+        for stage, pair in self.versions.items():  # batch k's forwards run on the weights as they are now
+            _copy_weights(self.stages[stage], pair[k % 2])
+        current = [self.prepare(with_positions(b, self.device)) for b in batches]
+        # ids 0..m-1 are the previous batch (step 0 has none and never names them)
+        self.batches = (self.previous if k else current) + current
+        self.trace, self.peak_inflight = [], self.inflight
+        window = (k == 0, k == self.total_steps - 1)
+        self._walk(self.windows[window], self.window_steps[window], training=True)
+        if k > 0:  # batch k-1's last backward ran on every rank: its gradient is the engine's
+            for stage, pair in self.versions.items():
+                _hand_gradient(pair[(k - 1) % 2], self.stages[stage])
+        if window[1] and self.in_flight():
+            raise RuntimeError("2bw's last step left microbatches in flight")
+        self.previous, self.step_index = self.batches[m:], k + 1
+        return self.loss_sum
+
+    def _rekey(self, m: int) -> None:
+        """Last step's batch (ids m..2m-1) becomes this step's previous one (ids 0..m-1)."""
+        if any(mb < m for _, mb in [*self.inputs, *self.outputs, *self.grads]):
+            raise RuntimeError("2bw: a microbatch of two steps ago is still in flight")
+        self.inputs = {(s, mb - m): t for (s, mb), t in self.inputs.items()}
+        self.outputs = {(s, mb - m): t for (s, mb), t in self.outputs.items()}
+        self.grads = {(s, mb - m): t for (s, mb), t in self.grads.items()}
+
+    def _module(self, key: Key) -> nn.Module:
+        # a training step's forwards are all its own batch's (ids m..2m-1): version slot k % 2
+        return self.versions[key[0]][self.step_index % 2] if self.training else self.stages[key[0]]
+
+    def evaluate(self, batches: list[Batch]) -> torch.Tensor:
+        """Forward only on the master weights, the microbatches in flight set aside meanwhile."""
+        state = (self.inputs, self.outputs, self.grads, self.outbox, self.deferred, self.batches)
+        try:
+            return super().evaluate(batches)
+        finally:
+            self.inputs, self.outputs, self.grads, self.outbox, self.deferred, self.batches = state
+
+    def gradient_ready(self) -> bool:
+        return self.step_index > 1
+
+    def metrics(self) -> dict[str, float]:
+        held = sum(
+            p.numel() * p.element_size() for pair in self.versions.values() for v in pair for p in v.parameters()
+        )
+        return {**super().metrics(), "pp_weight_versions_bytes": float(held)}
+
+
+def _version_copy(stage: nn.Module) -> nn.Module:
+    """A stage's copy for one weight version: its own parameters. A parameter's deepcopy carries
+    neither its gradient nor its hooks, so the engine's bucket views and DDP's hooks stay the master's."""
+    return deepcopy(stage)
+
+
+@torch.no_grad()
+def _copy_weights(src: nn.Module, dst: nn.Module) -> None:
+    for a, b in zip(src.parameters(), dst.parameters(), strict=True):
+        b.copy_(a)
+        b.grad = None
+
+
+@torch.no_grad()
+def _hand_gradient(version: nn.Module, stage: nn.Module) -> None:
+    """A version's accumulated gradient into the stage's (the engine's buffers); the version's freed."""
+    for v, p in zip(version.parameters(), stage.parameters(), strict=True):
+        if p.grad is None:
+            raise RuntimeError("2bw hands gradients to the engine's buffers: the stage parameter has none")
+        if v.grad is None:
+            p.grad.zero_()
+        else:
+            p.grad.copy_(v.grad)
+        v.grad = None

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import csv
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -222,14 +222,19 @@ def drain(ranks: int, advance: Callable[[int], bool]) -> None:
 
 
 def dataflow_times(
-    schedule: Schedule, layout: Layout, duration: Callable[[Action], float], latency: float = 0.0
+    schedule: Schedule,
+    layout: Layout,
+    duration: Callable[[Action], float],
+    latency: float = 0.0,
+    given: Iterable[Key] = (),
 ) -> list[list[tuple[float, float]]]:
     """(start, end) of every action when each starts as soon as its rank and its inputs allow.
 
     Comm actions are zero-length markers here; a remote input simply arrives ``latency`` after it
-    was produced. Raises ScheduleError when the per-rank orders wait on each other in a cycle.
+    was produced. ``given`` is compute finished before this list starts (an earlier 2BW step's), its
+    results already where they are needed. Raises ScheduleError when the orders wait in a cycle.
     """
-    done: dict[Key, tuple[float, int]] = {}
+    done: dict[Key, tuple[float, int]] = {key: (-latency, -1) for key in given}
     times: list[list[tuple[float, float]]] = [[] for _ in schedule]
 
     def advance(rank: int) -> bool:
@@ -257,7 +262,7 @@ def dataflow_times(
     return times
 
 
-def add_comms(schedule: Schedule, layout: Layout) -> Schedule:
+def add_comms(schedule: Schedule, layout: Layout, given: Iterable[Key] = ()) -> Schedule:
     """Insert SEND/RECV actions into a compute-only schedule so the contract cannot deadlock.
 
     Every message gets one global key: the time its producer finishes in a unit-cost run, then the
@@ -265,10 +270,12 @@ def add_comms(schedule: Schedule, layout: Layout) -> Schedule:
     messages in increasing key order and equal keys share a batch. A rank stuck in a batch then
     waits for a rank stuck in an *earlier* batch of its own, whose keys are all smaller: the
     largest key of the stuck batches falls along any chain of waits, so the chain cannot close.
+    The argument does not need a message's consumer in the list: 2BW's windows receive some
+    gradients in the sender's step and use them in the next (``given`` is `dataflow_times`').
     """
     if any(a.kind.is_comm for actions in schedule for a in actions):
         raise ScheduleError("add_comms expects a compute-only schedule; it already has comm actions")
-    times = dataflow_times(schedule, layout, lambda a: 1.0)
+    times = dataflow_times(schedule, layout, lambda a: 1.0, given=given)
     pending: list[list[tuple[tuple[float, int], Action]]] = [[] for _ in schedule]
     for rank, actions in enumerate(schedule):
         for a, (_, end) in zip(actions, times[rank]):
@@ -473,6 +480,43 @@ def terapipe(pp: int, microbatches: int, chunks: int = 1, slices: int = 1) -> Sc
         for r in range(pp)
     ]
     return add_comms(compute, Layout.looped(pp, 1, slices))
+
+
+TWO_BW = "2bw"
+"""PipeDream-2BW: no flush, so not one self-contained list per step like SCHEDULES' (see `two_bw_window`)."""
+
+
+def two_bw_window(pp: int, microbatches: int, first: bool, last: bool) -> Schedule:
+    """One optimizer step of PipeDream-2BW: the window of a flush-free 1F1B over the microbatch stream.
+
+    Microbatch ids 0..m-1 are the previous step's batch, m..2m-1 this step's. Rank r keeps 1F1B's
+    warmup w = pp-1-r across steps: its window is this batch's m forwards, each followed by the
+    backward of the microbatch w earlier in the stream, so the last w backwards of the previous batch
+    run here. The first step has no previous batch (a warmup prefix); the last drains this batch's
+    last w backwards so nothing stays in flight. A gradient sent to rank r-1 for a backward it runs
+    in the next step is received in this one (the sender's), so no message crosses a step boundary.
+    """
+    _check_sizes(TWO_BW, pp, microbatches, 1)
+    m = microbatches
+    if m < pp:
+        raise ValueError(f"2bw needs at least pp microbatches per batch (got microbatches={m}, pp={pp})")
+    compute: Schedule = []
+    for r in range(pp):
+        w = pp - 1 - r
+        order: list[Action] = []
+        for i in range(m):
+            order.append(Action(Kind.F, r, m + i))
+            if not (first and i < w):
+                order.append(Action(Kind.BW, r, m + i - w))
+        if last:
+            order.extend(Action(Kind.BW, r, p) for p in range(2 * m - w, 2 * m))
+        compute.append(order)
+    # what the previous step left done: every forward of its batch, and each rank's backwards but
+    # the last w (the ones this window runs)
+    given: list[Key] = [] if first else [(Kind.F, s, p) for s in range(pp) for p in range(m)]
+    if not first:
+        given += [(k, s, p) for s in range(pp) for p in range(m - (pp - 1 - s)) for k in (Kind.B, Kind.W)]
+    return add_comms(compute, Layout.looped(pp), given)
 
 
 SCHEDULES: dict[str, Callable[..., Schedule]] = {

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from meshtrain.pipeline.schedules import Kind, Layout, Schedule, dataflow_times
+from meshtrain.pipeline.schedules import Kind, Layout, Schedule, dataflow_times, needs, provides
 
 
 @dataclass(frozen=True)
@@ -148,6 +148,35 @@ def simulate(schedule: Schedule, costs: Costs = Costs(), layout: Layout | None =
         if not a.kind.is_comm
     ]
     return SimResult.from_spans(spans, layout.pp, layout.chunks, layout.slices)
+
+
+def simulate_steps(
+    steps: Sequence[Schedule], microbatches: int, costs: Costs | Sequence[Costs] = Costs(), carried: int = 0
+) -> SimResult:
+    """Time consecutive optimizer steps, each list starting once every rank has finished the last
+    (the trainer's step-end collectives are a barrier). Microbatch id j of step k is the stream's
+    (k - carried) * microbatches + j: `carried` 1 for 2BW's windows, whose ids 0..m-1 are the previous
+    step's batch; compute a window needs from earlier steps counts as done before it starts.
+    `costs` may be one per rank (unequal stages, e.g. measured from a trace); comm latency is rank 0's."""
+    layout = Layout.infer(steps[-1])
+    per_rank = [costs] * layout.pp if isinstance(costs, Costs) else list(costs)
+    spans: list[Span] = []
+    start = 0.0
+    for k, schedule in enumerate(steps):
+        provided = {key for actions in schedule for a in actions for key in provides(a)}
+        given = {d for actions in schedule for a in actions for d in needs(a, layout.num_stages)} - provided
+        times = dataflow_times(
+            schedule, layout, lambda a: per_rank[layout.rank_of(a.stage)].duration(a.kind), per_rank[0].comm, given
+        )
+        shift = (k - carried) * microbatches
+        spans += [
+            Span(rank, a.kind, a.stage, a.microbatch + shift, start + t0, start + t1)
+            for rank, actions in enumerate(schedule)
+            for a, (t0, t1) in zip(actions, times[rank])
+            if not a.kind.is_comm
+        ]
+        start = max((sp.end for sp in spans), default=start)
+    return SimResult.from_spans(spans, layout.pp, 1)
 
 
 def from_trace(

@@ -14,8 +14,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from meshtrain.pipeline.schedules import Kind, TraceRecord, build_schedule
-from meshtrain.tools.simulator import Costs, SimResult, from_trace, simulate
+from meshtrain.pipeline.schedules import TWO_BW, Kind, TraceRecord, build_schedule, two_bw_window
+from meshtrain.tools.simulator import Costs, SimResult, from_trace, simulate, simulate_steps
 
 
 def load_trace(run_dir: Path) -> tuple[dict[str, Any], list[list[TraceRecord]]]:
@@ -47,6 +47,9 @@ def compare(run_dir: Path) -> tuple[SimResult, SimResult, dict[str, Any]]:
     slices = meta.get("slices", 1)  # a token-sliced run's records name units (slices of microbatches)
     measured = from_trace(records, chunks=meta["chunks"], slices=slices)
     costs = measured_costs(records, meta["chunks"] * slices)
+    if meta["schedule"] == TWO_BW:  # the trace is the last step's window (also the first in a one-step run)
+        window = two_bw_window(meta["pp"], meta["microbatches"], meta.get("steps") == 1, True)
+        return measured, simulate_steps([window], meta["microbatches"], costs), meta  # ids as traced
     schedule, layout = build_schedule(meta["schedule"], meta["pp"], meta["microbatches"], meta["chunks"], slices)
     if all(a.kind != Kind.W for rank in schedule for a in rank):
         costs = Costs(f=costs.f, b=costs.b + costs.w, w=0.0)
