@@ -41,6 +41,8 @@ class Case:
     dp: int = 1
     """Data-parallel ranks per island."""
     extra: list[str] = field(default_factory=list)
+    param_tol: float = TOL
+    """Of the final parameters, relative to each tensor's norm (the losses are held to TOL always)."""
 
     def overrides(self) -> list[str]:
         s = self.spec
@@ -63,8 +65,16 @@ CASES = {
     "k2-dp2": Case(4, Diloco(2, 3), dp=2, extra=["training.micro_batch=2"]),
     "k2-dp2-zero3": Case(4, Diloco(2, 3), dp=2, extra=["training.micro_batch=2", "parallel.zero_stage=3"]),
     # the other inner layouts: tensor parallelism with sequence parallelism, a 2-stage 1F1B pipeline
+    # TP + SP sums each row-parallel product in another order than one device: alone, 7 steps of it
+    # leave the weights 4e-6 (of their norm) from one device's on an AMD EPYC (2e-6 on the machine the
+    # test was written on); each outer Nesterov step (lr 0.7, momentum 0.9) applies that noise's
+    # pseudo-gradient about 1.3 times over, and the islands' params end 1.7e-5 off there. A wrong outer
+    # step ends 1e-3 or more away (test_the_outer_step_is_not_local_training).
     "k2-tp2-sp": Case(
-        4, Diloco(2, 3), extra=["training.micro_batch=2", "parallel.tp=2", "parallel.sequence_parallel=true"]
+        4,
+        Diloco(2, 3),
+        extra=["training.micro_batch=2", "parallel.tp=2", "parallel.sequence_parallel=true"],
+        param_tol=5e-5,
     ),
     "k2-pp2": Case(4, Diloco(2, 3), extra=["training.micro_batch=2", "parallel.pp=2"]),
     # streaming: H = 4, F = 2: fragment 0 after steps 2 and 6, fragment 1 after step 4
@@ -134,15 +144,15 @@ def max_rel_gap(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> 
     return max((((got[n] - want[n]).norm() / want[n].norm()).item(), n) for n in want)
 
 
-def assert_params_match(run: Run, ref: Reference) -> None:
+def assert_params_match(run: Run, ref: Reference, tol: float = TOL) -> None:
     """Every tensor of every island within 1e-5 of the reference's, relative to its norm (measured:
     <= 2e-6, ZeRO-3's islands; plain data parallelism's 8e-7). Elementwise the gap reaches 6e-6 on
     a few weights whose gradients are near zero, which AdamW's m / sqrt(v) magnifies: 1e-4 there."""
     for k, (got, want) in enumerate(zip(island_params(run, len(ref.params)), ref.params)):
         gap, name = max_rel_gap(got, want)
-        assert gap < TOL, f"island {k}: {name} is off the reference by {gap:.3g} of its norm"
+        assert gap < tol, f"island {k}: {name} is off the reference by {gap:.3g} of its norm"
         gap, name = max_gap(got, want)
-        assert gap < 10 * TOL, f"island {k}: an element of {name} is off the reference by {gap:.3g}"
+        assert gap < 10 * tol, f"island {k}: an element of {name} is off the reference by {gap:.3g}"
 
 
 def rel(a: float, b: float) -> float:
@@ -256,7 +266,7 @@ def test_islands_match_the_reference(name: str, runs: dict[str, Run]) -> None:
         gaps = [rel(r["loss"], want) for r, want in zip(recs, ref.losses[island])]
         assert max(gaps) < TOL, (rank, island, [(r["loss"], w) for r, w in zip(recs, ref.losses[island])])
         assert [r["outer_fragment"] for r in recs] == ref.fragments, rank
-    assert_params_match(run, ref)
+    assert_params_match(run, ref, case.param_tol)
 
 
 @pytest.mark.dist
