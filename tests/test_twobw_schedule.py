@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import config_error
-from meshtrain.pipeline.schedules import Kind, Schedule, one_f_one_b, two_bw_window
-from meshtrain.tools.schedule_check import check_deadlock
+from meshtrain.pipeline.schedules import Action, Kind, Layout, Schedule, one_f_one_b, two_bw_window
+from meshtrain.tools.schedule_check import check_deadlock, validate_schedule
 from meshtrain.tools.simulator import Costs, simulate_steps
 
 pytestmark = pytest.mark.pure
@@ -40,6 +40,19 @@ def test_windows_cover_the_stream_once_without_deadlock(pp: int) -> None:
             assert set(seen) == every
             # a batch's forwards all run in its own step (they use the version made just before it)
             assert all(seen[(Kind.F, s, i)] == i // m for s in range(pp) for i in range(steps * m))
+
+
+@pytest.mark.parametrize("pp", [2, 3, 4])
+def test_a_run_of_windows_is_one_valid_schedule(pp: int) -> None:
+    """The windows of a whole run, joined with the microbatch ids made global, are one flush-free
+    schedule over steps * m microbatches that the existing validator accepts: every compute once,
+    in order on each rank, every message matched, and no deadlock under the execution contract."""
+    for m, steps in ((pp, 3), (pp + 2, 2)):
+        joined: Schedule = [[] for _ in range(pp)]
+        for k, window in enumerate(windows(pp, m, steps)):
+            for rank, actions in enumerate(window):
+                joined[rank] += [Action(a.kind, a.stage, (k - 1) * m + a.microbatch, a.peer) for a in actions]
+        validate_schedule(joined, pp, 1, steps * m, Layout.looped(pp))
 
 
 def test_no_flush_leaves_only_the_fill_per_step() -> None:
