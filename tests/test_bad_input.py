@@ -164,6 +164,30 @@ CASES: list[tuple[str, list[str], Setup, str]] = [  # id, arguments, setup, frag
         _none,
         "diloco.fragments=3 must divide diloco.inner_steps=4",
     ),
+    (
+        "zb-v on one chunk",
+        ["--nproc", "2", *_set("parallel.pp=2", "parallel.pp_schedule=zb-v")],
+        _none,
+        "runs two chunks per rank (a V), but parallel.pp_chunks=1; set parallel.pp_chunks=2",
+    ),
+    (
+        "slices without terapipe",
+        ["--nproc", "2", *_set("parallel.pp=2", "parallel.pp_slices=4")],
+        _none,
+        "parallel.pp_slices=4 needs parallel.pp_schedule=terapipe",
+    ),
+    (
+        "2bw resuming",
+        ["--nproc", "2", *_set("parallel.pp=2", "parallel.pp_schedule=2bw")],
+        _none,
+        "checkpoint.resume='auto' is not supported with parallel.pp_schedule=2bw (its stashed weight version",
+    ),
+    (
+        "async tp without sp",
+        ["--nproc", "2", *_set("parallel.tp=2", "parallel.async_tp=true")],
+        _none,
+        "parallel.async_tp=true needs parallel.tp > 1 and parallel.sequence_parallel=true",
+    ),
 ]
 
 

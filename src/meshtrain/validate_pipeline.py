@@ -128,22 +128,24 @@ def check_two_bw(cfg: Config) -> None:
             f"parallel.pp_schedule=2bw needs training.grad_accum >= parallel.pp (got grad_accum={t.grad_accum}, "
             f"pp={p.pp}): 2BW accumulates a version's gradient over at least pp microbatches; raise global_batch"
         )
+    layout = "plain pipelining with optional data parallelism only"
+    # the stashed version and the gradient in flight are not in a checkpoint: a resume would not be exact
+    inexact = "its stashed weight version and in-flight gradient are not checkpointed, so a resume would not be exact"
     unsupported = {
-        "parallel.tp": (p.tp, 1),
-        "parallel.cp": (p.cp, 1),
-        "parallel.ep": (p.ep, 1),
-        "parallel.zero_stage": (p.zero_stage, 0),
-        "parallel.diloco": (p.diloco, 1),
-        "model.n_experts": (cfg.model.n_experts, 0),
-        "optimizer.name": (cfg.optimizer.name, "adamw"),
-        # the stashed version and the gradient in flight are not in a checkpoint: a resume would not be exact
-        "checkpoint.resume": (cfg.checkpoint.resume, "never"),
+        "parallel.tp": (p.tp, 1, layout),
+        "parallel.cp": (p.cp, 1, layout),
+        "parallel.ep": (p.ep, 1, layout),
+        "parallel.zero_stage": (p.zero_stage, 0, layout),
+        "parallel.diloco": (p.diloco, 1, layout),
+        "model.n_experts": (cfg.model.n_experts, 0, layout),
+        "optimizer.name": (cfg.optimizer.name, "adamw", layout),
+        "checkpoint.resume": (cfg.checkpoint.resume, "never", inexact),
     }
-    for name, (value, fix) in unsupported.items():
+    for name, (value, fix, why) in unsupported.items():
         if value != fix:
             raise ConfigError(
-                f"{name}={value!r} is not supported with parallel.pp_schedule=2bw (plain pipelining with "
-                f"optional data parallelism only); set {name}={fix!r} or use pp_schedule=1f1b"
+                f"{name}={value!r} is not supported with parallel.pp_schedule=2bw ({why}); "
+                f"set {name}={fix!r} or use pp_schedule=1f1b"
             )
 
 
