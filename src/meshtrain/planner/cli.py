@@ -223,7 +223,8 @@ def _config_workload(args: argparse.Namespace, cfg: Config, world: int) -> Workl
     """Our runs keep fp32 weights, grads and Adam state; only activations follow training.dtype."""
     t = cfg.training
     cluster = _cluster(args, "cpu")
-    if cfg.logging.peak_tflops > 0:
+    # the run's own peak stands in for the default cluster's, never for one the user names
+    if cfg.logging.peak_tflops > 0 and not args.cluster:
         cluster = dataclasses.replace(cluster, peak_tflops=cfg.logging.peak_tflops)
     return Workload(
         from_model_config(cfg.model, t.seq_len, name=args.config),

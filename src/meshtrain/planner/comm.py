@@ -5,6 +5,10 @@ all-gather (n-1)/n x payload (payload = the full, unsharded tensor), in 2(n-1) o
 of latency alpha each. Point-to-point moves the payload once. The bandwidth is the node's
 NVLink when the group fits in a node and the per-device network bandwidth otherwise; the
 slowest link sets a ring's pace.
+
+A calibrated cluster (`meshtrain bench-comm --calibrate`) carries measured fits, alpha + bytes / beta
+per op and group size; an in-node collective of a fitted op uses the fit of its group size, or the
+nearest measured size rescaled by the ring model (alpha by latency steps, beta by bus factor).
 """
 
 from __future__ import annotations
@@ -13,12 +17,12 @@ import math
 
 from meshtrain.accounting import wire_factor
 from meshtrain.planner.layout import Group
-from meshtrain.planner.presets import ClusterSpec
+from meshtrain.planner.presets import COMM_OPS, ClusterSpec, CommFit
 
-RING_KINDS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "p2p")
+RING_KINDS = COMM_OPS  # the kinds a calibrated fit may name are the ring model's
 
 
-def _ring(kind: str, n: int) -> tuple[float, int]:
+def ring_terms(kind: str, n: int) -> tuple[float, int]:
     """(bytes sent per payload byte, latency steps) of a collective over n ranks."""
     if kind not in RING_KINDS:
         raise ValueError(f"unknown collective kind {kind!r}; expected one of {', '.join(RING_KINDS)}")
@@ -29,7 +33,7 @@ def _ring(kind: str, n: int) -> tuple[float, int]:
 
 def wire_bytes(kind: str, payload: float, n: int) -> float:
     """Bytes one rank sends for a collective of `payload` bytes over n ranks."""
-    return _ring(kind, n)[0] * payload if n > 1 else 0.0
+    return ring_terms(kind, n)[0] * payload if n > 1 else 0.0
 
 
 def _link(cluster: ClusterSpec, group: Group) -> tuple[float, float]:
@@ -43,7 +47,20 @@ def collective_time(kind: str, payload: float, group: Group, cluster: ClusterSpe
     Each bucket pays the ring's latency again, which is what makes tiny buckets slow."""
     if group.size <= 1 or payload <= 0:
         return 0.0
-    bw, alpha = _link(cluster, group)
     calls = math.ceil(payload / bucket) if bucket > 0 else 1
-    factor, steps = _ring(kind, group.size)
+    factor, steps = ring_terms(kind, group.size)
+    fit = None if group.inter_node else cluster.fit_for(kind, group.size)
+    if fit is not None:
+        return calls * _fitted_alpha(fit, kind, group.size) + payload / _fitted_beta(fit, kind, group.size)
+    bw, alpha = _link(cluster, group)
     return calls * steps * alpha + factor * payload / bw
+
+
+def _fitted_alpha(fit: CommFit, kind: str, n: int) -> float:
+    """Seconds of fixed cost per call at n ranks: the fit's, scaled by latency steps when n differs."""
+    return fit.alpha_us * 1e-6 * ring_terms(kind, n)[1] / ring_terms(kind, fit.ranks)[1]
+
+
+def _fitted_beta(fit: CommFit, kind: str, n: int) -> float:
+    """Payload bytes per second at n ranks: the fit's bus bandwidth (beta x bus factor) over n's factor."""
+    return fit.beta_gbs * 1e9 * ring_terms(kind, fit.ranks)[0] / ring_terms(kind, n)[0]

@@ -18,6 +18,9 @@ names a preset to start from:
     pcie_bw_gbs = 25.0          # host <-> device, for CPU offload
     host_bw_gbs = 100.0         # host memory bandwidth, for the offloaded Adam step
     precision = "bf16"          # bf16: mixed precision (16-bit params/grads, fp32 master + Adam); fp32: all fp32
+    # measured fits, time = alpha + bytes / beta, one per op and group size (`bench-comm --calibrate`);
+    # an in-node collective of a fitted op uses its fit instead of the bandwidth and latency above
+    collectives = [{ op = "all_reduce", ranks = 2, alpha_us = 60.0, beta_gbs = 1.5 }]
 
 Model TOML (`--model my.toml`): a `[model]` table with either meshtrain's own ModelConfig keys
 (dim, n_layers, n_heads, n_kv_heads, vocab_size, ffn_dim, tie_embeddings, ...; any run config
@@ -38,6 +41,26 @@ from meshtrain.config import ModelConfig, load_config
 from meshtrain.model.math import ModelShape, from_model_config
 from meshtrain.planner.errors import PlanError
 
+COMM_OPS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "p2p")
+
+
+@dataclass(frozen=True)
+class CommFit:
+    """A measured collective: one call of `bytes` (bench-comm's size convention) takes alpha + bytes / beta."""
+
+    op: str
+    """One of COMM_OPS (the planner's kinds; bench-comm's send_recv is p2p)."""
+    ranks: int
+    """Group size it was measured at."""
+    alpha_us: float
+    """Fixed cost of one call, microseconds."""
+    beta_gbs: float
+    """Bytes per second of the size-dependent part, GB/s (algorithm bandwidth, not bus)."""
+    r2: float = 1.0
+    """Fit quality, recorded for the reader; the planner does not use it."""
+    max_rel_residual: float = 0.0
+    """Largest |fit - median| / median over the sizes fitted; recorded only."""
+
 
 @dataclass(frozen=True)
 class ClusterSpec:
@@ -57,6 +80,13 @@ class ClusterSpec:
     pcie_bw_gbs: float = 25.0
     host_bw_gbs: float = 100.0
     precision: str = "bf16"
+    collectives: tuple[CommFit, ...] = ()
+    """Measured per-op, per-group-size fits; empty for the presets (the ring model above applies)."""
+
+    def fit_for(self, op: str, ranks: int) -> CommFit | None:
+        """The fit of `op` at `ranks`, else the one of `op` at the nearest measured size, else None."""
+        mine = [f for f in self.collectives if f.op == op]
+        return min(mine, key=lambda f: (abs(f.ranks - ranks), -f.ranks), default=None)
 
     @property
     def peak_flops(self) -> float:
@@ -84,6 +114,13 @@ class ClusterSpec:
                 raise PlanError(f"cluster {self.name}: {key}={getattr(self, key)} must be in (0, 1]")
         if self.precision not in ("bf16", "fp32"):
             raise PlanError(f"cluster {self.name}: precision={self.precision!r} must be bf16 or fp32")
+        for f in self.collectives:
+            if f.op not in COMM_OPS or f.ranks < 2 or f.alpha_us < 0 or f.beta_gbs <= 0:
+                raise PlanError(
+                    f"cluster {self.name}: collectives entry op={f.op!r} ranks={f.ranks} alpha_us={f.alpha_us} "
+                    f"beta_gbs={f.beta_gbs}: op must be one of {', '.join(COMM_OPS)}, ranks >= 2, "
+                    "alpha_us >= 0 and beta_gbs > 0"
+                )
         return self
 
 
@@ -217,7 +254,15 @@ def load_cluster(spec: str) -> ClusterSpec:
         base = dataclasses.asdict(CLUSTERS[base_name])
     base["name"] = path.stem  # a custom cluster is named after its file unless it says otherwise
     merged = {**base, **_coerce(values, ClusterSpec, str(path))}
+    merged["collectives"] = _comm_fits(merged.get("collectives", ()), str(path))
     return _build(ClusterSpec, merged, str(path)).check()
+
+
+def _comm_fits(entries: Any, where: str) -> tuple[CommFit, ...]:
+    """`collectives = [{op = ..., ranks = ..., alpha_us = ..., beta_gbs = ...}, ...]` as CommFits."""
+    if not isinstance(entries, (list, tuple)) or not all(isinstance(e, dict) for e in entries):
+        raise PlanError(f'{where}: collectives should be a list of tables such as {{ op = "all_reduce", ... }}')
+    return tuple(_build(CommFit, _coerce(dict(e), CommFit, f"{where} collectives"), where) for e in entries)
 
 
 def load_model(spec: str) -> ModelShape:

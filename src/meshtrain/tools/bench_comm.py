@@ -10,6 +10,9 @@ all-to-all's what each rank holds. Every result is checked against the values it
 The calls go straight to torch.distributed (the backend is what is measured), apart from
 `all_gather_int8`: core.comm's compressed all-gather (int8 codes and a scale per 2,048 elements),
 timed on the fp32 bytes it stands for, so its bandwidth reads against the plain all-gather's.
+
+`--calibrate out.toml` fits alpha and beta per op and group size, times matmuls on every rank at
+once, and writes a cluster TOML for `meshtrain plan --cluster` (tools/calibrate.py).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ examples:
   meshtrain bench-comm --nproc 4
   meshtrain bench-comm --nproc 2 --ops all_reduce,all_to_all --sizes 1K:16M --json
   meshtrain bench-comm --nproc 4 --out busbw.png
+  meshtrain bench-comm --nproc 4 --calibrate mine.toml && meshtrain plan --cluster mine.toml --config configs/default.toml
 """
 
 
@@ -148,6 +152,8 @@ def _worker(rank: int, n: int, store: str, plan: dict[str, Any], out: str) -> No
     times, ok = got[:, :2].contiguous(), got[:, 2].contiguous()
     dist.all_reduce(times, op=dist.ReduceOp.MAX)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if plan.get("matmul"):
+        _matmul(rank, n, dtype, plan["backend"], out)
     if rank == 0:
         rows = []
         for (op, size), (median, fastest), right in zip(cases, times.tolist(), ok.tolist()):
@@ -169,14 +175,33 @@ def _worker(rank: int, n: int, store: str, plan: dict[str, Any], out: str) -> No
     os._exit(0)  # gloo can abort in interpreter teardown; the work is written
 
 
-def run_bench(nproc: int, ops: list[str], sizes: list[int], dtype: str, backend: str, iters: int) -> list[dict]:
+def _matmul(rank: int, n: int, dtype: Any, backend: str, out: str) -> None:
+    """Every rank times matmuls at the same moment (oversubscription measured); rank 0 writes the
+    slowest rank's best FLOP/s, since a step waits for its slowest rank."""
+    import torch
+    import torch.distributed as dist
+
+    from meshtrain.tools.calibrate import matmul_flops
+
+    dist.barrier()
+    mine = torch.tensor([matmul_flops(dtype, f"cuda:{rank}" if backend == "nccl" else "cpu")], dtype=torch.float64)
+    dist.all_reduce(mine, op=dist.ReduceOp.MIN)
+    if rank == 0:
+        Path(out + ".matmul").write_text(json.dumps(mine.item()))
+
+
+def run_bench(
+    nproc: int, ops: list[str], sizes: list[int], dtype: str, backend: str, iters: int, matmul: bool = False
+) -> tuple[list[dict], float]:
+    """The rows, and with `matmul` the per-rank matmul FLOP/s with all ranks busy (else 0)."""
     import torch.multiprocessing as mp
 
-    plan = {"ops": ops, "sizes": sizes, "dtype": dtype, "backend": backend, "iters": iters}
+    plan = {"ops": ops, "sizes": sizes, "dtype": dtype, "backend": backend, "iters": iters, "matmul": matmul}
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.json")
         mp.spawn(_worker, args=(nproc, os.path.join(tmp, "store"), plan, out), nprocs=nproc, join=True)
-        return list(json.loads(Path(out).read_text()))
+        flops = float(json.loads(Path(out + ".matmul").read_text())) if matmul else 0.0
+        return list(json.loads(Path(out).read_text())), flops
 
 
 def add_parser(subparsers: Any) -> None:
@@ -204,6 +229,12 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list instead of a table")
     p.add_argument("--out", help="draw busbw against size, one line per op, into this PNG")
+    p.add_argument(
+        "--calibrate",
+        metavar="PATH",
+        help="fit alpha + bytes/beta per op and group size (also at 2 ranks when --nproc > 2), time matmuls "
+        "on all ranks at once, and write a cluster TOML for `meshtrain plan --cluster PATH`",
+    )
     p.set_defaults(func=run_cli)
 
 
@@ -222,27 +253,45 @@ def _checked(args: argparse.Namespace) -> tuple[list[str], list[int]]:
         if torch.cuda.device_count() < args.nproc:
             raise ConfigError(f"--backend nccl needs {args.nproc} GPUs, this machine has {torch.cuda.device_count()}")
     try:
-        return ops, parse_sizes(args.sizes)
+        sizes = parse_sizes(args.sizes)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if args.calibrate:
+        target = Path(args.calibrate)
+        if target.suffix != ".toml" or len(sizes) < 2 or not target.parent.is_dir():
+            raise ConfigError(
+                f"--calibrate {args.calibrate!r} with --sizes {args.sizes!r}: needs a .toml path in an existing "
+                f"folder and at least two sizes to fit a line (got {len(sizes)}); e.g. --sizes 1K:1M"
+            )
+    return ops, sizes
 
 
 def run_cli(args: argparse.Namespace) -> int:
     ops, sizes = _checked(args)
-    rows = run_bench(args.nproc, ops, sizes, args.dtype, args.backend, args.iters)
+    rows, busy = run_bench(args.nproc, ops, sizes, args.dtype, args.backend, args.iters, bool(args.calibrate))
+    if args.calibrate and args.nproc > 2:  # a second group size, so the fits are not all at one n
+        rows = run_bench(2, ops, sizes, args.dtype, args.backend, args.iters)[0] + rows
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
         print(f"# {args.nproc} ranks, {args.backend}, {args.dtype}; time: median of {args.iters} calls (min)")
-        print(f"{'op':>16} {'bytes':>12} {'time us':>11} {'min us':>11} {'algbw GB/s':>11} {'busbw GB/s':>11}  ok")
+        print(
+            f"{'op':>16} {'ranks':>5} {'bytes':>12} {'time us':>11} {'min us':>11} {'algbw GB/s':>11} {'busbw GB/s':>11}  ok"
+        )
         for r in rows:
             print(
-                f"{r['op']:>16} {r['bytes']:>12,} {r['time_us']:>11.1f} {r['min_us']:>11.1f} "
+                f"{r['op']:>16} {r['ranks']:>5} {r['bytes']:>12,} {r['time_us']:>11.1f} {r['min_us']:>11.1f} "
                 f"{r['algbw']:>11.3f} {r['busbw']:>11.3f}  {'yes' if r['ok'] else 'NO'}"
             )
     if args.out:
-        _plot(rows, Path(args.out), args.nproc, args.backend)
+        _plot([r for r in rows if r["ranks"] == args.nproc], Path(args.out), args.nproc, args.backend)
         print(f"# busbw plot: {args.out}", file=sys.stderr)
+    if args.calibrate:
+        from meshtrain.tools import calibrate
+
+        info = calibrate.describe(args, calibrate.alone_flops(args.dtype, args.backend), busy)
+        lines = calibrate.write(Path(args.calibrate), rows, info)
+        print("\n".join(lines), file=sys.stderr if args.json else sys.stdout)
     return 0 if all(r["ok"] for r in rows) else 1
 
 
