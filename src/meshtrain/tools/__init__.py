@@ -16,5 +16,6 @@
 - tokenizer_cli.py   `meshtrain tokenizer train`: a byte-level BPE tokenizer.json from a corpus
 - prepare_data.py    `meshtrain prepare-data`: a corpus tokenized into memory-mapped token shards
 - bench_comm.py      `meshtrain bench-comm`: time, algbw and busbw of each collective, nccl-tests style
+- scaling.py         `meshtrain scaling`: a measured IsoFLOP grid, its L(N, D) fit beside the published ones
 - lighthouse.py      `meshtrain lighthouse`: the store at which separately launched DiLoCo islands meet
 """
