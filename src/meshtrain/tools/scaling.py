@@ -229,11 +229,13 @@ def frontier_rows(law: LossFit, budgets: list[float]) -> list[dict[str, float]]:
 
 
 def report(points: list[Point], law: LossFit, rms: float, budgets: list[float]) -> dict[str, Any]:
-    s = law.alpha + law.beta
+    def exponents(f: LossFit) -> dict[str, float]:  # N* ~ C^a, D* ~ C^b
+        return {"a": f.beta / (f.alpha + f.beta), "b": f.alpha / (f.alpha + f.beta)}
+
     return {
         "points": [asdict(p) for p in points],
-        "fit": {**asdict(law), "rms": rms, "a": law.beta / s, "b": law.alpha / s},
-        "hoffmann_fit": {**asdict(HOFFMANN), "a": HOFFMANN.beta / 0.62, "b": HOFFMANN.alpha / 0.62},
+        "fit": {**asdict(law), "rms": rms, **exponents(law)},
+        "hoffmann_fit": {**asdict(HOFFMANN), **exponents(HOFFMANN)},
         "kaplan": {"a": 0.73},
         "frontier": frontier_rows(law, budgets),
     }
@@ -293,7 +295,9 @@ def plot(rep: dict[str, Any], path: Path) -> None:
     front.plot(cs, [HOFFMANN.optimum(c).params for c in cs], "--", label="Hoffmann et al. fit (C^0.45)")
     front.plot(cs, [math.sqrt(c / (6 * TOKENS_PER_PARAM)) for c in cs], ":", label="Chinchilla D = 20 N (C^0.5)")
     front.plot(cs, [kaplan(c).params for c in cs], "-.", label="Kaplan et al. (C^0.73)")
-    front.plot(budgets, [law.optimum(c).params for c in budgets], "*", color="k", markersize=10)
+    front.plot(budgets, [law.optimum(c).params for c in budgets], "*", color="k", markersize=10, label="fitted N*")
+    best = [min((p for p in rep["points"] if p["budget"] == c), key=lambda p: p["loss"])["params"] for c in budgets]
+    front.plot(budgets, best, "o", mfc="none", color="k", label="best measured size")
     front.set_xscale("log")
     front.set_yscale("log")
     front.set_xlabel("compute C = 6ND (FLOPs)")
