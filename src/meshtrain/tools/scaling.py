@@ -46,10 +46,11 @@ class Point:
 
 
 def family(dim: int) -> ModelConfig:
-    """The family's model of width `dim`: depth grows with width (dim/32 layers, at least 1)."""
+    """The family's model of width `dim`: depth grows with width (dim/32 layers, halves rounded up,
+    at least 1)."""
     return ModelConfig(
         dim=dim,
-        n_layers=max(1, round(dim / 32)),
+        n_layers=max(1, (dim + 16) // 32),
         n_heads=dim // HEAD_DIM,
         n_kv_heads=dim // HEAD_DIM,
         vocab_size=256,
