@@ -212,6 +212,7 @@ LAZY = {
         "meshtrain.tools.bench_comm",
         "time collectives over local ranks: time, algbw and busbw per op and size",
     ),
+    "scaling": ("meshtrain.tools.scaling", "train an IsoFLOP grid here and fit Chinchilla's L(N, D)"),
     "lighthouse": (
         "meshtrain.tools.lighthouse",
         "host the rendezvous store of DiLoCo islands launched separately (diloco.join)",

@@ -132,7 +132,7 @@ def build_dataset(cfg: DataConfig, tok: Tokenizer, seq_len: int, seed: int, spli
         raise ValueError(f"split={split!r}: one of {SPLITS}")
     if cfg.source == "tokens":
         return TokenDataset(Path(cfg.path), split, seq_len)
-    return held_out(_stream(cfg, tok, seed), seq_len, cfg.val_fraction, split)
+    return held_out(token_stream(cfg, tok, seed), seq_len, cfg.val_fraction, split)
 
 
 def held_out(tokens: np.ndarray, seq_len: int, fraction: float, split: str) -> PackedDataset:
@@ -146,7 +146,8 @@ def held_out(tokens: np.ndarray, seq_len: int, fraction: float, split: str) -> P
     return PackedDataset(tokens[(n - n_val) * seq_len :], seq_len)
 
 
-def _stream(cfg: DataConfig, tok: Tokenizer, seed: int) -> np.ndarray:
+def token_stream(cfg: DataConfig, tok: Tokenizer, seed: int) -> np.ndarray:
+    """The whole token stream of an in-memory source, before the validation split (`held_out` cuts it)."""
     if cfg.source == "synthetic":
         return synthetic_tokens(tok.vocab_size, min(cfg.max_tokens, 200_000), seed)
     exts = tuple(e.strip() for e in cfg.extensions.split(",") if e.strip())

@@ -17,5 +17,6 @@
 - prepare_data.py    `meshtrain prepare-data`: a corpus tokenized into memory-mapped token shards
 - bench_comm.py      `meshtrain bench-comm`: time, algbw and busbw of each collective, nccl-tests style
 - calibrate.py       `bench-comm --calibrate`: alpha-beta fits and the matmul peak as a planner cluster TOML
+- scaling.py         `meshtrain scaling`: a measured IsoFLOP grid, its L(N, D) fit beside the published ones
 - lighthouse.py      `meshtrain lighthouse`: the store at which separately launched DiLoCo islands meet
 """
