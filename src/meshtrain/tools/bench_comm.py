@@ -391,9 +391,9 @@ def _plot(rows: list[dict], path: Path, n: int, backend: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     backends = list(dict.fromkeys(r["backend"] for r in rows))
     for colour, op in enumerate(dict.fromkeys(r["op"] for r in rows)):
-        for style, backend in zip(("-", "--", ":"), backends):  # one colour per op, one dash per backend
-            mine = [r for r in rows if r["op"] == op and r["backend"] == backend]
-            label = op if len(backends) == 1 else f"{op} ({backend})"
+        for style, name in zip(("-", "--", ":"), backends):  # one colour per op, one dash per backend
+            mine = [r for r in rows if r["op"] == op and r["backend"] == name]
+            label = op if len(backends) == 1 else f"{op} ({name})"
             xs, ys = [r["bytes"] for r in mine], [r["busbw"] for r in mine]
             ax.plot(xs, ys, marker="o", linestyle=style, color=f"C{colour}", label=label)
     ax.set_xscale("log", base=2)
