@@ -249,7 +249,7 @@ def add_parser(subparsers: Any) -> None:
         "--compare",
         metavar="B1,B2",
         help="run each of these backends (e.g. gloo,mpi) and print one table: time and busbw per backend, "
-        "and the second's busbw over the first's; --out draws every backend's busbw",
+        "and the last's busbw over the first's; --out draws every backend's busbw",
     )
     p.add_argument(
         "--iters", type=int, default=10, help="timed calls per op and size, after 2 warm-up calls (default 10)"
