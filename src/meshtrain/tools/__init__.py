@@ -16,6 +16,7 @@
 - tokenizer_cli.py   `meshtrain tokenizer train`: a byte-level BPE tokenizer.json from a corpus
 - prepare_data.py    `meshtrain prepare-data`: a corpus tokenized into memory-mapped token shards
 - bench_comm.py      `meshtrain bench-comm`: time, algbw and busbw of each collective, nccl-tests style
+- bench_comm_mpi.py  `bench-comm --backend mpi`: the same collectives over mpi4py on mpich, one mpiexec rank each
 - calibrate.py       `bench-comm --calibrate`: alpha-beta fits and the matmul peak as a planner cluster TOML
 - scaling.py         `meshtrain scaling`: a measured IsoFLOP grid, its L(N, D) fit beside the published ones
 - lighthouse.py      `meshtrain lighthouse`: the store at which separately launched DiLoCo islands meet

@@ -11,6 +11,10 @@ The calls go straight to torch.distributed (the backend is what is measured), ap
 `all_gather_int8`: core.comm's compressed all-gather (int8 codes and a scale per 2,048 elements),
 timed on the fp32 bytes it stands for, so its bandwidth reads against the plain all-gather's.
 
+`--backend mpi` runs the same ops over mpi4py on mpich (tools/bench_comm_mpi.py, launched by
+mpiexec); `--compare gloo,mpi` runs several backends and prints them side by side. Every backend's
+rows are built by `make_row`, so their bandwidths follow the same factors.
+
 `--calibrate out.toml` fits alpha and beta per op and group size, times matmuls on every rank at
 once, and writes a cluster TOML for `meshtrain plan --cluster` (tools/calibrate.py).
 """
@@ -31,6 +35,7 @@ from typing import Any, cast
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "send_recv", "all_gather_int8")
 UNITS = {"K": 2**10, "M": 2**20, "G": 2**30}
 DTYPES = ("fp32", "bf16")
+BACKENDS = ("gloo", "nccl", "mpi")
 
 _DESCRIPTION = """\
 Time collectives over N local ranks for sizes in powers of two, and print time, algbw and busbw
@@ -42,6 +47,7 @@ examples:
   meshtrain bench-comm --nproc 4
   meshtrain bench-comm --nproc 2 --ops all_reduce,all_to_all --sizes 1K:16M --json
   meshtrain bench-comm --nproc 4 --out busbw.png
+  meshtrain bench-comm --nproc 2 --compare gloo,mpi --out gloo_mpi.png   # after: pip install mpich mpi4py
   meshtrain bench-comm --nproc 4 --calibrate mine.toml && meshtrain plan --cluster mine.toml --config configs/default.toml
 """
 
@@ -53,6 +59,22 @@ def bus_factor(op: str, n: int) -> float:
     if op in ("broadcast", "send_recv"):
         return 1.0
     return (n - 1) / n
+
+
+def make_row(op: str, size: int, median: float, fastest: float, right: bool, n: int, backend: str) -> dict:
+    """One --json row from the slowest rank's median and min seconds; every backend's rows come from here."""
+    algbw = size / median / 1e9
+    return {
+        "op": op,
+        "bytes": size,
+        "time_us": median * 1e6,
+        "min_us": fastest * 1e6,
+        "algbw": algbw,
+        "busbw": algbw * bus_factor(op, n),
+        "ok": right,
+        "ranks": n,
+        "backend": backend,
+    }
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -128,15 +150,22 @@ def _measure(op: str, nbytes: int, n: int, rank: int, dtype: Any, iters: int) ->
     import torch.distributed as dist
 
     run, check = _call(op, nbytes, n, rank, dtype)
+    median, fastest = time_calls(run, dist.barrier, iters)
+    return median, fastest, bool(check())
+
+
+def time_calls(run: Callable[[], Any], barrier: Callable[[], Any], iters: int) -> tuple[float, float]:
+    """(median, min) seconds of `run` over `iters` calls after 2 warm-up calls, a barrier before each
+    so that every rank starts the call together; every backend is timed here."""
     for _ in range(2):
         run()
     times = []
     for _ in range(iters):
-        dist.barrier()
+        barrier()
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    return statistics.median(times), min(times), bool(check())
+    return statistics.median(times), min(times)
 
 
 def _worker(rank: int, n: int, store: str, plan: dict[str, Any], out: str) -> None:
@@ -155,21 +184,10 @@ def _worker(rank: int, n: int, store: str, plan: dict[str, Any], out: str) -> No
     if plan.get("matmul"):
         _matmul(rank, n, dtype, plan["backend"], out)
     if rank == 0:
-        rows = []
-        for (op, size), (median, fastest), right in zip(cases, times.tolist(), ok.tolist()):
-            algbw = size / median / 1e9
-            rows.append(
-                {
-                    "op": op,
-                    "bytes": size,
-                    "time_us": median * 1e6,
-                    "min_us": fastest * 1e6,
-                    "algbw": algbw,
-                    "busbw": algbw * bus_factor(op, n),
-                    "ok": right == 1.0,
-                    "ranks": n,
-                }
-            )
+        rows = [
+            make_row(op, size, median, fastest, right == 1.0, n, plan["backend"])
+            for (op, size), (median, fastest), right in zip(cases, times.tolist(), ok.tolist())
+        ]
         Path(out).write_text(json.dumps(rows))
     dist.destroy_process_group()
     os._exit(0)  # gloo can abort in interpreter teardown; the work is written
@@ -222,7 +240,16 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--dtype", default="fp32", choices=DTYPES, help="element type (default fp32)")
     p.add_argument(
-        "--backend", default="gloo", choices=("gloo", "nccl"), help="torch.distributed backend (default gloo)"
+        "--backend",
+        default="gloo",
+        choices=BACKENDS,
+        help="gloo or nccl (torch.distributed), or mpi (mpi4py on mpich, launched by mpiexec) (default gloo)",
+    )
+    p.add_argument(
+        "--compare",
+        metavar="B1,B2",
+        help="run each of these backends (e.g. gloo,mpi) and print one table: time and busbw per backend, "
+        "and the last's busbw over the first's; --out draws every backend's busbw",
     )
     p.add_argument(
         "--iters", type=int, default=10, help="timed calls per op and size, after 2 warm-up calls (default 10)"
@@ -238,7 +265,31 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(func=run_cli)
 
 
-def _checked(args: argparse.Namespace) -> tuple[list[str], list[int]]:
+def _backends(args: argparse.Namespace, ops: list[str]) -> list[str]:
+    """--compare's backends (or --backend alone), each checked to run here with these options."""
+    from meshtrain.config import ConfigError
+
+    names = [b.strip() for b in args.compare.split(",") if b.strip()] if args.compare else [args.backend]
+    if args.compare and (len(set(names)) != len(names) or len(names) < 2 or not set(names) <= set(BACKENDS)):
+        raise ConfigError(f"--compare {args.compare!r}: needs two or more different backends of {', '.join(BACKENDS)}")
+    if args.compare and args.calibrate:
+        raise ConfigError(f"--compare {args.compare!r} with --calibrate: calibrate one backend at a time (--backend)")
+    if "mpi" in names:
+        from meshtrain.tools.bench_comm_mpi import missing
+
+        if why := missing():
+            raise ConfigError(why)
+        torch_only = [op for op in ops if op == "all_gather_int8"]
+        if args.dtype != "fp32" or torch_only or args.calibrate:
+            raise ConfigError(
+                f"--backend mpi with --dtype {args.dtype}, --ops {','.join(torch_only) or '-'}, --calibrate "
+                f"{args.calibrate or '-'}: MPI runs fp32 (no bf16 reduction) and the plain ops only, uncalibrated; "
+                "drop those, or use --backend gloo"
+            )
+    return names
+
+
+def _checked(args: argparse.Namespace) -> tuple[list[str], list[int], list[str]]:
     from meshtrain.config import ConfigError
 
     ops = [op.strip() for op in args.ops.split(",") if op.strip()]
@@ -247,7 +298,8 @@ def _checked(args: argparse.Namespace) -> tuple[list[str], list[int]]:
         raise ConfigError(f"--ops {args.ops!r}: unknown {unknown or 'none given'}; choose from {', '.join(OPS)}")
     if args.nproc < 2 or args.iters < 1:
         raise ConfigError(f"--nproc {args.nproc} must be at least 2 and --iters {args.iters} at least 1")
-    if args.backend == "nccl":
+    backends = _backends(args, ops)
+    if "nccl" in backends:
         import torch
 
         if torch.cuda.device_count() < args.nproc:
@@ -263,12 +315,47 @@ def _checked(args: argparse.Namespace) -> tuple[list[str], list[int]]:
                 f"--calibrate {args.calibrate!r} with --sizes {args.sizes!r}: needs a .toml path in an existing "
                 f"folder and at least two sizes to fit a line (got {len(sizes)}); e.g. --sizes 1K:1M"
             )
-    return ops, sizes
+    return ops, sizes, backends
+
+
+def _rows(args: argparse.Namespace, backend: str, ops: list[str], sizes: list[int]) -> tuple[list[dict], float]:
+    """One backend's rows at --nproc (and the busy matmul FLOP/s with --calibrate, else 0)."""
+    if backend == "mpi":
+        from meshtrain.tools import bench_comm_mpi
+
+        return bench_comm_mpi.run_bench(args.nproc, ops, sizes, args.iters), 0.0
+    return run_bench(args.nproc, ops, sizes, args.dtype, backend, args.iters, bool(args.calibrate))
+
+
+def _compare(args: argparse.Namespace, ops: list[str], sizes: list[int], backends: list[str]) -> int:
+    """--compare: every backend's rows, then one table with a time and busbw column per backend."""
+    rows = [r for b in backends for r in _rows(args, b, ops, sizes)[0]]
+    by = {(r["backend"], r["op"], r["bytes"]): r for r in rows}
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        first, last = backends[0], backends[-1]
+        print(f"# {args.nproc} ranks, {args.dtype}; time: median of {args.iters} calls, us; busbw GB/s")
+        head = "".join(f" {b + ' us':>11} {b + ' busbw':>11}" for b in backends)
+        print(f"{'op':>16} {'bytes':>12}{head} {last + '/' + first:>11}  ok")
+        for op in ops:
+            for size in sizes:
+                mine = [by[b, op, size] for b in backends]
+                cells = "".join(f" {r['time_us']:>11.1f} {r['busbw']:>11.3f}" for r in mine)
+                ratio = mine[-1]["busbw"] / mine[0]["busbw"]
+                ok = "yes" if all(r["ok"] for r in mine) else "NO"
+                print(f"{op:>16} {size:>12,}{cells} {ratio:>10.2f}x  {ok}")
+    if args.out:
+        _plot(rows, Path(args.out), args.nproc, ",".join(backends))
+        print(f"# busbw plot: {args.out}", file=sys.stderr)
+    return 0 if all(r["ok"] for r in rows) else 1
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    ops, sizes = _checked(args)
-    rows, busy = run_bench(args.nproc, ops, sizes, args.dtype, args.backend, args.iters, bool(args.calibrate))
+    ops, sizes, backends = _checked(args)
+    if len(backends) > 1:
+        return _compare(args, ops, sizes, backends)
+    rows, busy = _rows(args, args.backend, ops, sizes)
     if args.calibrate and args.nproc > 2:  # a second group size, so the fits are not all at one n
         rows = run_bench(2, ops, sizes, args.dtype, args.backend, args.iters)[0] + rows
     if args.json:
@@ -302,9 +389,13 @@ def _plot(rows: list[dict], path: Path, n: int, backend: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for op in dict.fromkeys(r["op"] for r in rows):
-        mine = [r for r in rows if r["op"] == op]
-        ax.plot([r["bytes"] for r in mine], [r["busbw"] for r in mine], marker="o", label=op)
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    for colour, op in enumerate(dict.fromkeys(r["op"] for r in rows)):
+        for style, name in zip(("-", "--", ":"), backends):  # one colour per op, one dash per backend
+            mine = [r for r in rows if r["op"] == op and r["backend"] == name]
+            label = op if len(backends) == 1 else f"{op} ({name})"
+            xs, ys = [r["bytes"] for r in mine], [r["busbw"] for r in mine]
+            ax.plot(xs, ys, marker="o", linestyle=style, color=f"C{colour}", label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("message size (bytes)")
     ax.set_ylabel("bus bandwidth (GB/s)")
