@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -329,7 +330,11 @@ def _rows(args: argparse.Namespace, backend: str, ops: list[str], sizes: list[in
 
 def _compare(args: argparse.Namespace, ops: list[str], sizes: list[int], backends: list[str]) -> int:
     """--compare: every backend's rows, then one table with a time and busbw column per backend."""
-    rows = [r for b in backends for r in _rows(args, b, ops, sizes)[0]]
+    # the backends run in a shuffled order, so neither always meets the machine warmer or busier
+    order = random.sample(backends, len(backends))
+    print(f"# run order: {', '.join(order)}", file=sys.stderr)
+    measured = {b: _rows(args, b, ops, sizes)[0] for b in order}
+    rows = [r for b in backends for r in measured[b]]
     by = {(r["backend"], r["op"], r["bytes"]): r for r in rows}
     if args.json:
         print(json.dumps(rows, indent=1))
