@@ -262,6 +262,12 @@ def dataflow_times(
     return times
 
 
+def inherited(schedule: Schedule, layout: Layout) -> set[Key]:
+    """The compute the lists depend on but do not run: what earlier steps left done (2BW's windows)."""
+    provided = {key for actions in schedule for a in actions for key in provides(a)}
+    return {d for actions in schedule for a in actions for d in needs(a, layout.num_stages, layout.slices)} - provided
+
+
 def add_comms(schedule: Schedule, layout: Layout, given: Iterable[Key] = ()) -> Schedule:
     """Insert SEND/RECV actions into a compute-only schedule so the contract cannot deadlock.
 
@@ -511,12 +517,8 @@ def two_bw_window(pp: int, microbatches: int, first: bool, last: bool) -> Schedu
         if last:
             order.extend(Action(Kind.BW, r, p) for p in range(2 * m - w, 2 * m))
         compute.append(order)
-    # what the previous step left done: every forward of its batch, and each rank's backwards but
-    # the last w (the ones this window runs)
-    given: list[Key] = [] if first else [(Kind.F, s, p) for s in range(pp) for p in range(m)]
-    if not first:
-        given += [(k, s, p) for s in range(pp) for p in range(m - (pp - 1 - s)) for k in (Kind.B, Kind.W)]
-    return add_comms(compute, Layout.looped(pp), given)
+    layout = Layout.looped(pp)
+    return add_comms(compute, layout, inherited(compute, layout))  # the previous step's forwards and backwards
 
 
 SCHEDULES: dict[str, Callable[..., Schedule]] = {

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from meshtrain.pipeline.schedules import Kind, Layout, Schedule, dataflow_times, needs, provides
+from meshtrain.pipeline.schedules import Kind, Layout, Schedule, dataflow_times, inherited
 
 
 @dataclass(frozen=True)
@@ -163,10 +163,12 @@ def simulate_steps(
     spans: list[Span] = []
     start = 0.0
     for k, schedule in enumerate(steps):
-        provided = {key for actions in schedule for a in actions for key in provides(a)}
-        given = {d for actions in schedule for a in actions for d in needs(a, layout.num_stages)} - provided
         times = dataflow_times(
-            schedule, layout, lambda a: per_rank[layout.rank_of(a.stage)].duration(a.kind), per_rank[0].comm, given
+            schedule,
+            layout,
+            lambda a: per_rank[layout.rank_of(a.stage)].duration(a.kind),
+            per_rank[0].comm,
+            inherited(schedule, layout),
         )
         shift = (k - carried) * microbatches
         spans += [
