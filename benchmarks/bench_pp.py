@@ -48,7 +48,6 @@ from meshtrain.pipeline.schedules import (
     Layout,
     Schedule,
     build_schedule,
-    layout_of,
     native_chunks,
     two_bw_window,
 )
@@ -87,8 +86,7 @@ def torch_row(rank: int, world: int, args: argparse.Namespace) -> None:
     scale = 1.0 / (m * mb * seq)
     ranges = stage_ranges(split_blocks(cfg, world, "params"))
     torch_stage = build_stage(cfg, rank, ranges[rank], world, torch.device("cpu"), seed=0)
-    schedule = SCHEDULES["1f1b"](world, m)
-    ex, ours_opt = _our_pipeline("1f1b", rank, world, args, scale, split="params")
+    ex, ours_opt, schedule = _our_pipeline("1f1b", rank, world, m, (mb, seq), scale, split="params")
     batches = [Batch(x, y) for x, y in zip(tokens, targets)]
     torch_opt = _optimizer_step(torch_stage)
     pipe = Schedule1F1B(
@@ -134,12 +132,20 @@ def _report(
 
 
 def _our_pipeline(
-    name: str, rank: int, world: int, args: argparse.Namespace, scale: float, split: str = "uniform"
-) -> tuple[PipelineExecutor, callable]:
-    """Our executor running `name` on the default model cut by `split`, and its optimizer step."""
+    name: str,
+    rank: int,
+    world: int,
+    microbatches: int,
+    act_shape: tuple[int, int],
+    scale: float,
+    split: str = "uniform",
+    slices: int = 1,
+) -> tuple[PipelineExecutor, callable, Schedule]:
+    """Our executor running `name` on the default model cut by `split`, its optimizer step, and the
+    schedule of every rank; `act_shape` is one microbatch's (batch, sequence)."""
     cfg = bench_model_config()
     chunks = native_chunks(name)
-    layout, schedule = layout_of(name, world, chunks), SCHEDULES[name](world, args.microbatches, chunks)
+    schedule, layout = build_schedule(name, world, microbatches, chunks, slices)
     ranges = stage_ranges(split_blocks(cfg, world * chunks, split))
     stages = {
         s: build_stage(cfg, s, ranges[s], world * chunks, torch.device("cpu"), seed=0)
@@ -153,7 +159,7 @@ def _our_pipeline(
         dist.group.WORLD,
         CommStats(),
         cross_entropy_sum,
-        (args.micro_batch, args.seq, cfg.dim),
+        (*act_shape, cfg.dim),
         torch.device("cpu"),
         scale=scale,
     )
@@ -161,28 +167,30 @@ def _our_pipeline(
         for stage in stages.values():
             split_weight_grads(stage, ex.queue)
     steps = [_optimizer_step(stage) for stage in stages.values()]
-    return ex, lambda: [step() for step in steps]
+    return ex, lambda: [step() for step in steps], schedule
 
 
 def zb_v_row(rank: int, world: int, args: argparse.Namespace, batches: list[Batch], scale: float) -> None:
     """ZB-V against 1F1B, both ours: tokens/s, measured vs simulated bubble, peak in-flight activations."""
     # zb-h1 splits B and W as zb-v does, on the looped placement: it tells the schedule's gain from the split's cost
-    runs = {name: _our_pipeline(name, rank, world, args, scale) for name in ("zb-v", "1f1b", "zb-h1")}
+    shape = (args.micro_batch, args.seq)
+    runs = {
+        name: _our_pipeline(name, rank, world, args.microbatches, shape, scale) for name in ("zb-v", "1f1b", "zb-h1")
+    }
 
     def step(name: str) -> callable:
-        ex, opt = runs[name]
+        ex, opt, _ = runs[name]
         return lambda: (ex.run(batches), opt())
 
     timings = timed_rounds({f"meshtrain {n}": step(n) for n in runs}, args.rounds, args.steps)
     figures = []
-    for name, (ex, _) in runs.items():
+    for name, (ex, _, schedule) in runs.items():
         step(name)()  # one more step, whose trace and in-flight peak are read
         gathered: list = [None] * world
         dist.all_gather_object(gathered, (ex.trace, ex.peak_inflight))
         traces, peaks = [g[0] for g in gathered], [g[1] for g in gathered]
         chunks = ex.layout.chunks
         measured = from_trace(traces, chunks=chunks)
-        schedule = SCHEDULES[name](world, args.microbatches, chunks)
         predicted = simulate(schedule, measured_costs(traces, chunks))
         figures.append(
             f"{name}: bubble measured {measured.bubble_rate:.1%} vs simulated {predicted.bubble_rate:.1%}, "
@@ -238,30 +246,16 @@ class SavedBytes:
 def _executor(
     rank: int, world: int, name: str, m: int, slices: int, seq: int
 ) -> tuple[Callable[[list[Batch]], None], PipelineExecutor, Schedule, Layout, SavedBytes]:
-    cfg = bench_model_config()
-    stage = build_stage(
-        cfg, rank, stage_ranges(split_blocks(cfg, world, "params"))[rank], world, torch.device("cpu"), 0
-    )
-    schedule, layout = build_schedule(name, world, m, 1, slices)
-    ex = PipelineExecutor(
-        {rank: stage},
-        schedule[rank],
-        layout,
-        dist.group.WORLD,
-        CommStats(),
-        cross_entropy_sum,
-        (1, seq, cfg.dim),
-        torch.device("cpu"),
-        scale=1.0 / (m * seq),
-    )
-    opt, saved = _optimizer_step(stage), SavedBytes(list(stage.parameters()))
+    """`name` over m sequences of `seq` tokens, one per microbatch, watched for the bytes autograd saves."""
+    ex, opt, schedule = _our_pipeline(name, rank, world, m, (1, seq), 1.0 / (m * seq), split="params", slices=slices)
+    saved = SavedBytes([p for stage in ex.stages.values() for p in stage.parameters()])
 
     def step(batches: list[Batch]) -> None:
         with saved.watch():
             ex.run(batches)
         opt()
 
-    return step, ex, schedule, layout, saved
+    return step, ex, schedule, ex.layout, saved
 
 
 def terapipe_row(rank: int, world: int, args: argparse.Namespace) -> None:
