@@ -17,13 +17,13 @@ from typing import Any, Literal, overload
 from rich.console import Console
 
 from meshtrain.config import Config, ConfigError, load_config
-from meshtrain.model.math import from_model_config, param_count
+from meshtrain.model.math import param_count
 from meshtrain.pipeline.schedules import SCHEDULES, V_SHAPED
 from meshtrain.planner import report
+from meshtrain.planner.contention import shared
 from meshtrain.planner.errors import PlanError
 from meshtrain.planner.evaluate import Workload, evaluate
-from meshtrain.planner.memory import FP32
-from meshtrain.planner.predict import config_layout, predict_run
+from meshtrain.planner.predict import config_layout, config_workload, predict_run
 from meshtrain.planner.presets import CLUSTERS, MODELS, ClusterSpec, did_you_mean, load_cluster, load_model
 from meshtrain.planner.search import SearchOptions, SearchResult, explain, search
 from meshtrain.validate import validate
@@ -220,23 +220,12 @@ def default_world(cfg: Config) -> int:
 
 
 def _config_workload(args: argparse.Namespace, cfg: Config, world: int) -> Workload:
-    """Our runs keep fp32 weights, grads and Adam state; only activations follow training.dtype."""
-    t = cfg.training
     cluster = _cluster(args, "cpu")
     # the run's own peak stands in for the default cluster's, never for one the user names
     if cfg.logging.peak_tflops > 0 and not args.cluster:
         cluster = dataclasses.replace(cluster, peak_tflops=cfg.logging.peak_tflops)
-    return Workload(
-        from_model_config(cfg.model, t.seq_len, name=args.config),
-        cluster,
-        world,
-        t.global_batch,
-        t.seq_len,
-        attention=args.attention,
-        bucket_mb=cfg.parallel.bucket_mb,
-        state_dtypes=FP32,
-        activation_bytes=2 if t.dtype == "bf16" else 4,
-    )
+    ws = config_workload(cfg, world, shared(cluster, world), attention=args.attention)
+    return dataclasses.replace(ws, shape=dataclasses.replace(ws.shape, name=args.config))
 
 
 def _plan_config(args: argparse.Namespace, console: Console, extra: dict[str, Any]) -> int:

@@ -24,8 +24,11 @@ from meshtrain.pipeline.schedules import SCHEDULES, layout_of
 from meshtrain.pipeline.schedules import Layout as Placement
 from meshtrain.pipeline.stage import split_blocks
 from meshtrain.planner.comm import wire_bytes
+from meshtrain.planner.contention import on_shared_cores, shared
+from meshtrain.planner.evaluate import Workload, evaluate
 from meshtrain.planner.layout import Layout, groups, rank_params
 from meshtrain.planner.memory import FP32, MemoryInputs, StateDtypes, model_state_bytes, rank_memory
+from meshtrain.planner.presets import ClusterSpec
 from meshtrain.planner.traffic import TrafficInputs, step_collectives
 from meshtrain.validate import validate
 
@@ -187,3 +190,36 @@ def predict_run(cfg: Config, world_size: int, rank: int = 0) -> dict[str, Any]:
         out[f"comm_{kind}_bytes"] = _exact(payload[kind])
     out["comm_wire_bytes"] = _exact(wire)
     return out
+
+
+def config_workload(cfg: Config, world_size: int, cluster: ClusterSpec, attention: str = "flash") -> Workload:
+    """The planner's Workload for a validated config: its model, batch, bucket size and dtypes.
+
+    Our runs keep fp32 weights, grads and Adam state; only activations follow training.dtype."""
+    t = cfg.training
+    return Workload(
+        from_model_config(cfg.model, t.seq_len),
+        cluster,
+        world_size,
+        t.global_batch,
+        t.seq_len,
+        attention=attention,
+        bucket_mb=cfg.parallel.bucket_mb,
+        state_dtypes=FP32,
+        activation_bytes=2 if t.dtype == "bf16" else 4,
+    )
+
+
+def predict_step_time(cfg: Config, world_size: int, cluster: ClusterSpec) -> dict[str, Any]:
+    """Seconds of one optimizer step of `cfg` on `world_size` ranks of `cluster`, as the run's
+    metrics log `step_time_s`: the planner's breakdown for exactly the run's layout (micro_batch,
+    grad_accum, bucket_mb, dtype, schedule, SP, ZeRO stage), with `step_time_s` its sum."""
+    cfg = validate(cfg, world_size)
+    # ranks beyond the cores share them: measured, not assumed away (planner/contention.py)
+    here = shared(cluster, world_size)
+    lay = config_layout(cfg)
+    plan = evaluate(config_workload(cfg, world_size, here), lay)
+    times = on_shared_cores(plan.time, lay, here, world_size)
+    step = sum(times.values())
+    tokens = cfg.training.global_batch * cfg.training.seq_len
+    return {"step_time_s": step, "breakdown": times, "tokens_per_s": tokens / step}

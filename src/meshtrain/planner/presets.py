@@ -21,6 +21,8 @@ names a preset to start from:
     # measured fits, time = alpha + bytes / beta, one per op and group size (`bench-comm --calibrate`);
     # an in-node collective of a fitted op uses its fit instead of the bandwidth and latency above
     collectives = [{ op = "all_reduce", ranks = 2, alpha_us = 60.0, beta_gbs = 1.5 }]
+    cores = 2                   # CPU cores the ranks share (planner/contention.py); 0 = one device per rank
+    calibrated_ranks = 4        # ranks busy at once while peak_tflops was measured
 
 Model TOML (`--model my.toml`): a `[model]` table with either meshtrain's own ModelConfig keys
 (dim, n_layers, n_heads, n_kv_heads, vocab_size, ffn_dim, tie_embeddings, ...; any run config
@@ -82,6 +84,10 @@ class ClusterSpec:
     precision: str = "bf16"
     collectives: tuple[CommFit, ...] = ()
     """Measured per-op, per-group-size fits; empty for the presets (the ring model above applies)."""
+    cores: int = 0
+    """CPU cores the ranks share (bench-comm --calibrate on a CPU); 0: a device per rank, nothing shared."""
+    calibrated_ranks: int = 0
+    """Ranks that ran at once while peak_tflops was measured; planner/contention.py rescales for other counts."""
 
     def fit_for(self, op: str, ranks: int) -> CommFit | None:
         """The fit of `op` at `ranks`, else the one of `op` at the nearest measured size, else None."""

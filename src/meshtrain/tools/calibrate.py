@@ -101,6 +101,50 @@ def matmul_flops(dtype: Any, device: str, sizes: tuple[int, ...] = MATMUL_SIZES,
     return best
 
 
+# the op-mix probe: a small Llama unlike any run's shapes, so the efficiency is measured, not fitted to a run
+PROBE = {"dim": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 256, "max_seq_len": 64}
+PROBE_BATCH = 8
+
+
+def block_efficiency(seconds: float = 0.5) -> float:
+    """FLOP/s of a whole model's forward and backward (matmuls, attention, norms, elementwise ops and
+    per-op overhead together), counted as the planner counts them (planner/timing.py: forward
+    tokens x (layers x block + head), backward twice that), over the bare matmul FLOP/s on this
+    process alone, one thread: the fraction of the matmul peak our training compute reaches."""
+    import torch
+
+    from meshtrain.config import ModelConfig
+    from meshtrain.model.llama import Llama
+    from meshtrain.model.math import from_model_config, layer_forward_flops_per_token
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = ModelConfig(**PROBE)
+        model, seq = Llama(cfg), cfg.max_seq_len
+        x = torch.randint(0, cfg.vocab_size, (PROBE_BATCH, seq))
+        shape = from_model_config(cfg, seq)
+        flops = (
+            3
+            * PROBE_BATCH
+            * seq
+            * (shape.n_layers * layer_forward_flops_per_token(shape, seq) + 2 * shape.vocab * shape.hidden)
+        )
+
+        def step() -> None:
+            model(x).float().mean().backward()
+
+        step()  # warm-up, not counted
+        calls, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            step()
+            calls += 1
+        rate = flops * calls / (time.perf_counter() - start)
+        return min(1.0, rate / matmul_flops(torch.float32, "cpu"))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def alone_flops(dtype_name: str, backend: str) -> float:
     """The matmul sweep on the calling process alone, with one thread as each bench rank has."""
     import torch
@@ -152,12 +196,15 @@ def cluster_toml(fits: dict[tuple[str, int], Fit], info: dict[str, Any]) -> str:
         f"# cores seen: {info['cores']} (usable by this process: {info['affinity']})",
         f"# matmul FLOP/s per rank: {info['alone'] / 1e9:.2f} G alone, {info['busy'] / 1e9:.2f} G with all {n} "
         "ranks busy (the peak below; ranks > cores share them)",
+        "# efficiency: a small Llama's forward + backward FLOP/s over the matmul's, alone (calibrate.block_efficiency)",
         "# collectives: time = alpha + bytes / beta, least squares on relative residuals (weights 1/t^2)",
         "# fields not written here come from the base preset",
         "[cluster]",
         f'base = "{"h100-80gb" if info["backend"] == "nccl" else "cpu"}"',
         f'name = "{info["name"]}"',
         f"peak_tflops = {info['busy'] / 1e12:.6g}",
+        *([f"efficiency = {info['efficiency']:.4f}"] if info.get("efficiency") else []),
+        *([f"cores = {info['affinity']}", f"calibrated_ranks = {n}"] if info["backend"] != "nccl" else []),
         f"memory_gib = {info['memory_gib']:.3f}",
         f"gpus_per_node = {n}",
         f'precision = "{info["dtype"]}"',
@@ -185,6 +232,7 @@ def describe(args: Any, alone: float, busy: float) -> dict[str, Any]:
         "busy": busy,
         "name": f"calibrated-{args.nproc}x-{args.backend}-{args.dtype}",
         "memory_gib": memory_gib(args.backend, args.nproc),
+        "efficiency": block_efficiency() if args.backend == "gloo" else 0.0,
     }
 
 
