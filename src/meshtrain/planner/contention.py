@@ -44,7 +44,12 @@ def shared(cluster: ClusterSpec, world: int) -> ClusterSpec:
     return dataclasses.replace(cluster, peak_tflops=cluster.peak_tflops / slowdown(cluster, world), collectives=fits)
 
 
-def on_shared_cores(times: dict[str, float], lay: Layout, cluster: ClusterSpec, world: int) -> dict[str, float]:
+DP_PHASES = ("bwd_last", "fwd_first", "bwd_each", "fwd_each")
+
+
+def on_shared_cores(
+    times: dict[str, float], lay: Layout, cluster: ClusterSpec, world: int, dp_comm: float = 0.0
+) -> dict[str, float]:
     """The step's breakdown (planner/timing.py) corrected for a CPU whose ranks share its cores.
 
     Tensor parallelism: timing.py divides a microbatch's compute by tp, but only its matmul share
@@ -52,13 +57,17 @@ def on_shared_cores(times: dict[str, float], lay: Layout, cluster: ClusterSpec, 
     overhead, runs on every tp rank in full. Pipeline bubble: with more ranks than cores, a stage
     that waits gives its core to another rank, so the step is the larger of the machine's work over
     its cores (the compute, already scaled by `slowdown`) and the critical path each rank would
-    take on a core of its own ((compute + bubble) / share)."""
+    take on a core of its own ((compute + bubble) / share). Overlap: timing.py hides DP and ZeRO
+    collectives behind the backward; here gloo's threads need the very cores the backward runs on,
+    so the whole `dp_comm` (seconds per step of those collectives) is exposed."""
     if cluster.cores <= 0 or cluster.calibrated_ranks <= 0:
         return times
     out = dict(times)
     eff = cluster.efficiency
     if lay.tp > 1:
         out["compute"] = times["compute"] * (eff + (1 - eff) * lay.tp)
+    if dp_comm:
+        out["dp/zero comm (exposed)"] = dp_comm
     share = _share(world, cluster.cores)
     if share > 1 and out.get("pipeline bubble", 0.0) > 0:
         busy = out["compute"] + out["recompute"]

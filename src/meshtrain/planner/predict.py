@@ -24,11 +24,12 @@ from meshtrain.pipeline.schedules import SCHEDULES, layout_of
 from meshtrain.pipeline.schedules import Layout as Placement
 from meshtrain.pipeline.stage import split_blocks
 from meshtrain.planner.comm import wire_bytes
-from meshtrain.planner.contention import on_shared_cores, shared
-from meshtrain.planner.evaluate import Workload, evaluate
+from meshtrain.planner.contention import DP_PHASES, on_shared_cores, shared
+from meshtrain.planner.evaluate import Workload, _stage_params, evaluate, traffic_inputs
 from meshtrain.planner.layout import Layout, groups, rank_params
 from meshtrain.planner.memory import FP32, MemoryInputs, StateDtypes, model_state_bytes, rank_memory
 from meshtrain.planner.presets import ClusterSpec
+from meshtrain.planner.timing import _phase_costs
 from meshtrain.planner.traffic import TrafficInputs, step_collectives
 from meshtrain.validate import validate
 
@@ -210,6 +211,14 @@ def config_workload(cfg: Config, world_size: int, cluster: ClusterSpec, attentio
     )
 
 
+def _dp_comm(ws: Workload, lay: Layout) -> float:
+    """Seconds per step of the DP/ZeRO collectives, none hidden (what evaluate() overlaps)."""
+    biggest = max((rp for _, rp in _stage_params(ws, lay)), key=lambda r: r.total)
+    colls = step_collectives(ws.shape, lay, traffic_inputs(ws, lay), biggest)
+    total, _ = _phase_costs(colls, lay, ws.cluster)
+    return sum(total[p] for p in DP_PHASES)
+
+
 def predict_step_time(cfg: Config, world_size: int, cluster: ClusterSpec) -> dict[str, Any]:
     """Seconds of one optimizer step of `cfg` on `world_size` ranks of `cluster`, as the run's
     metrics log `step_time_s`: the planner's breakdown for exactly the run's layout (micro_batch,
@@ -219,7 +228,7 @@ def predict_step_time(cfg: Config, world_size: int, cluster: ClusterSpec) -> dic
     here = shared(cluster, world_size)
     lay = config_layout(cfg)
     plan = evaluate(config_workload(cfg, world_size, here), lay)
-    times = on_shared_cores(plan.time, lay, here, world_size)
+    times = on_shared_cores(plan.time, lay, here, world_size, _dp_comm(config_workload(cfg, world_size, here), lay))
     step = sum(times.values())
     tokens = cfg.training.global_batch * cfg.training.seq_len
     return {"step_time_s": step, "breakdown": times, "tokens_per_s": tokens / step}

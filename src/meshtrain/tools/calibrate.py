@@ -102,7 +102,7 @@ def matmul_flops(dtype: Any, device: str, sizes: tuple[int, ...] = MATMUL_SIZES,
 
 
 # the op-mix probe: a small Llama unlike any run's shapes, so the efficiency is measured, not fitted to a run
-PROBE = {"dim": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 256, "max_seq_len": 64}
+PROBE: dict[str, Any] = {"dim": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 256, "max_seq_len": 64}
 PROBE_BATCH = 8
 
 
