@@ -18,9 +18,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import planner_fidelity as fidelity  # noqa: E402
-
-from meshtrain.planner.presets import load_cluster  # noqa: E402
+import planner_fidelity as fidelity
+from meshtrain.planner.presets import load_cluster
 
 pytestmark = pytest.mark.dist
 CHECKED = ("dp2", "pp2 1f1b", "pp2 1f1b x dp2")
