@@ -118,7 +118,7 @@ def train(runs: list[tuple[str, int, list[str]]], steps: int, tmp: Path) -> dict
 
 
 def table(rows: list[dict], markdown: bool) -> list[str]:
-    head = ("layout", "ranks", "predicted ms", "measured ms", "error")
+    head = ("layout", "ranks", "predicted ms", "measured ms", "error", "rounds' range ms")
     fmt = [
         (
             r["layout"],
@@ -126,13 +126,18 @@ def table(rows: list[dict], markdown: bool) -> list[str]:
             f"{r['predicted_s'] * 1e3:.0f}",
             f"{r['measured_s'] * 1e3:.0f}",
             f"{r['error']:+.0%}",
+            f"{min(r['rounds_s']) * 1e3:.0f}-{max(r['rounds_s']) * 1e3:.0f}",
         )
         for r in rows
     ]
     if markdown:
-        return ["| " + " | ".join(head) + " |", "|---|---|---|---|---|", *("| " + " | ".join(f) + " |" for f in fmt)]
-    return [f"{head[0]:>16} {head[1]:>5} {head[2]:>12} {head[3]:>12} {head[4]:>7}"] + [
-        f"{a:>16} {b:>5} {c:>12} {d:>12} {e:>7}" for a, b, c, d, e in fmt
+        return [
+            "| " + " | ".join(head) + " |",
+            "|---|---|---|---|---|---|",
+            *("| " + " | ".join(f) + " |" for f in fmt),
+        ]
+    return [f"{head[0]:>16} {head[1]:>5} {head[2]:>12} {head[3]:>12} {head[4]:>7} {head[5]:>17}"] + [
+        f"{a:>16} {b:>5} {c:>12} {d:>12} {e:>7} {f:>17}" for a, b, c, d, e, f in fmt
     ]
 
 
@@ -156,20 +161,28 @@ def main(argv: list[str] | None = None) -> int:
         # one calibration at the largest world serves every run: smaller ones go through contention.py
         top = max(n for _, n, _ in chosen)
         cluster = load_cluster(args.cluster or str(calibrate(top, Path(tmp) / f"cal{top}.toml")))
-        order = chosen * args.rounds
-        random.Random(args.seed).shuffle(order)
-        print("# order: " + ", ".join(name for name, _, _ in order), file=sys.stderr)
-        start = time.perf_counter()
+        shuffle, start = random.Random(args.seed), time.perf_counter()
         got: dict[str, list[float]] = {}
         for i in range(args.rounds):
-            part = order[i * len(chosen) : (i + 1) * len(chosen)]
+            part = list(chosen)
+            shuffle.shuffle(part)  # every round trains every layout once, in an order of its own
+            print(f"# round {i} order: " + ", ".join(name for name, _, _ in part), file=sys.stderr)
             for name, t in train(part, args.steps, Path(tmp) / f"round{i}").items():
                 got.setdefault(name, []).append(t)
     load.append(os.getloadavg()[0])
     rows = []
     for name, n, extra in chosen:
         pred, meas = predicted(extra, n, cluster, args.steps), statistics.median(got[name])
-        rows.append({"layout": name, "ranks": n, "predicted_s": pred, "measured_s": meas, "error": pred / meas - 1})
+        rows.append(
+            {
+                "layout": name,
+                "ranks": n,
+                "predicted_s": pred,
+                "measured_s": meas,
+                "error": pred / meas - 1,
+                "rounds_s": got[name],
+            }
+        )
     note = f"load average {load[0]:.2f} before, {load[1]:.2f} after; runs {time.perf_counter() - start:.0f} s"
     if args.json:
         print(json.dumps({"rows": rows, "load_average": load}, indent=2))
