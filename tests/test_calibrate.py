@@ -79,6 +79,9 @@ def test_the_written_toml_round_trips_through_load_cluster(tmp_path: Path) -> No
         assert got[key][0] == pytest.approx(a_us, rel=1e-4) and got[key][1] == pytest.approx(b_gbs, rel=1e-4)
         assert got[key][2] == pytest.approx(1.0)
     assert "cores seen: 2" in path.read_text() and "35.00 G with all 4 ranks busy" in path.read_text()
+    assert (c.cores, c.calibrated_ranks) == (2, 4)  # what planner/contention.py rescales from
+    measured = load_cluster(str(_written(tmp_path, rows, {**info, "efficiency": 0.65})))
+    assert measured.efficiency == 0.65  # the op-mix probe's, when there is one
     assert c.fit_for("all_reduce", 8) == c.fit_for("all_reduce", 4) and c.fit_for("all_gather", 2) is None
 
 
@@ -112,3 +115,32 @@ def test_a_bad_fit_entry_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="op='allreduce' ranks=2 .* op must be one of all_reduce"):
         load_cluster(str(path))
     assert Fit(1e-6, 1e9, 1.0, 0.0).predict(1e9) == pytest.approx(1.000001)
+
+
+def _written(tmp_path: Path, rows: list[dict], info: dict) -> Path:
+    path = tmp_path / "probed.toml"
+    path.write_text(cluster_toml(fit_rows(rows), info))
+    return path
+
+
+def test_contention_rescales_a_calibration_to_another_rank_count() -> None:
+    from meshtrain.planner.contention import on_shared_cores, shared
+    from meshtrain.planner.layout import Layout
+
+    # calibrated with 4 ranks on 2 cores: each rank had half a core; on 2 ranks each has a whole one
+    fit2, fit4 = CommFit("all_reduce", 2, 100.0, 1.0), CommFit("all_reduce", 4, 500.0, 0.5)
+    cal = dataclasses.replace(CLUSTERS["cpu"], peak_tflops=0.05, cores=2, calibrated_ranks=4, collectives=(fit2, fit4))
+    assert shared(cal, 2).peak_tflops == pytest.approx(0.1) and shared(cal, 4).peak_tflops == pytest.approx(0.05)
+    # the 2-rank fit was measured with 2 processes alive: in a 4-rank run they take turns with 2 more
+    f2, f4 = shared(cal, 4).collectives
+    assert (f2.alpha_us, f2.beta_gbs) == (pytest.approx(200.0), pytest.approx(0.5)) and f4 == fit4
+    assert shared(CLUSTERS["cpu"], 8) == CLUSTERS["cpu"]  # a preset shares nothing
+    times = {"compute": 0.18, "recompute": 0.0, "pipeline bubble": 0.09, "pp p2p": 0.004}
+    pp = Layout(pp=2, dp_shard=2)
+    # 4 ranks on 2 cores: the machine's work over its cores (0.18) beats (0.18 + 0.09) / 2
+    assert on_shared_cores(times, pp, cal, 4)["pipeline bubble"] == 0.0
+    assert on_shared_cores(times, pp, cal, 2) == times  # one core per rank: the bubble is idle time
+    tp = dataclasses.replace(cal, efficiency=0.6)
+    # only the matmul share (0.6) of the tp-divided compute shrinks with tp=2: 0.1 x (0.6 + 0.4 x 2)
+    got = on_shared_cores({"compute": 0.1, "recompute": 0.0}, Layout(tp=2), tp, 2)
+    assert got["compute"] == pytest.approx(0.14)
