@@ -22,8 +22,8 @@ from meshtrain.pipeline.schedules import SCHEDULES, V_SHAPED
 from meshtrain.planner import report
 from meshtrain.planner.contention import shared
 from meshtrain.planner.errors import PlanError
-from meshtrain.planner.evaluate import Workload, evaluate
-from meshtrain.planner.predict import config_layout, config_workload, predict_run
+from meshtrain.planner.evaluate import Workload
+from meshtrain.planner.predict import config_layout, config_workload, plan_on, predict_run
 from meshtrain.planner.presets import CLUSTERS, MODELS, ClusterSpec, did_you_mean, load_cluster, load_model
 from meshtrain.planner.search import SearchOptions, SearchResult, explain, search
 from meshtrain.validate import validate
@@ -236,7 +236,7 @@ def _plan_config(args: argparse.Namespace, console: Console, extra: dict[str, An
     t = cfg.training
     tokens = parse_count(args.tokens, "--tokens") or t.steps * t.global_batch * t.seq_len
     ws = _config_workload(args, cfg, world)
-    plan = evaluate(ws, config_layout(cfg))
+    plan = plan_on(ws, config_layout(cfg))
     if args.json:
         print(
             json.dumps(

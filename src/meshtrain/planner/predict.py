@@ -15,6 +15,7 @@ weights), 1/tp of them under sequence parallelism, and of this cp rank's tokens 
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from typing import Any
 
@@ -25,7 +26,7 @@ from meshtrain.pipeline.schedules import Layout as Placement
 from meshtrain.pipeline.stage import split_blocks
 from meshtrain.planner.comm import wire_bytes
 from meshtrain.planner.contention import DP_PHASES, on_shared_cores, shared
-from meshtrain.planner.evaluate import Workload, _stage_params, evaluate, traffic_inputs
+from meshtrain.planner.evaluate import Plan, Workload, _stage_params, evaluate, traffic_inputs
 from meshtrain.planner.layout import Layout, groups, rank_params
 from meshtrain.planner.memory import FP32, MemoryInputs, StateDtypes, model_state_bytes, rank_memory
 from meshtrain.planner.presets import ClusterSpec
@@ -219,16 +220,22 @@ def _dp_comm(ws: Workload, lay: Layout) -> float:
     return sum(total[p] for p in DP_PHASES)
 
 
+def plan_on(ws: Workload, lay: Layout) -> Plan:
+    """evaluate() corrected for ranks that share CPU cores (planner/contention.py; a no-op on a
+    cluster without `cores`). `ws.cluster` is already `shared(...)` for `ws.n_gpus` ranks."""
+    plan = evaluate(ws, lay)
+    times = on_shared_cores(plan.time, lay, ws.cluster, ws.n_gpus, _dp_comm(ws, lay))
+    step = sum(times.values())
+    k = plan.step_time / step  # utilization is inversely proportional to the step time
+    tps = ws.global_batch * ws.seq_len / step
+    return dataclasses.replace(plan, time=times, step_time=step, tokens_per_s=tps, mfu=plan.mfu * k, hfu=plan.hfu * k)
+
+
 def predict_step_time(cfg: Config, world_size: int, cluster: ClusterSpec) -> dict[str, Any]:
     """Seconds of one optimizer step of `cfg` on `world_size` ranks of `cluster`, as the run's
     metrics log `step_time_s`: the planner's breakdown for exactly the run's layout (micro_batch,
     grad_accum, bucket_mb, dtype, schedule, SP, ZeRO stage), with `step_time_s` its sum."""
     cfg = validate(cfg, world_size)
     # ranks beyond the cores share them: measured, not assumed away (planner/contention.py)
-    here = shared(cluster, world_size)
-    lay = config_layout(cfg)
-    plan = evaluate(config_workload(cfg, world_size, here), lay)
-    times = on_shared_cores(plan.time, lay, here, world_size, _dp_comm(config_workload(cfg, world_size, here), lay))
-    step = sum(times.values())
-    tokens = cfg.training.global_batch * cfg.training.seq_len
-    return {"step_time_s": step, "breakdown": times, "tokens_per_s": tokens / step}
+    plan = plan_on(config_workload(cfg, world_size, shared(cluster, world_size)), config_layout(cfg))
+    return {"step_time_s": plan.step_time, "breakdown": dict(plan.time), "tokens_per_s": plan.tokens_per_s}
