@@ -23,7 +23,7 @@ from meshtrain.planner.presets import load_cluster
 
 pytestmark = pytest.mark.dist
 CHECKED = ("dp2", "pp2 1f1b", "pp2 1f1b x dp2")
-STEPS = 7
+STEPS = 9  # the first 2 are warm-up: a median of 7
 
 
 def test_predicted_step_time_within_25_percent_of_measured(tmp_path: Path) -> None:
