@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,13 +80,13 @@ def fit_rows(rows: list[dict]) -> dict[tuple[str, int], Fit]:
 def matmul_flops(
     dtype: Any, device: str, sizes: tuple[int, ...] = MATMUL_SIZES, seconds: float = 0.25, repeats: int = 3
 ) -> float:
-    """Best, over the sizes and `repeats` windows each, of the FLOP/s that n x n matmuls sustain for
-    `seconds` of wall time.
+    """Best, over the sizes, of the median over `repeats` windows of the FLOP/s that n x n matmuls
+    sustain for `seconds` of wall time.
 
     A fixed window rather than a fixed count: every rank that started at the same barrier is still
-    busy until the window closes, so the ranks really do share the cores the whole time. The best
-    window, not the mean: another job on the machine only ever slows a window down, and the planner
-    wants what the ranks get among themselves."""
+    busy until the window closes, so the ranks really do share the cores the whole time. The median
+    window, as a run's median step: on a machine other jobs share, the best window would catch a
+    quiet moment that the runs it predicts do not see."""
     import torch
 
     def sync() -> None:
@@ -97,13 +98,15 @@ def matmul_flops(
         x, y = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
         torch.mm(x, y)  # warm-up, not counted
         sync()
+        rates = []
         for _ in range(repeats):
             calls, start = 0, time.perf_counter()
             while time.perf_counter() - start < seconds:
                 torch.mm(x, y)
                 sync()
                 calls += 1
-            best = max(best, 2.0 * n**3 * calls / (time.perf_counter() - start))
+            rates.append(2.0 * n**3 * calls / (time.perf_counter() - start))
+        best = max(best, statistics.median(rates))
     return best
 
 
@@ -141,14 +144,14 @@ def block_efficiency(seconds: float = 0.5) -> float:
             model(x).float().mean().backward()
 
         step()  # warm-up, not counted
-        rate = 0.0
-        for _ in range(3):  # the best window, as matmul_flops keeps its best
+        rates = []
+        for _ in range(3):  # the median window, as matmul_flops keeps
             calls, start = 0, time.perf_counter()
             while time.perf_counter() - start < seconds / 3:
                 step()
                 calls += 1
-            rate = max(rate, flops * calls / (time.perf_counter() - start))
-        return min(1.0, rate / matmul_flops(torch.float32, "cpu"))
+            rates.append(flops * calls / (time.perf_counter() - start))
+        return min(1.0, statistics.median(rates) / matmul_flops(torch.float32, "cpu"))
     finally:
         torch.set_num_threads(threads)
 
