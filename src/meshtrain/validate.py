@@ -27,6 +27,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "training.dtype": ("fp32", "bf16"),
     "training.lr_schedule": ("cosine", "wsd", "constant"),
     "training.activation_checkpointing": ("none", "full"),
+    "training.compile": ("none", "blocks", "model"),
     "training.device": ("auto", "cpu", "cuda"),
     "parallel.pp_schedule": (*SCHEDULES, TWO_BW),
     "parallel.reduce_dtype": ("fp32", "bf16"),
