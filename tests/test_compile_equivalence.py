@@ -2,8 +2,8 @@
 under data parallelism, ZeRO-3, TP + SP, pipelines (1F1B, and ZB-H1 with the B/W split),
 activation checkpointing with bf16, and the whole-model mode; and compiling keeps parameter names.
 
-All compiled runs share one pool (tests/dist_utils.py) and one TORCHINDUCTOR_CACHE_DIR (the test's
-temp folder, set by conftest), so repeated block shapes reuse compiled code across runs.
+All compiled runs share one pool (tests/dist_utils.py) and one TORCHINDUCTOR_CACHE_DIR in the
+module's temp folder, so repeated block shapes reuse compiled code across runs and ranks.
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ FP32 = [name for name in SPECS if name != "single" and "bf16" not in name]
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Run, list[dict]]]:
     root = tmp_path_factory.mktemp("compile")
-    return train_named({name: Run(root / name, n, [*BASE, *o]) for name, (n, o) in SPECS.items()})
+    with pytest.MonkeyPatch.context() as env:  # conftest's per-test folder is not set up yet for a module fixture
+        env.setenv("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
+        return train_named({name: Run(root / name, n, [*BASE, *o]) for name, (n, o) in SPECS.items()})
 
 
 @pytest.mark.dist
@@ -55,11 +57,10 @@ def test_compiled_recompute_bf16_stays_close(runs: dict) -> None:
 
 
 def _tiny_model(mode: str) -> torch.nn.Module:
+    from dist_utils import TINY
     from meshtrain.compile import apply_compile
     from meshtrain.config import load_config
     from meshtrain.model import build_model
-
-    from dist_utils import TINY
 
     model = build_model(load_config(TINY, []).model, torch.device("cpu"), seed=0)
     apply_compile([model], mode)
