@@ -2,7 +2,7 @@
 
     python benchmarks/run_all.py [--rounds 15] [--compile-too] [--out benchmarks/results.md]     (or: make bench)
 
-With --compile-too, the benchmarks that have a torch peer (COMPILED) run a second time with
+With --compile-too, the benchmarks that have a torch peer and compile with it (COMPILED) run a second time with
 `--compile blocks`: both contenders compile every block (ours through training.compile's
 apply_compile, the peer as torchtitan does), and the table's compile column says which run a row
 comes from, so each ratio is shown with and without compile, each measured in one run.
@@ -37,8 +37,10 @@ BENCHMARKS = [  # (script, extra arguments)
     ("bench_cp.py", []),
     ("bench_generate.py", []),
 ]
-# the benchmarks with a torch peer, and what their compiled run adds (bench_pp: only its torch-peer rows)
-COMPILED = {"bench_dp.py": [], "bench_zero.py": [], "bench_tp.py": [], "bench_pp.py": ["--rows", "torch"]}
+# the benchmarks with a torch peer, and what their compiled run adds (bench_pp: only its torch-peer rows).
+# bench_tp is left out: with torch 2.13 on CPU the DTensor peer's backward fails inside a compiled block
+# (AttributeError '_local_tensor' in DTensor's redistribute backward), so there is no fair compiled pair.
+COMPILED = {"bench_dp.py": [], "bench_zero.py": [], "bench_pp.py": ["--rows", "torch"]}
 
 
 def machine() -> str:
@@ -97,7 +99,7 @@ def main() -> int:
         runs += [
             (script, [*extra, *COMPILED[script], "--compile", "blocks"])
             for script, extra in BENCHMARKS
-            if script in COMPILED and "--async-tp" not in extra  # async TP's rows are ours against ours
+            if script in COMPILED
         ]
     with tempfile.TemporaryDirectory() as tmp:
         results = Path(tmp) / "rows.jsonl"

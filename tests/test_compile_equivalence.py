@@ -50,6 +50,14 @@ def test_compiled_layout_matches_uncompiled_single_device(layout: str, runs: dic
 
 
 @pytest.mark.dist
+def test_the_runs_really_compiled(runs: dict) -> None:
+    """Inductor wrote kernels into the shared cache: the switch is not a no-op (the uncompiled run
+    alone writes none there)."""
+    cache = runs["single"][0].run_dir.parent / "inductor"
+    assert len(list(cache.rglob("*.so"))) >= 2, sorted(p.name for p in cache.rglob("*"))[:20]
+
+
+@pytest.mark.dist
 def test_compiled_recompute_bf16_stays_close(runs: dict) -> None:
     """bf16 moves the numbers off fp32's (so it really ran) within the bf16 bound of test_equivalence."""
     got, ref = runs["dp2-recompute-bf16"][1], runs["single"][1]
@@ -75,17 +83,6 @@ def test_compile_keeps_parameter_names(mode: str) -> None:
 
 
 @pytest.mark.pure
-def test_blocks_mode_really_compiles() -> None:
-    """Dynamo compiles frames for a forward with compile=blocks, none without (the switch is not a no-op)."""
-    from torch._dynamo.utils import counters
-
-    tokens = torch.randint(0, 256, (2, 16))
-    counters.clear()
-    _tiny_model("none")(tokens)
-    assert counters["stats"]["unique_graphs"] == 0
-    eager = _tiny_model("none")(tokens)
-    compiled = _tiny_model("blocks")
-    got = compiled(tokens)
-    assert counters["stats"]["unique_graphs"] >= 1
-    assert all(block.body is not None for block in compiled.model.layers.values())
-    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+def test_blocks_mode_compiles_every_block_and_none_compiles_nothing() -> None:
+    assert all(block.body is not None for block in _tiny_model("blocks").model.layers.values())
+    assert all(block.body is None for block in _tiny_model("none").model.layers.values())

@@ -121,7 +121,8 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         # Inside the module call: hooks on the block (ZeRO-3's gather and free) run once around the
         # checkpoint, not again during the recomputation in backward.
-        body = self._forward if self.body is None else self.body
+        # decoding with a KV cache runs eagerly: one token per call would recompile for every length
+        body = self.body if self.body is not None and cache is None else self._forward
         if self.recompute and torch.is_grad_enabled():
             return checkpoint(body, x, cos, sin, cache, use_reentrant=False)
         return body(x, cos, sin, cache)
