@@ -18,8 +18,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import bench_model_config, bench_parser, profiled_all_reduce_bytes, ratio, record, spawn, timed_rounds
+from common import (
+    add_compile_option,
+    bench_model_config,
+    bench_parser,
+    compile_peer_blocks,
+    profiled_all_reduce_bytes,
+    ratio,
+    record,
+    spawn,
+    timed_rounds,
+)
 from meshtrain.accounting import CommStats, wire_factor
+from meshtrain.compile import apply_compile
 from meshtrain.config import OptimizerConfig
 from meshtrain.data_parallel import DataParallel
 from meshtrain.model import build_model
@@ -57,6 +68,8 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> None:
     x, y = data[:, :-1], data[:, 1:]
     tokens = args.micro_batch * args.seq * world
     ours_model, ddp_model = build_model(cfg, seed=0), build_model(cfg, seed=0)
+    apply_compile([ours_model], args.compile)  # build step 5: before the engine hooks the gradients
+    compile_peer_blocks(ddp_model.model.layers, args.compile)
     engine = DataParallel(ours_model, dist.group.WORLD, CommStats(), bucket_bytes=25 * 2**20)
     ddp = DDP(ddp_model, bucket_cap_mb=25, broadcast_buffers=False, gradient_as_bucket_view=True)
     opt_cfg = OptimizerConfig()
@@ -103,6 +116,7 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = bench_parser(__doc__)
+    add_compile_option(p)
     p.add_argument("--world", type=int, default=2)
     args = p.parse_args()
     spawn(worker, args.world, args)

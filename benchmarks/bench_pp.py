@@ -35,8 +35,19 @@ import torch
 import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
-from common import Timing, bench_model_config, bench_parser, ratio, record, spawn, timed_rounds
+from common import (
+    Timing,
+    add_compile_option,
+    bench_model_config,
+    bench_parser,
+    compile_peer_blocks,
+    ratio,
+    record,
+    spawn,
+    timed_rounds,
+)
 from meshtrain.accounting import CommStats
+from meshtrain.compile import apply_compile
 from meshtrain.config import ModelConfig, OptimizerConfig
 from meshtrain.core.runner import Batch
 from meshtrain.core.weight_grads import split_weight_grads
@@ -86,7 +97,10 @@ def torch_row(rank: int, world: int, args: argparse.Namespace) -> None:
     scale = 1.0 / (m * mb * seq)
     ranges = stage_ranges(split_blocks(cfg, world, "params"))
     torch_stage = build_stage(cfg, rank, ranges[rank], world, torch.device("cpu"), seed=0)
-    ex, ours_opt, schedule = _our_pipeline("1f1b", rank, world, m, (mb, seq), scale, split="params")
+    compile_peer_blocks(torch_stage.model.layers, args.compile)
+    ex, ours_opt, schedule = _our_pipeline(
+        "1f1b", rank, world, m, (mb, seq), scale, split="params", compile_mode=args.compile
+    )
     batches = [Batch(x, y) for x, y in zip(tokens, targets)]
     torch_opt = _optimizer_step(torch_stage)
     pipe = Schedule1F1B(
@@ -140,6 +154,7 @@ def _our_pipeline(
     scale: float,
     split: str = "uniform",
     slices: int = 1,
+    compile_mode: str = "none",
 ) -> tuple[PipelineExecutor, callable, Schedule]:
     """Our executor running `name` on the default model cut by `split`, its optimizer step, and the
     schedule of every rank; `act_shape` is one microbatch's (batch, sequence)."""
@@ -152,6 +167,7 @@ def _our_pipeline(
         for s in range(layout.num_stages)
         if layout.rank_of(s) == rank
     }
+    apply_compile(list(stages.values()), compile_mode)  # build step 5: before the B/W split below
     ex = PipelineExecutor(
         stages,
         schedule[rank],
@@ -175,7 +191,8 @@ def zb_v_row(rank: int, world: int, args: argparse.Namespace, batches: list[Batc
     # zb-h1 splits B and W as zb-v does, on the looped placement: it tells the schedule's gain from the split's cost
     shape = (args.micro_batch, args.seq)
     runs = {
-        name: _our_pipeline(name, rank, world, args.microbatches, shape, scale) for name in ("zb-v", "1f1b", "zb-h1")
+        name: _our_pipeline(name, rank, world, args.microbatches, shape, scale, compile_mode=args.compile)
+        for name in ("zb-v", "1f1b", "zb-h1")
     }
 
     def step(name: str) -> callable:
@@ -384,6 +401,7 @@ def _two_bw_report(
 
 def main() -> None:
     p = bench_parser(__doc__, steps=4, micro_batch=4)
+    add_compile_option(p)
     p.add_argument("--microbatches", type=int, default=4)
     p.add_argument(
         "--rows",
@@ -397,6 +415,8 @@ def main() -> None:
     p.add_argument("--tera-slices", type=int, default=8, help="token slices per sequence in the TeraPipe row")
     args = p.parse_args()
     rows = args.rows.split(",")
+    if args.compile != "none" and set(rows) - {"torch"}:
+        p.error("--compile applies to the torch rows (1F1B vs torch, ZB-V); add --rows torch")
     if {"torch", "terapipe"} & set(rows):
         spawn(worker, 2, args)
     if "2bw" in rows:

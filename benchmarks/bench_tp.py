@@ -31,8 +31,19 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, loss_parallel, parallelize_module
 
-from common import Timing, bench_model_config, bench_parser, ratio, record, spawn, timed_rounds
+from common import (
+    Timing,
+    add_compile_option,
+    bench_model_config,
+    bench_parser,
+    compile_peer_blocks,
+    ratio,
+    record,
+    spawn,
+    timed_rounds,
+)
 from meshtrain.accounting import CommStats, wire_factor
+from meshtrain.compile import apply_compile
 from meshtrain.config import OptimizerConfig
 from meshtrain.model import build_model
 from meshtrain.optim import AdamW
@@ -171,7 +182,9 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> None:
     ours = build_model(cfg, seed=0)
     stats = CountingStats()
     tp = apply_tensor_parallel(ours, dist.group.WORLD, LLAMA_PLAN, args.sp, stats)
+    apply_compile([ours], args.compile)  # build step 5: after TP swapped the layers in
     theirs = dtensor_model(world, args.sp, args.seq)
+    compile_peer_blocks(theirs.model.layers, args.compile)  # torchtitan: after parallelize_module
     if tp.loss_fn is None:
         raise RuntimeError("tensor parallelism found no head to shard")
     _check_same_loss(ours, tp.loss_fn, theirs, x, y)
@@ -341,10 +354,13 @@ def _report_async(
 
 def main() -> None:
     p = bench_parser(__doc__, steps=5)
+    add_compile_option(p)
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--sp", action="store_true", help="sequence parallelism on both sides")
     p.add_argument("--async-tp", action="store_true", help="our TP + SP with and without async TP")
     args = p.parse_args()
+    if args.compile != "none" and args.async_tp:
+        p.error("--compile applies to the DTensor comparison; the async-TP rows compare ours with ours")
     spawn(async_worker if args.async_tp else worker, args.world, args)
 
 

@@ -21,8 +21,19 @@ import torch.nn.functional as F
 from torch.distributed.fsdp import fully_shard
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from common import Timing, bench_model_config, bench_parser, ratio, record, spawn, timed_rounds
+from common import (
+    Timing,
+    add_compile_option,
+    bench_model_config,
+    bench_parser,
+    compile_peer_blocks,
+    ratio,
+    record,
+    spawn,
+    timed_rounds,
+)
 from meshtrain.accounting import CommStats, tensor_bytes, wire_factor
+from meshtrain.compile import apply_compile
 from meshtrain.config import OptimizerConfig
 from meshtrain.data_parallel import DataParallel
 from meshtrain.metrics import human_bytes, peak_rss_bytes
@@ -58,8 +69,9 @@ class Contender:
     """Bytes one step makes this rank send under the ring model (payload x (N-1)/N, 2(N-1)/N for all-reduce)."""
 
 
-def _ours(kind: str, x: torch.Tensor, y: torch.Tensor, tokens: int) -> Contender:
+def _ours(kind: str, x: torch.Tensor, y: torch.Tensor, tokens: int, compile_mode: str) -> Contender:
     model, stats = build_model(bench_model_config(), seed=0), CommStats()
+    apply_compile([model], compile_mode)  # build step 5: before the engine hooks modules and gradients
     groups = ShardGroups(dist.group.WORLD, None)
     if kind == "DP":
         engine = DataParallel(model, dist.group.WORLD, stats)
@@ -85,11 +97,12 @@ def _ours(kind: str, x: torch.Tensor, y: torch.Tensor, tokens: int) -> Contender
     return Contender(step, lambda: tensor_bytes(engine.state_tensors() + optim.state_tensors()), comm)
 
 
-def _fsdp2(x: torch.Tensor, y: torch.Tensor, tokens: int) -> Contender:
+def _fsdp2(x: torch.Tensor, y: torch.Tensor, tokens: int, compile_mode: str) -> Contender:
     """FSDP2 as its docs recommend for a transformer: one unit per block plus the root, parameters
     resharded after forward, and explicit prefetch of the next block's all-gather in forward and in
     backward (what our ZeRO-3 does). It steps the same AdamW as ours, over its local shards."""
     model = build_model(bench_model_config(), seed=0)
+    compile_peer_blocks(model.model.layers, compile_mode)  # torchtitan: compile each block, then shard it
     blocks = list(model.model.layers.values())
     for block in blocks:
         fully_shard(block)
@@ -127,7 +140,9 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> None:
     data = torch.randint(0, bench_model_config().vocab_size, (args.micro_batch, args.seq + 1))
     x, y, tokens = data[:, :-1], data[:, 1:], args.micro_batch * args.seq * world
     names = args.only or ["ZeRO-3", "FSDP2", "ZeRO-1", "ZeRO-2", "DP"]
-    contenders = {n: _fsdp2(x, y, tokens) if n == "FSDP2" else _ours(n, x, y, tokens) for n in names}
+    contenders = {
+        n: _fsdp2(x, y, tokens, args.compile) if n == "FSDP2" else _ours(n, x, y, tokens, args.compile) for n in names
+    }
     comm = {n: c.comm() for n, c in contenders.items()}  # also the first warm-up step
     timings = timed_rounds({n: c.step for n, c in contenders.items()}, args.rounds, args.steps)
     state = {n: c.state() for n, c in contenders.items()}
@@ -178,7 +193,7 @@ def _rss_alone(rank: int, world: int, args: argparse.Namespace) -> None:
     data = torch.randint(0, bench_model_config().vocab_size, (args.micro_batch, args.seq + 1))
     name = args.only[0]
     x, y, tokens = data[:, :-1], data[:, 1:], args.micro_batch * args.seq * world
-    contender = _fsdp2(x, y, tokens) if name == "FSDP2" else _ours(name, x, y, tokens)
+    contender = _fsdp2(x, y, tokens, args.compile) if name == "FSDP2" else _ours(name, x, y, tokens, args.compile)
     for _ in range(3):
         contender.step()
     rss = torch.tensor([peak_rss_bytes()], dtype=torch.float64)
@@ -189,6 +204,7 @@ def _rss_alone(rank: int, world: int, args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = bench_parser(__doc__, steps=3)
+    add_compile_option(p)
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--only", nargs="*", help="contenders to run (default: all)")
     p.add_argument("--rss-each", action="store_true", help="also measure each contender's peak RSS alone")

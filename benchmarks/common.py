@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -147,7 +148,7 @@ def record(args: argparse.Namespace, rows: list[Ratio]) -> None:
     if getattr(args, "json", None):
         with open(args.json, "a") as f:
             for row in rows:
-                f.write(json.dumps(asdict(row)) + "\n")
+                f.write(json.dumps({**asdict(row), "compile": getattr(args, "compile", "none")}) + "\n")
 
 
 def bench_parser(doc: str | None, steps: int = 5, micro_batch: int = 8) -> argparse.ArgumentParser:
@@ -159,6 +160,24 @@ def bench_parser(doc: str | None, steps: int = 5, micro_batch: int = 8) -> argpa
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     p.add_argument("--json", help="append the ratios to this file (one JSON object per line)")
     return p
+
+
+def add_compile_option(p: argparse.ArgumentParser) -> None:
+    """--compile, for the benchmarks with a torch peer (run_all.py --compile-too runs them with it)."""
+    p.add_argument(
+        "--compile",
+        choices=("none", "blocks"),
+        default="none",
+        help="torch.compile every block of both contenders (ours: training.compile's apply_compile; the peer as torchtitan does)",
+    )
+
+
+def compile_peer_blocks(layers: nn.ModuleDict, mode: str) -> None:
+    """The peer's per-block compile, torchtitan's way: each block replaced by torch.compile(block),
+    before FSDP2 / after DTensor TP, so the peer's module hooks sit outside the compiled block too."""
+    if mode == "blocks":
+        for name, block in list(layers.items()):
+            layers[name] = torch.compile(block)
 
 
 def profiled_all_reduce_bytes(step: Callable[[], None]) -> int:

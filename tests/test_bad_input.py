@@ -116,6 +116,19 @@ CASES: list[tuple[str, list[str], Setup, str]] = [  # id, arguments, setup, frag
         "set training.global_batch=8",
     ),
     ("seq_len", _set("training.seq_len=128"), _none, "exceeds model.max_seq_len=64"),
+    ("compile mode", _set("training.compile=full"), _none, "training.compile='full' is not one of none, blocks, model"),
+    (
+        "compile with cp",
+        ["--nproc", "2", *_set("training.compile=blocks", "parallel.cp=2")],
+        _none,
+        "training.compile=blocks is not supported with parallel.cp=2",
+    ),
+    (
+        "compile model with zero-3",
+        ["--nproc", "2", *_set("training.compile=model", "parallel.zero_stage=3")],
+        _none,
+        "training.compile=model is not supported with parallel.zero_stage=3",
+    ),
     ("zero stage", _set("parallel.zero_stage=4"), _none, "parallel.zero_stage=4 must be 0, 1, 2 or 3"),
     ("offload without zero", _set("parallel.offload=true"), _none, "needs parallel.zero_stage >= 1"),
     (

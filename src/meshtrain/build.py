@@ -10,7 +10,8 @@ nowhere else, in this order (torchtitan's, with the pipeline first):
   3. context parallelism       every block's attention spans the cp ranks (ring or Ulysses); the
                                runner cuts each micro-batch to this rank's share of the sequence
   4. activation checkpointing  chosen blocks recompute in backward; they are already parallel
-  5. compile                   (planned)
+  5. compile                   torch.compile of each block's body (or each whole part): after the
+                               steps that swap layers, before the hooks of DP/ZeRO (meshtrain.compile)
   6. B/W split                 zero-bubble schedules: layers defer their weight gradients to W (it
                                swaps bias-free linears, so it comes before ZeRO-3 hooks modules)
   7. data parallelism / ZeRO   owns the parameters and gradients the steps above produced
@@ -39,6 +40,7 @@ from torch import nn
 
 from meshtrain.accounting import CommStats
 from meshtrain.activation_checkpoint import apply_activation_checkpointing
+from meshtrain.compile import apply_compile
 from meshtrain.compression.onebit_adam import OneBitAdamEngine
 from meshtrain.config import Config
 from meshtrain.context_parallel import ContextParallel, apply_context_parallel
@@ -124,6 +126,8 @@ def build_parallel(cfg: Config, topo: Topology, device: torch.device, stats: Com
     # 4. activation checkpointing
     for part in parts:  # every part is a Llama (the whole model or a stage), with tp's layers swapped in
         apply_activation_checkpointing(cast(Llama, part).model.layers, t.activation_checkpointing, t.ac_every)
+    # 5. compile: compiled lazily at the first call, so the B/W split's swaps below are compiled too
+    apply_compile(parts, t.compile)
     # 6. B/W split: before the engine, so that ZeRO-3 hooks the modules the stages will run
     queue = WeightGradQueue()
     split = pipe is not None and pipe.splits_backward

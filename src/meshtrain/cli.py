@@ -83,7 +83,8 @@ def run_train(args: argparse.Namespace) -> int:
     from meshtrain.launch import Nodes, launch  # torch's launcher: imported once the config is known to be good
 
     nodes = Nodes(args.nnodes, args.node_rank, args.master_addr, args.master_port) if args.nnodes > 1 else None
-    return launch(resolved, args.nproc, args.max_restarts, nodes)
+    cache = run_dir / "inductor-cache" if cfg.training.compile != "none" else None
+    return launch(resolved, args.nproc, args.max_restarts, nodes, compile_cache=cache)
 
 
 def _check_nodes(args: argparse.Namespace) -> None:

@@ -189,6 +189,8 @@ class TrainingConfig:
     """Recompute activations in backward: none, or full (every ac_every-th block)."""
     ac_every: int = 1
     """With activation_checkpointing = full, checkpoint every k-th block (1 = all blocks)."""
+    compile: str = "none"
+    """torch.compile: none, blocks (each transformer block, the usual choice) or model (each whole model part); docs/performance.md."""
     device: str = "auto"
     """cpu, cuda, or auto (cuda when available). The backend follows: gloo on cpu, nccl on cuda."""
     eval_interval: int = 0

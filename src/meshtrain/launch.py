@@ -56,8 +56,14 @@ def _config(nproc: int, max_restarts: int, nodes: Nodes | None) -> LaunchConfig:
     )
 
 
-def launch(config_file: Path, nproc: int, max_restarts: int = 0, nodes: Nodes | None = None) -> int:
-    """Run `python -m meshtrain.train --config config_file` on this node's nproc ranks; return an exit code."""
+def launch(
+    config_file: Path, nproc: int, max_restarts: int = 0, nodes: Nodes | None = None, compile_cache: Path | None = None
+) -> int:
+    """Run `python -m meshtrain.train --config config_file` on this node's nproc ranks; return an exit code.
+    `compile_cache`: inductor's cache folder, shared by the ranks and kept for the next run to start warm
+    (training.compile); a TORCHINDUCTOR_CACHE_DIR the user set wins."""
+    if compile_cache is not None:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache))
     # torchrun's own default: one BLAS thread per worker unless the user says otherwise.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     lc = _config(nproc, max_restarts, nodes)

@@ -27,6 +27,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "training.dtype": ("fp32", "bf16"),
     "training.lr_schedule": ("cosine", "wsd", "constant"),
     "training.activation_checkpointing": ("none", "full"),
+    "training.compile": ("none", "blocks", "model"),
     "training.device": ("auto", "cpu", "cuda"),
     "parallel.pp_schedule": (*SCHEDULES, TWO_BW),
     "parallel.reduce_dtype": ("fp32", "bf16"),
@@ -355,6 +356,28 @@ def _check_zero(cfg: Config) -> None:
         )
 
 
+def _check_compile(cfg: Config) -> None:
+    """What training.compile cannot do, by name (docs/performance.md, "Compile")."""
+    mode, p = cfg.training.compile, cfg.parallel
+    if mode == "none":
+        return
+    if p.cp > 1:  # the ring / Ulysses attention core runs its collectives inside the block's body
+        raise ConfigError(
+            f"training.compile={mode} is not supported with parallel.cp={p.cp}: context-parallel attention's "
+            f"collectives run inside the compiled block; set training.compile=none"
+        )
+    if p.ep > 1:  # the MoE layer's all-to-all dispatch runs inside the block's body
+        raise ConfigError(
+            f"training.compile={mode} is not supported with parallel.ep={p.ep}: the experts' all-to-all runs "
+            f"inside the compiled block; set training.compile=none"
+        )
+    if mode == "model" and p.zero_stage == 3:  # its gather/free hooks would sit inside the compiled region
+        raise ConfigError(
+            "training.compile=model is not supported with parallel.zero_stage=3, whose module hooks would run "
+            "inside the compiled model; use training.compile=blocks"
+        )
+
+
 def resolve_dp_shard(cfg: Config, world_size: int) -> int:
     p = cfg.parallel
     other = p.dp_replicate * p.cp * p.tp * p.pp
@@ -463,6 +486,7 @@ def validate(cfg: Config, world_size: int, local_world: int = 0) -> Config:
     check_slices(cfg)
     check_two_bw(cfg)
     _check_zero(cfg)
+    _check_compile(cfg)
     check_zeropp(cfg, local_world or world_size)
     check_onebit_adam(cfg)
     check_diloco(cfg, world_size)

@@ -134,6 +134,8 @@ class DeferredLinear(nn.Module):
     def defer_weight_grads(self, queue: WeightGradQueue) -> None:
         self.queue = queue
 
+    # its backward queues Python closures for a later W: a compiled graph would bake that in
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return split_linear(x, self.weight, self.queue)
 

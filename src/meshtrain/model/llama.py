@@ -105,6 +105,9 @@ class Block(nn.Module):
     recompute = False
     """Recompute this block's activations in backward instead of saving them (activation
     checkpointing: meshtrain.activation_checkpoint turns it on from outside)."""
+    body: Callable[..., torch.Tensor] | None = None
+    """The compiled `_forward`, called in its place (meshtrain.compile sets it from outside): the
+    block's own hooks and its checkpoint stay outside the compiled region."""
 
     def __init__(self, cfg: ModelConfig, index: int = 0) -> None:
         super().__init__()
@@ -118,9 +121,11 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         # Inside the module call: hooks on the block (ZeRO-3's gather and free) run once around the
         # checkpoint, not again during the recomputation in backward.
+        # decoding with a KV cache runs eagerly: one token per call would recompile for every length
+        body = self.body if self.body is not None and cache is None else self._forward
         if self.recompute and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, cos, sin, cache, use_reentrant=False)
-        return self._forward(x, cos, sin, cache)
+            return checkpoint(body, x, cos, sin, cache, use_reentrant=False)
+        return body(x, cos, sin, cache)
 
     def _forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None

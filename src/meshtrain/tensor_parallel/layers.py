@@ -298,6 +298,7 @@ class ColumnParallelLinear(nn.Module):
         """The B/W split (meshtrain.core.weight_grads): weight gradients of a B wait for W."""
         self.weight_grad_queue = queue
 
+    @torch.compiler.disable  # collectives run eagerly: a compiled block breaks its graph here
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.entry:
             x = enter_region(x, self.comm, self.sequence_parallel and self.training, [self] if self.async_tp else ())
@@ -323,6 +324,7 @@ class RowParallelLinear(nn.Module):
         """The B/W split (meshtrain.core.weight_grads): weight gradients of a B wait for W."""
         self.weight_grad_queue = queue
 
+    @torch.compiler.disable  # collectives run eagerly: a compiled block breaks its graph here
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.async_tp and self.sequence_parallel and self.training:
             return _RingRow.apply(x, self.weight, self.comm, self.weight_grad_queue)
@@ -341,6 +343,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(_local_rows(full_weight, 0, comm))
         self.vocab_start = comm.rank * self.weight.shape[0]
 
+    @torch.compiler.disable  # collectives run eagerly: a compiled block breaks its graph here
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.weight.shape[0])

@@ -136,6 +136,7 @@ class _RegionEntry:
     def __init__(self, comm: TPComm, sequence_parallel: bool, async_tp: bool) -> None:
         self.comm, self.sequence_parallel, self.async_tp = comm, sequence_parallel, async_tp
 
+    @torch.compiler.disable  # the entry collective runs eagerly: a compiled block breaks its graph here
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         ring: list[ColumnParallelLinear] = []
         if self.async_tp:  # looked up per call: the plan swaps the column layers in after this hook
